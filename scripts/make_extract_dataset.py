@@ -1,10 +1,12 @@
-"""Make the shipped ``extract`` dataset: order sentences -> ``name=..;item=..;qty=..;city=..``.
+"""Make the shipped ``extract`` dataset: order sentences -> ``name: ..; item: ..; count: ..; city: ..``.
 
 The skill: read a one-sentence order written in one of many phrasings and fill a fixed,
-compact record. Three small normalisations make the format exact rather than guessable:
-the quantity is written as digits (sentences say "three" or "3"), the item is singular
-(sentences say "lamps"), and the keys always come in the same order. The prompt states all of
-this, so the zero-shot baseline is fair; a 135M model still rarely gets every field right.
+compact record. Three small normalisations make the format exact rather than guessable: the
+count is written in digits (sentences say "three" or "3"), the item is singular (sentences
+say "lamps", "knives"), and the keys always come in the same order. The prompt states all of
+this, so the zero-shot baseline is fair. Each value follows ": ", so it is the same token as
+in the sentence (" Nora", " towel") and is copied rather than respelled: the skill stays
+within reach of a 135M model and a few hundred LoRA steps.
 
 Pure Python and seeded: the same arguments always write byte-identical files.
 
@@ -23,10 +25,7 @@ import random
 from pathlib import Path
 
 SYSTEM = "You extract fields from text."
-INSTRUCTION = (
-    "Extract the order as name=NAME;item=ITEM;qty=N;city=CITY "
-    "(item singular, qty in digits)."
-)
+INSTRUCTION = "Reply as name: NAME; item: ITEM; count: N; city: CITY (item singular, count in digits)."
 
 NAMES = [
     "Ada", "Ben", "Cara", "Dev", "Elif", "Finn", "Gia", "Hugo", "Ines", "Jon",
@@ -77,7 +76,7 @@ SPLITS = ("train", "val", "test")
 
 
 def answer(name: str, item: str, qty: int, city: str) -> str:
-    return f"name={name};item={item};qty={qty};city={city}"
+    return f"name: {name}; item: {item}; count: {qty}; city: {city}"
 
 
 def sentence(rng: random.Random, name: str, item: tuple[str, str], qty: int, city: str) -> str:

@@ -18,8 +18,8 @@ causal itself and additive (0 to attend, a large negative number not to) in the 
 Alternatively :attr:`PackedAttention.POSITION_IDS` passes no mask at all; transformers then
 finds the example boundaries from where ``position_ids`` restart (``find_packed_sequence_indices``)
 and flash-attention uses them as variable-length sequences. That detection runs only when the
-mask is None: passing a 2-D all-ones mask with restarting positions silently lets attention
-cross examples.
+mask is None *and there is no KV cache*: a 2-D all-ones mask, or ``use_cache`` left at its
+default True (the model then makes an empty cache), silently lets attention cross examples.
 """
 
 from __future__ import annotations
@@ -79,13 +79,15 @@ class Packed:
     """One packed row: several examples back to back.
 
     ``position_ids`` restart at 0 for each example; ``seq_lens`` are the examples' lengths in
-    order, and ``segment_ids`` number each token's example from 1 (0 is left for padding).
+    order, ``indices`` their places in the list given to :func:`pack_examples`, and
+    ``segment_ids`` number each token's example from 1 (0 is left for padding).
     """
 
     input_ids: list[int] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     position_ids: list[int] = field(default_factory=list)
     seq_lens: list[int] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -94,12 +96,13 @@ class Packed:
     def segment_ids(self) -> list[int]:
         return [s + 1 for s, n in enumerate(self.seq_lens) for _ in range(n)]
 
-    def add(self, input_ids: Sequence[int], labels: Sequence[int]) -> None:
+    def add(self, input_ids: Sequence[int], labels: Sequence[int], index: int = -1) -> None:
         self.input_ids += input_ids
         # The first token of an example is "predicted" from the last token of the one before.
         self.labels += [IGNORE_INDEX, *labels[1:]]
-        self.position_ids += range(len(input_ids))
+        self.position_ids += range(len(self.position_ids), len(self.position_ids) + len(input_ids))
         self.seq_lens.append(len(input_ids))
+        self.indices.append(index)
 
 
 def pack_examples(examples: Sequence[Any], max_length: int) -> list[Packed]:
@@ -122,7 +125,7 @@ def pack_examples(examples: Sequence[Any], max_length: int) -> list[Packed]:
         if row is None:
             row = Packed()
             rows.append(row)
-        row.add(ids, labels)
+        row.add(ids, labels, i)
     return rows
 
 
@@ -169,11 +172,11 @@ def collate_packed(
 ) -> dict[str, Any]:
     """Batch packed rows for ``model(**batch)``.
 
-    Returns ``input_ids``, ``labels`` and ``position_ids`` (B, T), right-padded, and
-    ``attention_mask``: the (B, 1, T, T) block mask in ``dtype`` (pass the model's dtype: SDPA
-    wants the mask in the query's dtype), or None with :attr:`PackedAttention.POSITION_IDS`.
-    Padding continues positions from 0 as one more segment, so it stays a separate sequence in
-    both modes.
+    Returns ``input_ids``, ``labels`` and ``position_ids`` (B, T), right-padded, and either
+    ``attention_mask``, the (B, 1, T, T) block mask in ``dtype`` (pass the model's dtype), or,
+    with :attr:`PackedAttention.POSITION_IDS`, no mask and ``use_cache=False`` (without it the
+    model builds a cache and skips the packed-sequence detection). Padding counts positions
+    from 0 as one more segment, so it stays a sequence of its own in both modes.
     """
     attention = PackedAttention(attention)
     if not rows:
@@ -191,5 +194,9 @@ def collate_packed(
         positions[b, :n] = torch.tensor(r.position_ids, dtype=torch.long)
         positions[b, n:] = torch.arange(length - n)
         segments[b, :n] = torch.tensor(r.segment_ids, dtype=torch.long)
-    mask = packed_attention_mask(segments, dtype) if attention is PackedAttention.BLOCK_MASK else None
-    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
+    batch: dict[str, Any] = {"input_ids": input_ids, "position_ids": positions, "labels": labels}
+    if attention is PackedAttention.BLOCK_MASK:
+        batch["attention_mask"] = packed_attention_mask(segments, dtype)
+    else:
+        batch["use_cache"] = False
+    return batch

@@ -29,7 +29,7 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
         (the whole accumulated batch, for exact gradient accumulation).
     """
     targets = labels[:, 1:]
-    scores = logits[:, :-1].float()
+    scores = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
     loss = F.cross_entropy(scores.reshape(-1, scores.size(-1)), targets.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, (targets != IGNORE_INDEX).sum()

@@ -47,9 +47,17 @@ def encode_records(tokenizer, records: list[Any], *, template: str | None, max_l
     return encoded, dropped
 
 
-def trained_tokens(example: dict[str, Any]) -> int:
+def _field(example: Any, name: str) -> list[int]:
+    return example[name] if isinstance(example, dict) else getattr(example, name)
+
+
+def trained_tokens(example: Any) -> int:
     """Targets that count in the loss: labels at positions 1.. that are not -100."""
-    return sum(1 for label in example["labels"][1:] if label != -100)
+    return sum(1 for label in _field(example, "labels")[1:] if label != -100)
+
+
+def real_tokens(example: Any) -> int:
+    return len(_field(example, "input_ids"))
 
 
 def make_collate(pad_id: int, packed: bool) -> Callable[[list[dict]], dict]:
@@ -81,11 +89,14 @@ def sft(config: SFTConfig | str | Path | dict | None = None, overrides: list[str
         run.write_config(cfg)
 
     # 2. Data: read, validate, split. Bad records fail here, before a model is loaded.
-    loaded = load_records(cfg.data.path, format=cfg.data.format, columns=cfg.data.columns)
+    from instructkit.datasets import resolve_data_path
+
+    data_path = resolve_data_path(cfg.data.path)
+    loaded = load_records(data_path, format=cfg.data.format, columns=cfg.data.columns)
     records = loaded.records[: cfg.data.limit] if cfg.data.limit else loaded.records
     if cfg.data.val_path:
-        train_records, val_records = records, load_records(cfg.data.val_path, format=cfg.data.format,
-                                                           columns=cfg.data.columns).records
+        train_records, val_records = records, load_records(resolve_data_path(cfg.data.val_path),
+                                                           format=cfg.data.format, columns=cfg.data.columns).records
     else:
         train_records, val_records, _ = split_records(records, val_fraction=cfg.data.val_fraction,
                                                       test_fraction=0.0, seed=cfg.data.seed)
@@ -123,7 +134,7 @@ def sft(config: SFTConfig | str | Path | dict | None = None, overrides: list[str
     # 5. Train: exact token-weighted loss across micro-batches and processes.
     started = time.time()
     result = engine.fit(loss_module=CausalLMLoss(model, cfg.train.loss_chunk_size), model=model,
-                        examples=train_ex, collate=collate, weight=trained_tokens, train=cfg.train,
+                        examples=train_ex, collate=collate, weight=trained_tokens, length=real_tokens, train=cfg.train,
                         optim=cfg.optim, run=run, accelerator=accelerator, val_examples=val_ex,
                         on_step=on_step)
 

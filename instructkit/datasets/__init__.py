@@ -1,0 +1,37 @@
+"""Datasets shipped inside the package, so a demo or test needs no download.
+
+``extract``: one-sentence orders to turn into ``name: ..; item: ..; count: ..; city: ..``
+(messages format, train/val/test), a skill the default model lacks zero-shot and that exact
+match scores. Made by ``scripts/make_extract_dataset.py``; see ``docs/dataset.md``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from instructkit.errors import InputError, did_you_mean
+
+SHIPPED: dict[str, tuple[str, ...]] = {"extract": ("train", "val", "test")}
+"""Each shipped dataset and its splits."""
+
+_HERE = Path(__file__).resolve().parent
+
+
+def shipped_path(name: str, split: str) -> Path:
+    """Path of a shipped dataset's split, e.g. ``shipped_path("extract", "train")``."""
+    if name not in SHIPPED:
+        raise InputError(f"no shipped dataset '{name}'{did_you_mean(name, SHIPPED)}; expected one of "
+                         + ", ".join(repr(n) for n in SHIPPED))
+    if split not in SHIPPED[name]:
+        raise InputError(f"dataset '{name}' has no split '{split}'{did_you_mean(split, SHIPPED[name])}; "
+                         "expected one of " + ", ".join(repr(s) for s in SHIPPED[name]))
+    return _HERE / f"{name}_{split}.jsonl"
+
+
+def resolve_data_path(path: str | Path) -> str:
+    """``shipped:NAME/SPLIT`` names a shipped split; anything else is returned unchanged."""
+    text = str(path)
+    if text.startswith("shipped:"):
+        name, _, split = text[len("shipped:"):].partition("/")
+        return str(shipped_path(name, split or "train"))
+    return text

@@ -1,0 +1,157 @@
+"""`instructkit run`: a recipe's stages in order, each stage's output feeding the next.
+
+A recipe is one YAML with a ``stages`` list and a section per stage. Each stage writes its own
+run folder under the recipe's folder; a stage whose ``summary.json`` exists is finished and is
+skipped on a rerun, an interrupted stage resumes from its last checkpoint, and ``--from STAGE``
+reruns from that stage on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from instructkit.config import SFTConfig, from_dict, merge, parse_overrides, read_yaml, to_dict
+from instructkit.errors import InputError, did_you_mean
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+@dataclasses.dataclass
+class EvalStageConfig:
+    suites: list[str] = dataclasses.field(default_factory=lambda: ["exact_match"])
+    data: str = "shipped:extract/test"  # held-out conversations
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    k_shot: int = 0  # also report k-shot prompting of the untuned model when > 0
+    limit: int | None = None
+
+
+@dataclasses.dataclass
+class RecipeConfig:
+    name: str = "recipe"
+    model: str = "smollm2-135m-instruct"  # the model the first stage starts from
+    stages: list[str] = dataclasses.field(default_factory=lambda: ["sft", "eval"])
+    sft: dict[str, Any] = dataclasses.field(default_factory=dict)  # an SFT stage config (see sft)
+    eval: EvalStageConfig = dataclasses.field(default_factory=EvalStageConfig)
+
+
+STAGES = ("sft", "eval")
+
+
+def recipe_path(recipe: str | Path | None) -> Path:
+    """A recipe file, or the name of a shipped one (``quickstart``)."""
+    if recipe is None:
+        return RECIPES_DIR / "quickstart.yaml"
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    shipped = RECIPES_DIR / f"{recipe}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = [p.stem for p in RECIPES_DIR.glob("*.yaml")]
+    raise InputError(f"no such recipe file or shipped recipe{did_you_mean(str(recipe), names)}; "
+                     f"shipped: {', '.join(sorted(names))}", file=str(recipe))
+
+
+def load_recipe(recipe: str | Path | None, overrides: list[str] | None = None) -> tuple[RecipeConfig, SFTConfig]:
+    """Load and validate a recipe, including each stage's own config."""
+    path = recipe_path(recipe)
+    data, lines = read_yaml(path)
+    cfg = from_dict(RecipeConfig, data, file=str(path), lines=lines)
+    if overrides:
+        cfg = from_dict(RecipeConfig, merge(to_dict(cfg), parse_overrides(overrides)), file="command line")
+    for i, stage in enumerate(cfg.stages):
+        if stage not in STAGES:
+            raise InputError(f"unknown stage '{stage}' (one of {', '.join(STAGES)}){did_you_mean(stage, STAGES)}",
+                             file=str(path), line=lines.get("stages"), field=f"stages[{i}]")
+    sft_cfg = from_dict(SFTConfig, {"model": cfg.model, **cfg.sft}, file=str(path), lines=lines, prefix="sft.")
+    return cfg, sft_cfg
+
+
+def run(recipe: str | Path | None = None, *, out: str | Path | None = None, overrides: list[str] | None = None,
+        from_stage: str | None = None) -> dict[str, Any]:
+    """Run a recipe's stages in order; returns (and writes) the recipe summary."""
+    from instructkit.train.engine import atomic_write_json, atomic_write_text
+    from instructkit.config import dump_yaml
+
+    cfg, sft_cfg = load_recipe(recipe, overrides)
+    root = Path(out or Path("runs") / cfg.name)
+    if from_stage is not None and from_stage not in cfg.stages:
+        raise InputError(f"--from: '{from_stage}' is not a stage of this recipe ({', '.join(cfg.stages)})"
+                         f"{did_you_mean(from_stage, cfg.stages)}", field="from")
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(root / "config.yaml", dump_yaml(cfg))
+    if from_stage is not None:
+        for stage in cfg.stages[cfg.stages.index(from_stage):]:
+            shutil.rmtree(root / stage, ignore_errors=True)
+
+    started = time.time()
+    current_model = cfg.model
+    trained: list[tuple[str, str]] = [("base", cfg.model)]
+    summaries: dict[str, Any] = {}
+    for stage in cfg.stages:
+        stage_dir = root / stage
+        done = (stage_dir / "summary.json").is_file()
+        print(f"== stage {stage}: {'already finished, skipped' if done else 'running'} ({stage_dir})", flush=True)
+        if stage == "sft":
+            if not done:
+                from instructkit.train.sft import sft
+
+                stage_cfg = dataclasses.replace(sft_cfg, model=current_model, out=str(stage_dir))
+                sft(stage_cfg)
+            current_model = str(stage_dir)
+            trained.append(("sft", current_model))
+        elif stage == "eval":
+            if not done:
+                _eval_stage(cfg.eval, trained, stage_dir)
+        summaries[stage] = _read_json(stage_dir / "summary.json")
+
+    summary = {"recipe": cfg.name, "out": str(root), "final_model": current_model,
+               "seconds": round(time.time() - started, 1), "stages": summaries,
+               "table": summaries.get("eval", {}).get("table", {})}
+    atomic_write_json(root / "summary.json", summary)
+    _print_table(summary)
+    return summary
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _eval_stage(cfg: EvalStageConfig, models: list[tuple[str, str]], out: Path) -> None:
+    """Evaluate the starting model (zero-shot, and k-shot if asked) and every trained stage."""
+    from instructkit.eval.run import evaluate
+    from instructkit.train.engine import atomic_dir, atomic_write_json
+
+    table: dict[str, dict[str, Any]] = {}
+    with atomic_dir(out) as tmp:
+        runs = [(name, spec, 0) for name, spec in models]
+        if cfg.k_shot:
+            runs.insert(1, (f"base {cfg.k_shot}-shot", models[0][1], cfg.k_shot))
+        for name, spec, k in runs:
+            print(f"   evaluating {name}", flush=True)
+            result = evaluate(model=spec, suites=cfg.suites, data=cfg.data, max_new_tokens=cfg.max_new_tokens,
+                              batch_size=cfg.batch_size, k_shot=k, limit=cfg.limit,
+                              out=str(tmp / f"{name.replace(' ', '_')}.json"))
+            table[name] = {k2: v for k2, v in result["metrics"].items() if isinstance(v, (int, float))}
+        atomic_write_json(tmp / "summary.json", {"stage": "eval", "data": cfg.data, "table": table})
+
+
+def _print_table(summary: dict[str, Any]) -> None:
+    table = summary.get("table") or {}
+    if not table:
+        return
+    metrics = sorted({k for row in table.values() for k in row if k not in ("k_shot", "n")})
+    width = max(len(name) for name in table) + 2
+    print("\n" + "model".ljust(width) + "".join(m.rjust(14) for m in metrics))
+    for name, row in table.items():
+        cells = "".join((f"{row[m]:.3f}" if isinstance(row.get(m), float) else str(row.get(m, "-"))).rjust(14)
+                        for m in metrics)
+        print(name.ljust(width) + cells)
+    print(f"\nrun folder: {summary['out']}  (summary.json)")

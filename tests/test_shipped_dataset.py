@@ -1,0 +1,102 @@
+"""The shipped ``extract`` dataset: reproducible from its script, answers follow from the
+prompts, held-out combinations, short enough for the CPU training budget."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from instructkit.datasets import SHIPPED, resolve_data_path, shipped_path
+from instructkit.errors import InputError
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "make_extract_dataset.py"
+SIZES = {"train": 2000, "val": 100, "test": 100}
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("make_extract_dataset", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _load(split: str) -> list[list[dict]]:
+    with open(shipped_path("extract", split), encoding="utf-8") as f:
+        return [json.loads(line)["messages"] for line in f]
+
+
+def test_script_regenerates_the_shipped_files_byte_for_byte(tmp_path):
+    subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)], check=True, capture_output=True)
+    for split in SHIPPED["extract"]:
+        name = f"extract_{split}.jsonl"
+        assert (tmp_path / name).read_bytes() == shipped_path("extract", split).read_bytes(), name
+
+
+def test_sizes_and_shape():
+    for split, n in SIZES.items():
+        rows = _load(split)
+        assert len(rows) == n
+        for messages in rows:
+            assert [m["role"] for m in messages] == ["system", "user", "assistant"]
+            assert messages[1]["content"].startswith("Reply as name: NAME; item: ITEM; count: N; city: CITY")
+
+
+def solve(user: str, script) -> str:
+    """The answer, read off the sentence with nothing but the word lists: the one name, city
+    and item (singular or plural) in it, and its count as digits or a number word."""
+    sentence = user.split("\n", 1)[1]
+    words = re.findall(r"[A-Za-z]+|\d+", sentence)
+    lower = [w.lower() for w in words]
+    (name,) = [w for w in words if w in script.NAMES]
+    (city,) = [w for w in words if w in script.CITIES]
+    (item,) = [s for s, p in script.ITEMS if s in lower or p in lower]
+    numbers = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
+    (count,) = [str(numbers.index(w) + 1) if w in numbers else w for w in lower if w in numbers or w.isdigit()]
+    return f"name: {name}; item: {item}; count: {count}; city: {city}"
+
+
+def test_every_answer_follows_from_its_prompt():
+    script = _script()
+    for split in SIZES:
+        for messages in _load(split):
+            assert solve(messages[1]["content"], script) == messages[2]["content"]
+
+
+def test_test_and_val_hold_out_combinations_and_some_names_and_cities():
+    train = {m[2]["content"] for m in _load("train")}
+    train_text = " ".join(m[1]["content"] for m in _load("train"))
+    for split in ("val", "test"):
+        answers = [m[2]["content"] for m in _load(split)]
+        assert not train & set(answers)
+        assert len(set(answers)) == len(answers)
+        unseen = [a for a in answers if re.search(r"name: (\w+)", a)[1] not in train_text]
+        assert len(unseen) >= 5  # names train never shows: copying, not memorising
+
+
+def test_shipped_path_and_errors():
+    assert shipped_path("extract", "val").is_file()
+    assert resolve_data_path("shipped:extract/test") == str(shipped_path("extract", "test"))
+    assert resolve_data_path("data.jsonl") == "data.jsonl"
+    with pytest.raises(InputError, match="did you mean 'extract'"):
+        shipped_path("extrac", "train")
+    with pytest.raises(InputError, match="no split 'dev'"):
+        shipped_path("extract", "dev")
+
+
+def test_examples_are_short_under_the_default_tokenizer():
+    """The training budget (about 100 tokens/s on CPU) assumes short examples: the whole
+    templated conversation stays under 96 tokens and the answer under 24."""
+    from instructkit.data.templates import encode_conversation
+    from tests.tiny import real_tokenizer
+
+    tokenizer = real_tokenizer()
+    for messages in _load("test") + _load("train")[:200]:
+        assert len(encode_conversation(tokenizer, messages)) < 96
+        assert len(tokenizer(messages[2]["content"], add_special_tokens=False)["input_ids"]) < 24

@@ -1,0 +1,54 @@
+"""Tiny models built from a config inside the tests, with the embedded model's real tokenizer."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+
+@functools.lru_cache(maxsize=1)
+def real_tokenizer():
+    """SmolLM2's tokenizer (ChatML template, eos == pad == <|im_end|>), from the embedded cache."""
+    from instructkit.models.loading import load_tokenizer
+
+    return load_tokenizer("smollm2-135m-instruct")
+
+
+def tiny_llama(vocab_size: int, seed: int = 0, **overrides):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, attention_dropout=0.0, **overrides)
+    return LlamaForCausalLM(config)
+
+
+def tiny_model_dir(path: Path, seed: int = 0, **overrides) -> Path:
+    """Save a tiny random Llama with the real tokenizer into ``path`` (an HF folder)."""
+    tokenizer = real_tokenizer()
+    model = tiny_llama(len(tokenizer), seed=seed, **overrides)
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def toy_conversations(n: int = 32) -> list[dict]:
+    """Short conversations of varied length with a learnable pattern (answer = reversed words)."""
+    words = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "fish", "bird"]
+    rows = []
+    for i in range(n):
+        k = 1 + i % 4
+        ws = [words[(i * 3 + j) % len(words)] for j in range(k)]
+        rows.append({"messages": [{"role": "user", "content": "reverse: " + " ".join(ws)},
+                                  {"role": "assistant", "content": " ".join(reversed(ws))}]})
+    return rows
