@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
                "  instructkit run                                # the quickstart on the embedded model\n"
-               "  instructkit sft --config recipes/sft_extract.yaml train.max_steps=50\n"
+               "  instructkit sft --config recipes/quickstart.yaml train.max_steps=50\n"
                "  instructkit data inspect data.jsonl --model smollm2-135m-instruct\n"
                "  instructkit eval --model runs/quickstart/sft --suite exact_match --data test.jsonl\n"
                "  instructkit generate --model runs/quickstart/sft --prompt 'Hello!'",

@@ -14,7 +14,10 @@ so at every example boundary:
 
 How transformers (5.x) reads these: a 4-D ``attention_mask`` is used as is by eager and SDPA
 attention (``masking_utils._preprocess_mask_arguments`` returns it untouched), so it must be
-causal itself and additive (0 to attend, a large negative number not to) in the model's dtype.
+causal itself, additive (0 to attend, a large negative number not to), and in the dtype the
+attention computes in. The last is not cosmetic: on CUDA (H100, torch 2.11, transformers 5.17)
+SDPA with bf16 or fp16 weights and a float32 mask returns NaN logits without an error, while
+eager attention and autocast (which casts the mask) are fine. Pass ``dtype=model.dtype``.
 Alternatively :attr:`PackedAttention.POSITION_IDS` passes no mask at all; transformers then
 finds the example boundaries from where ``position_ids`` restart (``find_packed_sequence_indices``)
 and flash-attention uses them as variable-length sequences. That detection runs only when the
@@ -100,7 +103,7 @@ class Packed:
         self.input_ids += input_ids
         # The first token of an example is "predicted" from the last token of the one before.
         self.labels += [IGNORE_INDEX, *labels[1:]]
-        self.position_ids += range(len(self.position_ids), len(self.position_ids) + len(input_ids))
+        self.position_ids += range(len(input_ids))
         self.seq_lens.append(len(input_ids))
         self.indices.append(index)
 
@@ -173,7 +176,8 @@ def collate_packed(
     """Batch packed rows for ``model(**batch)``.
 
     Returns ``input_ids``, ``labels`` and ``position_ids`` (B, T), right-padded, and either
-    ``attention_mask``, the (B, 1, T, T) block mask in ``dtype`` (pass the model's dtype), or,
+    ``attention_mask``, the (B, 1, T, T) block mask in ``dtype`` (the model's dtype: a float32
+    mask on a bf16 model gives NaN under CUDA SDPA, see the module docstring), or,
     with :attr:`PackedAttention.POSITION_IDS`, no mask and ``use_cache=False`` (without it the
     model builds a cache and skips the packed-sequence detection). Padding counts positions
     from 0 as one more segment, so it stays a sequence of its own in both modes.

@@ -14,6 +14,7 @@ of system, user, assistant, tool)``. Pure Python: importing this module imports 
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ class Tags:
     function_tag: str | None = "function_call"
     system_tag: str = "system"
 
+    @functools.cached_property
     def roles(self) -> dict[str, str]:
         """Role name in the file -> canonical role, in the order error messages list them."""
         pairs = [
@@ -187,7 +189,7 @@ def _message(item: Any, path: str, f: _Fields, tags: Tags) -> Message | None:
     name = item.get(tags.role_tag)
     if name is None:
         raise f.error(f"missing field '{tags.role_tag}'", path)
-    roles = tags.roles()
+    roles = tags.roles
     if not isinstance(name, str) or name not in roles:
         expected = ", ".join(roles)
         raise f.error(f"unknown role {name!r} (expected one of {expected})", f"{path}.{tags.role_tag}")

@@ -314,8 +314,8 @@ def _render_spans(
 def _tokenize(tokenizer: Any, text: str, cuts: Sequence[int]) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids of ``text`` and each token's character range.
 
-    A fast tokenizer encodes the text in one pass with offsets, so tokens are exactly those the
-    model sees at inference. Without offsets (slow tokenizers) the text is encoded piece by
+    A fast tokenizer encodes the text in one pass with offsets, so the ids are exactly those of
+    the rendered text, as evaluation and serving tokenize it. Without offsets (slow tokenizers) the text is encoded piece by
     piece between ``cuts`` (the span boundaries), each token getting its piece's range.
     """
     if getattr(tokenizer, "is_fast", False):
@@ -375,20 +375,18 @@ def _encode_rendered(
     """Tokenize a rendering and apply ``max_length`` (see :class:`Truncation`)."""
     if not r.spans:
         raise InputError("the conversation has no assistant turn to train")
-    ids, labels, offsets = _label(tokenizer, r.text, r.spans, r.prompt_end)
+    ids, labels, _ = _label(tokenizer, r.text, r.spans, r.prompt_end)
     if max_length is None or len(ids) <= max_length:
         return Encoded(ids, labels, prompt_length=_first_trained(labels))
 
-    # Longest prefix that ends with a whole assistant turn and fits. The full encoding's offsets
-    # give a lower bound on each prefix's length (a prefix never has fewer tokens), which skips
-    # hopeless candidates; the survivor is re-tokenized on its own text to be exact.
+    # The longest prefix that ends with a whole assistant turn's end marker and fits. Each
+    # candidate is tokenized as the text it is, so its length is exact, not estimated from the
+    # full text's tokens.
     kept: Encoded | None = None
     kept_spans = 0
     candidates = range(len(r.spans) - 1, -1, -1) if droppable else [len(r.spans) - 1]
     for k in candidates:
         end = r.spans[k][1]
-        if sum(a < end for a, _ in offsets) > max_length:
-            continue
         k_ids, k_labels, _ = _label(tokenizer, r.text[:end], r.spans[: k + 1], r.prompt_end)
         if len(k_ids) <= max_length:
             dropped = n_messages - (r.turns[k] + 1)

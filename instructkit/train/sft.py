@@ -22,6 +22,16 @@ def _as_config(config: SFTConfig | str | Path | dict | None, overrides: list[str
         return load_config(SFTConfig, None, overrides, base=dataclasses.asdict(config)) if overrides else config
     if isinstance(config, dict):
         return load_config(SFTConfig, None, overrides, base=config)
+    if config is not None:
+        from instructkit.config import read_yaml
+
+        data, _ = read_yaml(config)
+        if "stages" in data:  # a recipe: run its sft section, from the recipe's model
+            from instructkit.pipeline import load_recipe
+
+            recipe, stage = load_recipe(config)
+            base = {**dataclasses.asdict(stage), "out": str(Path("runs") / recipe.name / "sft")}
+            return load_config(SFTConfig, None, overrides, base=base)
     return load_config(SFTConfig, config, overrides)
 
 

@@ -169,6 +169,33 @@ def test_plain_text_markers_that_merge_with_the_next_turn_stay_trained(tokenizer
     assert runs[-1] == expected[-1]
 
 
+class _SlowTokenizer:
+    """The real tokenizer seen as one without offsets (a 'slow', pure-Python tokenizer)."""
+
+    is_fast = False
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    def __call__(self, text, **kwargs):
+        assert "return_offsets_mapping" not in kwargs
+        return self._tokenizer(text, **kwargs)
+
+
+def test_tokenizers_without_offsets_encode_piece_by_piece(tokenizer):
+    """Without offsets the text is tokenized between span boundaries: with special-token
+    markers that gives the same ids as one pass; with plain-text markers no token straddles."""
+    slow = _SlowTokenizer(tokenizer)
+    fast = encode_conversation(tokenizer, MULTI)
+    assert encode_conversation(slow, MULTI) == fast
+    assert trained_runs(tokenizer, encode_conversation(slow, MULTI, template="llama-3")) == expected_runs(
+        MULTI, "<|eot_id|>"
+    )
+
+
 def test_prompt_tokens_match_encode_prompt(tokenizer):
     enc = encode_conversation(tokenizer, MULTI)
     prompt = encode_prompt(tokenizer, MULTI[:2])
