@@ -241,13 +241,18 @@ def _parse_tools(tools: str | Sequence[Mapping[str, Any]] | None) -> list[dict] 
 
 
 def _render(tokenizer: Any, template: str, messages: list[dict], tools, generation: bool) -> str:
-    return tokenizer.apply_chat_template(
-        messages,
-        chat_template=template,
-        tools=tools,
-        add_generation_prompt=generation,
-        tokenize=False,
-    )
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(
+            messages,
+            chat_template=template,
+            tools=tools,
+            add_generation_prompt=generation,
+            tokenize=False,
+        )
+    except TemplateError as e:  # e.g. a template's own raise_exception("roles must alternate")
+        raise InputError(f"the chat template refused this conversation: {e}") from None
 
 
 def end_of_turn(tokenizer: Any, template: str | None = None) -> str:
@@ -315,8 +320,9 @@ def _tokenize(tokenizer: Any, text: str, cuts: Sequence[int]) -> tuple[list[int]
     """Token ids of ``text`` and each token's character range.
 
     A fast tokenizer encodes the text in one pass with offsets, so the ids are exactly those of
-    the rendered text, as evaluation and serving tokenize it. Without offsets (slow tokenizers) the text is encoded piece by
-    piece between ``cuts`` (the span boundaries), each token getting its piece's range.
+    the rendered text, as evaluation and serving tokenize it. Without offsets (slow tokenizers)
+    the text is encoded piece by piece between ``cuts`` (the span boundaries), each token
+    getting its piece's range.
     """
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -495,7 +501,9 @@ def encode_prompt_response(
     prompt_text = _render(tokenizer, template, prompt, tools, True)
     r.prompt_end = len(prompt_text)
     if not r.text.startswith(prompt_text) or not r.spans or r.spans[0][0] != r.prompt_end:
-        raise InputError("the chat template does not render the response as a continuation of the prompt")
+        raise InputError(
+            "the chat template does not render the response as a continuation of the prompt"
+        )
     return _encode_rendered(
         tokenizer, template, r, len(prompt) + len(response), max_length, Truncation(truncation),
         droppable=False,

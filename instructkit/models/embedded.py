@@ -92,10 +92,15 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
-    """HF folder for an embedded model, converting the shipped GGUF on first use."""
-    gguf = embedded_gguf(name)
-    out = cache_root() / "models" / f"{name}-{_file_hash(gguf)}"
+def gguf_model_dir(gguf: Path) -> Path:
+    """HF folder for a GGUF file, converted on first use and cached by the file's content hash
+    (so the embedded model and the same file given by path share one conversion)."""
+    out = cache_root() / "models" / f"gguf-{_file_hash(gguf)}"
     if (out / "config.json").is_file():
         return out
-    return convert_gguf(gguf, out)
+    return convert_gguf(gguf.resolve(), out)
+
+
+def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
+    """HF folder for an embedded model, converting the shipped GGUF on first use."""
+    return gguf_model_dir(embedded_gguf(name))

@@ -50,6 +50,13 @@ class CausalLMLoss(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         # input_ids, labels: (B, T); attention_mask: (B, T) or (B, 1, T, T) for packed rows.
+        if attention_mask is not None and attention_mask.dim() == 4:
+            # An additive mask must match the compute dtype: a float32 mask against bf16/fp16
+            # attention on CUDA SDPA gives NaN logits without an error.
+            dtype = next(self.model.parameters()).dtype
+            if torch.is_autocast_enabled("cuda"):
+                dtype = torch.get_autocast_dtype("cuda")
+            attention_mask = attention_mask.to(dtype)
         parts = split_model(self.model)
         if parts is None:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask,

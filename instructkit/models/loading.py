@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from instructkit.errors import InputError
-from instructkit.models.embedded import EMBEDDED, _file_hash, cache_root, convert_gguf, embedded_model_dir
+from instructkit.models.embedded import EMBEDDED, embedded_model_dir, gguf_model_dir
 
 
 @dataclass(frozen=True)
@@ -61,10 +61,7 @@ def resolve(spec: str | os.PathLike) -> ResolvedModel:
         return ResolvedModel(str(embedded_model_dir(spec)))
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        out = cache_root() / "models" / f"{path.stem}-{_file_hash(path)}"
-        if not (out / "config.json").is_file():
-            convert_gguf(path.resolve(), out)
-        return ResolvedModel(str(out))
+        return ResolvedModel(str(gguf_model_dir(path)))
     if path.is_dir():
         if (path / "final").is_dir():  # a run folder of ours
             return resolve(path / "final")

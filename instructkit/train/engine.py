@@ -391,7 +391,7 @@ def fit(
     device = accelerator.device
     loss_module.train()
     stopped_early, last_val = False, None
-    t_start, real_tokens = time.perf_counter(), 0
+    t_start, real_tokens, paused = time.perf_counter(), 0, 0.0  # paused: eval/checkpoint seconds
     step = start_step
     previous_handler = signal.getsignal(signal.SIGTERM)
     if accelerator.is_main_process and hasattr(signal, "SIGTERM"):
@@ -429,7 +429,7 @@ def fit(
             # 4. Log the exact step loss (summed over processes, divided by the step's count).
             total = accelerator.reduce(loss_sum, reduction="sum") if world > 1 else loss_sum
             loss = float(total) / max(denom, 1)
-            elapsed = time.perf_counter() - t_start
+            elapsed = time.perf_counter() - t_start - paused
             record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": real_tokens / max(elapsed, 1e-9),
                       count_key: denom, "epoch": round(step / plan.steps_per_epoch, 4)}
             if grad_norm is not None:
@@ -438,6 +438,7 @@ def fit(
             # 5. Validation and early stopping.
             is_last = step == total_steps
             if val_examples and ((train.eval_every and step % train.eval_every == 0) or is_last):
+                t_eval = time.perf_counter()
                 last_val = evaluate_loss(loss_module, val_examples, collate, train.batch_size, accelerator)
                 record["val_loss"] = last_val
                 if best_val is None or last_val < best_val - 1e-6:
@@ -452,6 +453,7 @@ def fit(
                     bad_evals += 1
                     if train.early_stopping_patience and bad_evals >= train.early_stopping_patience:
                         stopped_early = True
+                paused += time.perf_counter() - t_eval
             if step % train.log_every == 0 or is_last or "val_loss" in record:
                 metrics.write(record)
                 history.append(record)
@@ -460,7 +462,9 @@ def fit(
                 progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
             # 6. Checkpoint.
             if (train.save_every and step % train.save_every == 0) or is_last or stopped_early:
+                t_save = time.perf_counter()
                 checkpoint(step)
+                paused += time.perf_counter() - t_save
             if on_step is not None:
                 on_step(step)
             if stopped_early:
@@ -482,7 +486,7 @@ def fit(
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(str(run.checkpoints / "best" / "trainable.safetensors")), strict=False)
-    elapsed = time.perf_counter() - t_start
+    elapsed = time.perf_counter() - t_start - paused
     return FitResult(steps=step, best_val_loss=best_val, final_val_loss=last_val, stopped_early=stopped_early,
                      tokens_per_s=real_tokens / max(elapsed, 1e-9), train_seconds=elapsed, history=history)
 

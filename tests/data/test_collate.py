@@ -192,7 +192,10 @@ def test_packed_loss_sums_each_examples_loss(packed_case):
     batch = collate_packed(rows, pad_id=0, pad_to_multiple_of=8)
 
     def summed_ce(logits, labels):
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum", ignore_index=X)
+        # (B, T-1, V) logits against (B, T-1) next-token labels, summed over targets
+        return F.cross_entropy(
+            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum", ignore_index=X
+        )
 
     with torch.no_grad():
         packed = summed_ce(model(**{k: v for k, v in batch.items() if k != "labels"}).logits, batch["labels"])

@@ -224,6 +224,12 @@ def test_bad_conversations_are_input_errors(tokenizer):
         encode_conversation(tokenizer, [Message("assistant", "hi"), Message("user", "?")])
 
 
+def test_a_template_raising_its_own_error_is_an_input_error(tokenizer):
+    strict = "{% if messages[0]['role'] != 'system' %}{{ raise_exception('needs a system turn') }}{% endif %}"
+    with pytest.raises(InputError, match="needs a system turn"):
+        encode_conversation(tokenizer, SINGLE, template=strict)
+
+
 def test_template_that_rewrites_earlier_turns_is_refused(tokenizer):
     # Writes the number of messages first, so no shorter conversation renders as a prefix.
     counting = "{{ messages | length }}{% for m in messages %}|{{ m['content'] }}{% endfor %}"
@@ -283,10 +289,13 @@ def test_prompt_response_too_long(tokenizer):
     prompt, response = MULTI[:6], [MULTI[6]]
     ids = encode_prompt(tokenizer, prompt)
     assert encode_prompt_response(tokenizer, prompt, response, max_length=len(ids) + 2) is None
-    cut = encode_prompt_response(tokenizer, prompt, response, max_length=len(ids) + 2, truncation="cut-response")
+    def cut_to(max_length):
+        return encode_prompt_response(tokenizer, prompt, response, max_length=max_length, truncation="cut-response")
+
+    cut = cut_to(len(ids) + 2)  # room for one content token and the one-token marker
     assert cut.input_ids[: len(ids)] == ids and len(cut) == len(ids) + 2
-    assert cut.labels[len(ids):] == cut.input_ids[len(ids):] and cut.input_ids[-1] == tokenizer.eos_token_id
-    assert encode_prompt_response(tokenizer, prompt, response, max_length=len(ids) + 1, truncation="cut-response") is None
+    assert cut.labels[len(ids) :] == cut.input_ids[len(ids) :] and cut.input_ids[-1] == tokenizer.eos_token_id
+    assert cut_to(len(ids) + 1) is None  # the marker alone: no content would be trained
 
 
 # --- plain text, special tokens, inspection -------------------------------------------------
