@@ -20,6 +20,9 @@ OVERRIDES_HELP = "config overrides as dotted key=value, e.g. optim.lr=1e-4 peft.
 
 
 def _quiet_libraries() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
