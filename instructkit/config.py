@@ -109,6 +109,41 @@ class SFTConfig:
     trust_remote_code: bool = False
 
 
+@dataclasses.dataclass
+class RewardConfig:
+    """Reward model on ranked comparisons: `instructkit rm --config FILE`."""
+
+    model: str = "smollm2-135m-instruct"  # backbone: usually the SFT run folder
+    out: str = "runs/rm"
+    data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(val_fraction=0.2))
+    peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=1e-4))
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    center_rewards_coefficient: float = 0.0  # + coef * mean(r^2): keeps scores near 0 (as TRL)
+    normalize: bool = True  # after training, shift scores so reference responses average 0
+    reference_data: str | None = None  # demonstrations whose mean score becomes 0 (default: best responses)
+    trust_remote_code: bool = False
+
+
+@dataclasses.dataclass
+class DPOConfig:
+    """Direct preference optimisation and its relatives: `instructkit dpo --config FILE`."""
+
+    model: str = "smollm2-135m-instruct"  # the policy to tune: usually the SFT run folder
+    out: str = "runs/dpo"
+    data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(val_fraction=0.1))
+    peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=5e-6))
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    loss: str = "sigmoid"  # sigmoid | ipo | hinge | simpo | orpo | kto (see docs/losses.md)
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # conservative DPO
+    simpo_gamma: float = 0.5  # SimPO target margin
+    orpo_lambda: float = 1.0  # weight of ORPO's odds-ratio term beside its SFT term
+    reference: Literal["auto", "precompute", "adapter"] = "auto"  # how reference log-probs are made
+    trust_remote_code: bool = False
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading and validation
 

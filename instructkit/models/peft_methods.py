@@ -14,7 +14,7 @@ from instructkit.config import PeftConfig
 from instructkit.errors import InputError, did_you_mean
 
 
-def _full(model: nn.Module, cfg: PeftConfig) -> nn.Module:
+def _full(model: nn.Module, cfg: PeftConfig, task: str = "CAUSAL_LM") -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
     return model
@@ -29,7 +29,7 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-def _freeze(model: nn.Module, cfg: PeftConfig) -> nn.Module:
+def _freeze(model: nn.Module, cfg: PeftConfig, task: str = "CAUSAL_LM") -> nn.Module:
     """Train the top ``trainable_layers`` decoder layers (all of the model if 0), optionally
     only their MLP blocks; embeddings stay frozen unless ``freeze_embeddings`` is false."""
     whole = cfg.trainable_layers == 0 and not cfg.ffn_only
@@ -43,29 +43,32 @@ def _freeze(model: nn.Module, cfg: PeftConfig) -> nn.Module:
                 raise InputError("ffn_only: the layers have no 'mlp' block", field="peft.ffn_only")
             for p in target.parameters():
                 p.requires_grad_(True)
+    head = getattr(model, "score", None)  # a reward/value head always trains
+    for p in head.parameters() if head is not None else ():
+        p.requires_grad_(True)
     for module in (model.get_input_embeddings(), model.get_output_embeddings()):
         for p in module.parameters() if module is not None else ():
             p.requires_grad_(not cfg.freeze_embeddings)
     return model
 
 
-def _peft(kind: str) -> Callable[[nn.Module, PeftConfig], nn.Module]:
-    def apply(model: nn.Module, cfg: PeftConfig) -> nn.Module:
+def _peft(kind: str) -> Callable[..., nn.Module]:
+    def apply(model: nn.Module, cfg: PeftConfig, task: str = "CAUSAL_LM") -> nn.Module:
         import peft
 
         if kind in ("lora", "dora"):
             pcfg = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                    target_modules=cfg.target_modules, use_dora=kind == "dora",
-                                   task_type="CAUSAL_LM")
+                                   task_type=task)
         else:  # ia3
             target = None if cfg.target_modules == "all-linear" else cfg.target_modules
-            pcfg = peft.IA3Config(target_modules=target, task_type="CAUSAL_LM")
+            pcfg = peft.IA3Config(target_modules=target, task_type=task)
         return peft.get_peft_model(model, pcfg)
 
     return apply
 
 
-METHODS: dict[str, Callable[[nn.Module, PeftConfig], nn.Module]] = {
+METHODS: dict[str, Callable[..., nn.Module]] = {
     "full": _full,
     "freeze": _freeze,
     "lora": _peft("lora"),
@@ -74,11 +77,13 @@ METHODS: dict[str, Callable[[nn.Module, PeftConfig], nn.Module]] = {
 }
 
 
-def apply_method(model: nn.Module, cfg: PeftConfig) -> nn.Module:
+def apply_method(model: nn.Module, cfg: PeftConfig, task: str = "CAUSAL_LM") -> nn.Module:
+    """Apply ``cfg.method``; ``task`` is the peft task type (``SEQ_CLS`` for reward models,
+    which also keeps the score head trainable and saved)."""
     if cfg.method not in METHODS:
         raise InputError(f"unknown method '{cfg.method}' (one of {', '.join(METHODS)})"
                          f"{did_you_mean(cfg.method, METHODS)}", field="peft.method")
-    return METHODS[cfg.method](model, cfg)
+    return METHODS[cfg.method](model, cfg, task)
 
 
 def is_peft(model: nn.Module) -> bool:
