@@ -144,6 +144,103 @@ class DPOConfig:
     trust_remote_code: bool = False
 
 
+@dataclasses.dataclass
+class PromptDataConfig:
+    path: str = ""  # prompts: JSONL/JSON/CSV/Parquet records with `prompt` (string or messages) + extra fields
+    template: str | None = None  # chat template of the policy: the tokenizer's own unless chatml/llama-3/alpaca
+    max_prompt_length: int = 256  # tokens; longer prompts are left out (and counted)
+    limit: int | None = None  # use only the first N prompts
+    ptx_path: str | None = None  # PPO-ptx data: demonstrations (assistant tokens train) or plain text
+    ptx_format: str | None = None  # format of ptx_path; detected when omitted
+    ptx_max_length: int = 512  # tokens per ptx example
+    ptx_batch_size: int = 8  # ptx examples per optimizer step
+
+    def __post_init__(self) -> None:
+        if self.max_prompt_length < 1 or self.ptx_batch_size < 1:
+            raise ValueError("max_prompt_length and ptx_batch_size must be at least 1")
+
+
+@dataclasses.dataclass
+class RewardSourceConfig:
+    model: str | None = None  # reward-model folder or `instructkit rm` run folder
+    function: str | None = None  # "module:function" or "file.py:function": (prompt, response, **data) -> float
+    template: str | None = None  # chat template the reward model scores with (its tokenizer's own by default)
+    batch_size: int = 16  # responses scored per reward-model forward pass
+
+    def __post_init__(self) -> None:
+        if self.model and self.function:
+            raise ValueError("set reward.model or reward.function, not both")
+
+
+@dataclasses.dataclass
+class AdaptiveKLConfig:
+    target: float | None = None  # KL per response (nats) to steer towards; null keeps kl_coef fixed
+    horizon: int = 10000  # samples over which the coefficient corrects the error (Ziegler et al. 2019)
+
+    def __post_init__(self) -> None:
+        if self.target is not None and self.target <= 0:
+            raise ValueError("target must be positive")
+        if self.horizon < 1:
+            raise ValueError("horizon must be at least 1")
+
+
+@dataclasses.dataclass
+class PPOConfig:
+    """PPO(-ptx), GRPO and RLOO from a reward model or function: `instructkit ppo --config FILE`.
+
+    ``train.max_steps`` PPO steps; each samples ``rollout_batch_size`` prompts x ``group_size``
+    responses, then takes ``ppo_epochs`` passes over them in mini-batches of
+    ``train.batch_size x train.grad_accum`` responses (one optimizer step each).
+    """
+
+    model: str = "smollm2-135m-instruct"  # the policy to tune: usually the SFT run folder
+    ref_model: str | None = None  # KL reference; null: the policy's initial weights (adapter off with LoRA)
+    out: str = "runs/ppo"
+    data: PromptDataConfig = dataclasses.field(default_factory=PromptDataConfig)
+    reward: RewardSourceConfig = dataclasses.field(default_factory=RewardSourceConfig)
+    peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
+    optim: OptimConfig = dataclasses.field(
+        default_factory=lambda: OptimConfig(lr=1e-5, scheduler="constant"))
+    train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(max_steps=100))
+    advantage: str = "gae"  # gae | grpo | rloo (group-relative, no value model)
+    rollout_batch_size: int = 16  # prompts per PPO step
+    group_size: int = 1  # responses per prompt (at least 2 for grpo and rloo)
+    generation_batch_size: int = 32  # sequences sampled per generate call
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # sampling temperature; log-probs are computed at it too
+    top_p: float = 1.0
+    ppo_epochs: int = 4  # passes over each rollout batch
+    gamma: float = 1.0  # GAE discount
+    lam: float = 0.95  # GAE lambda
+    clip_range: float = 0.2  # policy ratio clip
+    value_clip_range: float = 0.2  # value clip, in reward units
+    vf_coef: float = 0.1  # weight of the value loss
+    kl_coef: float = 0.05  # beta: per-token KL penalty in the reward (initial value if adaptive)
+    kl_estimator: str = "k1"  # k1 | k3 (Schulman, "Approximating KL Divergence")
+    adaptive_kl: AdaptiveKLConfig = dataclasses.field(default_factory=AdaptiveKLConfig)
+    whiten_advantages: bool = True
+    whiten_rewards: bool = False  # rescale per-token rewards to unit variance (mean kept)
+    missing_eos_penalty: float | None = None  # subtracted from the score of responses cut at max_new_tokens
+    ptx_coef: float = 0.0  # gamma of InstructGPT Eq. 2: weight of the LM loss on data.ptx_path
+    ema_decay: float | None = None  # EMA of the policy weights (final/ holds the EMA); null: off
+    save_merged: bool = False  # LoRA: also write merged full weights to merged/
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        positive = ("rollout_batch_size", "group_size", "generation_batch_size", "max_new_tokens", "ppo_epochs")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0 (PPO samples; log-probs are taken at it)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError("ema_decay must be in (0, 1)")
+        if self.ptx_coef < 0 or self.kl_coef < 0 or self.vf_coef < 0:
+            raise ValueError("ptx_coef, kl_coef and vf_coef must be >= 0")
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading and validation
 
@@ -363,3 +460,26 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def resolve_stage_config(cls: type[T], stage: str, config: Any = None, overrides: list[str] | None = None) -> T:
+    """A stage's config from an instance, a dict, a stage YAML, or a recipe YAML (its ``stage``
+    section, started from the recipe's model), then ``key=value`` overrides.
+
+    What ``instructkit sft|rm|dpo|ppo --config FILE`` and the Python functions of the same
+    names accept.
+    """
+    if isinstance(config, cls):
+        return load_config(cls, None, overrides, base=to_dict(config)) if overrides else config
+    if isinstance(config, dict):
+        return load_config(cls, None, overrides, base=config)
+    if config is not None:
+        data, _ = read_yaml(config)
+        if "stages" in data:  # a recipe: run its section for this stage
+            from instructkit.pipeline import load_recipe
+
+            recipe = load_recipe(config)
+            stage_cfg = recipe.stage_config(stage)
+            base = {**to_dict(stage_cfg), "out": str(Path("runs") / recipe.config.name / stage)}
+            return load_config(cls, None, overrides, base=base)
+    return load_config(cls, config, overrides)

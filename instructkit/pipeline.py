@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from instructkit.config import SFTConfig, from_dict, merge, parse_overrides, read_yaml, to_dict
+from instructkit.config import from_dict, merge, parse_overrides, read_yaml, to_dict
 from instructkit.errors import InputError, did_you_mean
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
@@ -35,11 +35,32 @@ class RecipeConfig:
     name: str = "recipe"
     model: str = "smollm2-135m-instruct"  # the model the first stage starts from
     stages: list[str] = dataclasses.field(default_factory=lambda: ["sft", "eval"])
-    sft: dict[str, Any] = dataclasses.field(default_factory=dict)  # an SFT stage config (see sft)
+    sft: dict[str, Any] = dataclasses.field(default_factory=dict)  # SFT stage config (docs/sft.md)
+    rm: dict[str, Any] = dataclasses.field(default_factory=dict)  # reward-model stage (docs/rm.md)
+    dpo: dict[str, Any] = dataclasses.field(default_factory=dict)  # DPO-family stage (docs/dpo.md)
+    ppo: dict[str, Any] = dataclasses.field(default_factory=dict)  # PPO/GRPO stage (docs/ppo.md)
     eval: EvalStageConfig = dataclasses.field(default_factory=EvalStageConfig)
 
 
-STAGES = ("sft", "eval")
+# Stage name -> name of its config class in instructkit.config (looked up lazily).
+STAGE_CONFIGS = {"sft": "SFTConfig", "rm": "RewardConfig", "dpo": "DPOConfig", "ppo": "PPOConfig"}
+STAGES = (*STAGE_CONFIGS, "eval")
+
+
+@dataclasses.dataclass
+class LoadedRecipe:
+    config: RecipeConfig
+    path: Path
+    stages: dict[str, Any]  # stage name -> its validated, typed config
+
+    def stage_config(self, stage: str) -> Any:
+        return self.stages[stage]
+
+
+def _stage_class(stage: str) -> type:
+    import instructkit.config as config_module
+
+    return getattr(config_module, STAGE_CONFIGS[stage])
 
 
 def recipe_path(recipe: str | Path | None) -> Path:
@@ -57,8 +78,8 @@ def recipe_path(recipe: str | Path | None) -> Path:
                      f"shipped: {', '.join(sorted(names))}", file=str(recipe))
 
 
-def load_recipe(recipe: str | Path | None, overrides: list[str] | None = None) -> tuple[RecipeConfig, SFTConfig]:
-    """Load and validate a recipe, including each stage's own config."""
+def load_recipe(recipe: str | Path | None, overrides: list[str] | None = None) -> LoadedRecipe:
+    """Load and validate a recipe, including the config of every stage it has a section for."""
     path = recipe_path(recipe)
     data, lines = read_yaml(path)
     cfg = from_dict(RecipeConfig, data, file=str(path), lines=lines)
@@ -68,8 +89,14 @@ def load_recipe(recipe: str | Path | None, overrides: list[str] | None = None) -
         if stage not in STAGES:
             raise InputError(f"unknown stage '{stage}' (one of {', '.join(STAGES)}){did_you_mean(stage, STAGES)}",
                              file=str(path), line=lines.get("stages"), field=f"stages[{i}]")
-    sft_cfg = from_dict(SFTConfig, {"model": cfg.model, **cfg.sft}, file=str(path), lines=lines, prefix="sft.")
-    return cfg, sft_cfg
+    stages = {}
+    for stage in STAGE_CONFIGS:
+        section = getattr(cfg, stage)
+        if stage in cfg.stages or section:
+            stages[stage] = from_dict(_stage_class(stage), {"model": cfg.model, **section}, file=str(path),
+                                      lines=lines, prefix=f"{stage}.")
+    stages["eval"] = cfg.eval
+    return LoadedRecipe(cfg, path, stages)
 
 
 def run(recipe: str | Path | None = None, *, out: str | Path | None = None, overrides: list[str] | None = None,
@@ -78,7 +105,8 @@ def run(recipe: str | Path | None = None, *, out: str | Path | None = None, over
     from instructkit.train.engine import atomic_write_json, atomic_write_text
     from instructkit.config import dump_yaml
 
-    cfg, sft_cfg = load_recipe(recipe, overrides)
+    loaded = load_recipe(recipe, overrides)
+    cfg = loaded.config
     root = Path(out or Path("runs") / cfg.name)
     if from_stage is not None and from_stage not in cfg.stages:
         raise InputError(f"--from: '{from_stage}' is not a stage of this recipe ({', '.join(cfg.stages)})"
@@ -90,24 +118,30 @@ def run(recipe: str | Path | None = None, *, out: str | Path | None = None, over
             shutil.rmtree(root / stage, ignore_errors=True)
 
     started = time.time()
-    current_model = cfg.model
+    current_model, reward_model = cfg.model, None
     trained: list[tuple[str, str]] = [("base", cfg.model)]
     summaries: dict[str, Any] = {}
     for stage in cfg.stages:
         stage_dir = root / stage
         done = (stage_dir / "summary.json").is_file()
         print(f"== stage {stage}: {'already finished, skipped' if done else 'running'} ({stage_dir})", flush=True)
-        if stage == "sft":
+        if stage == "eval":
             if not done:
-                from instructkit.train.sft import sft
-
-                stage_cfg = dataclasses.replace(sft_cfg, model=current_model, out=str(stage_dir))
-                sft(stage_cfg)
-            current_model = str(stage_dir)
-            trained.append(("sft", current_model))
-        elif stage == "eval":
+                _eval_stage(cfg.eval, trained, stage_dir, reward_model=reward_model)
+        else:
+            # A stage starts from the previous stage's model unless its section names one.
+            explicit = getattr(cfg, stage)
+            stage_cfg = dataclasses.replace(loaded.stage_config(stage), out=str(stage_dir),
+                                            model=explicit.get("model", current_model))
+            if stage == "ppo" and reward_model is not None:
+                stage_cfg = _with_reward_model(stage_cfg, explicit, reward_model)
             if not done:
-                _eval_stage(cfg.eval, trained, stage_dir)
+                STAGE_FUNCTIONS[stage]()(stage_cfg)
+            if stage == "rm":
+                reward_model = str(stage_dir)
+            else:
+                current_model = str(stage_dir)
+                trained.append((stage, current_model))
         summaries[stage] = _read_json(stage_dir / "summary.json")
 
     summary = {"recipe": cfg.name, "out": str(root), "final_model": current_model,
@@ -118,13 +152,39 @@ def run(recipe: str | Path | None = None, *, out: str | Path | None = None, over
     return summary
 
 
+def _stage_function(module: str, name: str):
+    def load():
+        import importlib
+
+        return getattr(importlib.import_module(module), name)
+
+    return load
+
+
+STAGE_FUNCTIONS = {
+    "sft": _stage_function("instructkit.train.sft", "sft"),
+    "rm": _stage_function("instructkit.train.reward", "rm"),
+    "dpo": _stage_function("instructkit.train.dpo", "dpo"),
+    "ppo": _stage_function("instructkit.train.ppo", "ppo"),
+}
+
+
+def _with_reward_model(stage_cfg: Any, explicit: dict[str, Any], reward_model: str) -> Any:
+    """PPO scores with the recipe's reward model unless its section names another reward."""
+    reward = getattr(stage_cfg, "reward", None)
+    if reward is None or explicit.get("reward"):
+        return stage_cfg
+    return dataclasses.replace(stage_cfg, reward=dataclasses.replace(reward, model=reward_model))
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     import json
 
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _eval_stage(cfg: EvalStageConfig, models: list[tuple[str, str]], out: Path) -> None:
+def _eval_stage(cfg: EvalStageConfig, models: list[tuple[str, str]], out: Path, *,
+                reward_model: str | None = None) -> None:
     """Evaluate the starting model (zero-shot, and k-shot if asked) and every trained stage."""
     from instructkit.eval.run import evaluate
     from instructkit.train.engine import atomic_dir, atomic_write_json

@@ -14,8 +14,11 @@ from tests.tiny import tiny_model_dir, toy_conversations, write_jsonl
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES_DIR.glob("*.yaml")))
 def test_every_shipped_recipe_loads_and_validates(recipe):
-    cfg, sft_cfg = load_recipe(RECIPES_DIR / recipe)
-    assert cfg.stages and sft_cfg.model == cfg.model
+    loaded = load_recipe(RECIPES_DIR / recipe)
+    assert loaded.config.stages
+    for stage in loaded.config.stages:  # every stage it runs has a validated, typed config
+        stage_cfg = loaded.stage_config(stage)
+        assert stage == "eval" or stage_cfg.model == loaded.config.model
 
 
 def test_unknown_stage_and_key_are_input_errors(tmp_path):

@@ -99,6 +99,72 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size)
 
 
+class _LinearLogProbs(torch.autograd.Function):
+    """log softmax(hidden[i] @ weight.T / temperature)[targets[i]] per row, chunk by chunk.
+
+    Unlike the summed loss above, each row's gradient weight is only known in backward, so
+    backward recomputes each (chunk, V) block instead of storing it: one extra matmul per
+    chunk buys memory that never holds more than one block.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size: int, temperature: float):
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        out = torch.empty(hidden.size(0), dtype=acc, device=hidden.device)
+        lses = torch.empty_like(out)
+        for start in range(0, hidden.size(0), chunk_size):
+            logits = (hidden[start:start + chunk_size] @ weight.t()).to(acc) / temperature
+            lse = torch.logsumexp(logits, dim=-1)
+            lses[start:start + chunk_size] = lse
+            out[start:start + chunk_size] = logits.gather(1, targets[start:start + chunk_size, None]).squeeze(1) - lse
+        ctx.save_for_backward(hidden, weight, targets, lses)
+        ctx.chunk_size, ctx.temperature = chunk_size, temperature
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, targets, lses = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        acc = lses.dtype
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        for start in range(0, hidden.size(0), ctx.chunk_size):
+            end = start + ctx.chunk_size
+            h, t, g = hidden[start:end], targets[start:end], grad_out[start:end].to(acc)
+            logits = (h @ weight.t()).to(acc) / ctx.temperature
+            # d logp / d logits = onehot - softmax; scaled by each row's incoming gradient / T.
+            grad = logits.sub_(lses[start:end, None]).exp_().neg_()
+            grad[torch.arange(t.size(0), device=t.device), t] += 1.0
+            grad.mul_((g / ctx.temperature)[:, None])
+            grad = grad.to(hidden.dtype)
+            if need_h:
+                grad_h[start:end] = grad @ weight
+            if need_w:
+                grad_w += (grad.t() @ h).to(acc)
+        return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None, None
+
+
+def linear_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                     chunk_size: int = 1024, temperature: float = 1.0) -> torch.Tensor:
+    """Per-row log-probability of ``targets`` under a linear head, without the full logits.
+
+    Equivalent to (but leaner than)::
+
+        torch.log_softmax(hidden @ weight.T / temperature, -1).gather(1, targets[:, None]).squeeze(1)
+
+    Args:
+        hidden: (N, H) final hidden states of the scored positions only.
+        weight: (V, H) output projection.
+        targets: (N,) ids whose log-probability is wanted.
+        temperature: the sampling temperature the log-probs must match (PPO), 1 otherwise.
+
+    Returns: (N,) log-probs in fp32 (or wider), differentiable w.r.t. hidden and weight.
+    """
+    if hidden.size(0) == 0:
+        return (hidden.sum() + weight.sum()).reshape(1)[:0].float() * 0.0
+    return _LinearLogProbs.apply(hidden, weight, targets, chunk_size, float(temperature))
+
+
 def shifted_trained_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Boolean (B, T-1) mask of positions whose next token is trained, and those targets (N,)."""
     targets = labels[:, 1:]

@@ -68,3 +68,37 @@ class CausalLMLoss(nn.Module):
         mask, targets = shifted_trained_positions(labels)  # (B, T-1), (N,)
         loss = linear_cross_entropy(hidden[:, :-1][mask], head.weight, targets, self.chunk_size)
         return loss, mask.sum()
+
+
+def sequence_log_probs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       labels: torch.Tensor, *, chunk_size: int = 1024,
+                       temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probability of each row's trained tokens, and how many there are.
+
+    For preference losses (DPO, IPO, SimPO, ORPO, KTO), which score whole responses. Only the
+    trained (response) positions are projected onto the vocabulary, a chunk at a time.
+
+    Args:
+        input_ids, attention_mask, labels: (B, T), right- or left-padded; labels -100 where
+            untrained. Position t predicts labels[t + 1].
+
+    Returns:
+        (logps, counts): (B,) sums of ``log p(labels[t+1] | ..t)`` over trained targets, and
+        (B,) numbers of trained targets.
+    """
+    from instructkit.losses.token_ce import linear_log_probs
+
+    mask, targets = shifted_trained_positions(labels)  # (B, T-1), (N,)
+    rows = torch.arange(labels.size(0), device=labels.device)[:, None].expand_as(mask)[mask]  # (N,)
+    parts = split_model(model)
+    if parts is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        scores = logits[:, :-1][mask].float() / temperature  # (N, V)
+        token_logps = torch.log_softmax(scores, -1).gather(1, targets[:, None]).squeeze(1)
+    else:
+        decoder, head = parts
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        token_logps = linear_log_probs(hidden[:, :-1][mask], head.weight, targets, chunk_size, temperature)
+    sums = torch.zeros(labels.size(0), dtype=token_logps.dtype, device=labels.device)
+    sums = sums.index_add(0, rows, token_logps)
+    return sums, mask.sum(-1)

@@ -25,6 +25,8 @@ class ResolvedModel:
     base: str
     adapter: str | None = None
     local: bool = True
+    merged_first: tuple[str, ...] = ()  # earlier adapters (e.g. SFT's under DPO's), merged in order
+
 
 
 def default_device() -> str:
@@ -72,7 +74,9 @@ def resolve(spec: str | os.PathLike) -> ResolvedModel:
                 base = marker.read_text().strip()
             if not base:
                 raise InputError("adapter_config.json names no base model", file=str(path))
-            return ResolvedModel(resolve(base).base, adapter=str(path))
+            under = resolve(base)  # the base may itself be an adapter run (DPO over LoRA SFT)
+            earlier = (*under.merged_first, under.adapter) if under.adapter else under.merged_first
+            return ResolvedModel(under.base, adapter=str(path), local=under.local, merged_first=earlier)
         if (path / "config.json").is_file():
             return ResolvedModel(str(path))
         raise InputError("folder holds no model (no config.json, adapter_config.json or final/)", file=spec)
@@ -145,6 +149,8 @@ def load_model(
     if resolved.adapter:
         from peft import PeftModel
 
+        for earlier in resolved.merged_first:
+            model = PeftModel.from_pretrained(model, earlier).merge_and_unload()
         model = PeftModel.from_pretrained(model, resolved.adapter)
         if merge_adapter:
             model = model.merge_and_unload()

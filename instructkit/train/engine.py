@@ -330,6 +330,7 @@ def fit(
     accelerator,
     val_examples: Sequence[Any] = (),
     extra_metrics: Callable[[dict[str, torch.Tensor]], dict[str, float]] | None = None,
+    finish_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None,
     on_step: Callable[[int], None] | None = None,
     count_key: str = "tokens",
 ) -> FitResult:
@@ -434,7 +435,12 @@ def fit(
                       count_key: denom, "epoch": round(step / plan.steps_per_epoch, 4)}
             if grad_norm is not None:
                 record["grad_norm"] = grad_norm
-            record.update(extras)
+            if extras and world > 1:
+                keys = sorted(extras)
+                summed = accelerator.reduce(torch.tensor([extras[k] for k in keys], dtype=torch.float64,
+                                                         device=device), reduction="sum")
+                extras = dict(zip(keys, summed.tolist()))
+            record.update(finish_metrics(extras) if finish_metrics is not None else extras)
             # 5. Validation and early stopping.
             is_last = step == total_steps
             if val_examples and ((train.eval_every and step % train.eval_every == 0) or is_last):

@@ -12,27 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from instructkit.config import SFTConfig, load_config
+from instructkit.config import SFTConfig, resolve_stage_config
 from instructkit.data.schema import Conversation, Text
 from instructkit.errors import InputError
-
-
-def _as_config(config: SFTConfig | str | Path | dict | None, overrides: list[str] | None) -> SFTConfig:
-    if isinstance(config, SFTConfig):
-        return load_config(SFTConfig, None, overrides, base=dataclasses.asdict(config)) if overrides else config
-    if isinstance(config, dict):
-        return load_config(SFTConfig, None, overrides, base=config)
-    if config is not None:
-        from instructkit.config import read_yaml
-
-        data, _ = read_yaml(config)
-        if "stages" in data:  # a recipe: run its sft section, from the recipe's model
-            from instructkit.pipeline import load_recipe
-
-            recipe, stage = load_recipe(config)
-            base = {**dataclasses.asdict(stage), "out": str(Path("runs") / recipe.name / "sft")}
-            return load_config(SFTConfig, None, overrides, base=base)
-    return load_config(SFTConfig, config, overrides)
 
 
 def encode_records(tokenizer, records: list[Any], *, template: str | None, max_length: int,
@@ -89,7 +71,7 @@ def sft(config: SFTConfig | str | Path | dict | None = None, overrides: list[str
     from instructkit.train import engine
 
     # 1. Resolve the config and the run folder (config.yaml is written before anything runs).
-    cfg = _as_config(config, overrides)
+    cfg = resolve_stage_config(SFTConfig, "sft", config, overrides)
     if not cfg.data.path:
         raise InputError("no training data: set data.path", field="data.path")
     run = engine.RunDir(Path(cfg.out))

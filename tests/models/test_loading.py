@@ -66,3 +66,37 @@ def test_cache_location_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("INSTRUCTKIT_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert embedded.cache_root() == tmp_path / "xdg" / "instructkit"
+
+
+def test_adapter_over_an_adapter_run_loads_both(tmp_path):
+    """A DPO adapter trained on top of a LoRA SFT run: loading it applies the SFT adapter
+    (merged) and then its own, so its logits equal base + both deltas computed by hand."""
+    import peft
+    import torch
+
+    base_dir = tiny_model_dir(tmp_path / "base")
+    base = load_model(base_dir, device="cpu")
+
+    def lora_run(model, run: Path, base_spec: str, seed: int):
+        torch.manual_seed(seed)
+        m = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.5)  # a non-zero delta
+        (run / "final").mkdir(parents=True)
+        m.save_pretrained(run / "final")
+        (run / "final" / "instructkit_base.txt").write_text(base_spec)
+        return m
+
+    sft = lora_run(base, tmp_path / "sft", str(base_dir), seed=1)
+    merged_sft = sft.merge_and_unload()
+    dpo = lora_run(merged_sft, tmp_path / "dpo", str(tmp_path / "sft"), seed=2)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        expected = dpo(input_ids=ids).logits
+        resolved = resolve(tmp_path / "dpo")
+        assert resolved.base == str(base_dir) and resolved.merged_first == (str(tmp_path / "sft" / "final"),)
+        loaded = load_model(tmp_path / "dpo", device="cpu")
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+        plain = load_model(base_dir, device="cpu")(input_ids=ids).logits
+    assert not torch.allclose(plain, expected, atol=1e-3)
