@@ -72,4 +72,6 @@ def _import_module(spec: str, module_name: str) -> Any:
             siblings = [m.name for m in pkgutil.iter_modules(getattr(package, "__path__", []))]
         except ImportError:
             pass
-    raise InputError(f"reward function '{spec}': no module named '{missing}'{did_you_mean(leaf, siblings)}")
+    raise InputError(
+        f"reward function '{spec}': no module named '{missing}'{did_you_mean(leaf, siblings)}"
+    )

@@ -113,9 +113,9 @@ def sentences(n: int) -> str:
 def targeted_cases() -> list[Case]:
     cases: list[Case] = []
 
-    def add(instruction_id: str, kwargs: dict[str, Any], *responses: str, prompt: str = "Write something.") -> None:
+    def add(instruction_id: str, kwargs: dict[str, Any], *responses: str, prompt: str = "") -> None:
         for response in responses:
-            cases.append(Case([instruction_id], [kwargs], response, prompt))
+            cases.append(Case([instruction_id], [kwargs], response, prompt or "Write something."))
 
     add("keywords:existence", {"keywords": ["river", "bread"]},
         LOREM, "A river ran.", "RIVER and BREAD!", "riverbank breadcrumbs", "", "   ")
@@ -287,9 +287,11 @@ def compose(rng: random.Random, ids: list[str], kwargs: list[dict[str, Any]]) ->
     text = " ".join(body)
 
     if (a := wants("detectable_format:number_bullet_lists")) is not None:
-        text += "\n" + "\n".join(rng.choice(("* ", "- ")) + f"point {i}" for i in range(near(rng, a["num_bullets"])))
+        bullets = [rng.choice(("* ", "- ")) + f"point {i}" for i in range(near(rng, a["num_bullets"]))]
+        text += "\n" + "\n".join(bullets)
     if (a := wants("detectable_format:multiple_sections")) is not None:
-        text = "\n".join(f"{a['section_spliter']} {i}\n{text}" for i in range(1, near(rng, a["num_sections"]) + 1))
+        count = near(rng, a["num_sections"])
+        text = "\n".join(f"{a['section_spliter']} {i}\n{text}" for i in range(1, count + 1))
     if (a := wants("length_constraints:number_paragraphs")) is not None:
         text = "\n***\n".join([text] * max(1, near(rng, a["num_paragraphs"])))
     if (a := wants("length_constraints:nth_paragraph_first_word")) is not None:
@@ -332,7 +334,8 @@ def compose(rng: random.Random, ids: list[str], kwargs: list[dict[str, Any]]) ->
 def reference_is_random(instruction_id: str, kwargs: dict[str, Any]) -> bool:
     """The reference draws a random letter for anything but one ASCII letter."""
     letter = kwargs.get("letter")
-    return instruction_id == "keywords:letter_frequency" and not (letter and letter.isascii() and letter.isalpha())
+    one_ascii_letter = bool(letter) and len(letter) == 1 and letter.isascii() and letter.isalpha()
+    return instruction_id == "keywords:letter_frequency" and not one_ascii_letter
 
 
 def benchmark_cases(shared_data: Path) -> list[Case]:
@@ -376,7 +379,8 @@ def test_every_verdict_matches_the_reference(verdicts):
         if ours["strict"] != ref_strict or ours["loose"] != ref_loose:
             mismatches.append(
                 f"{case.origin} {case.instruction_id_list} response={case.response[:120]!r}: "
-                f"reference strict={ref_strict} loose={ref_loose}, ours strict={ours['strict']} loose={ours['loose']}"
+                f"reference strict={ref_strict} loose={ref_loose}, "
+                f"ours strict={ours['strict']} loose={ours['loose']}"
             )
     assert not mismatches, f"{len(mismatches)} of {len(verdicts)} differ:\n" + "\n".join(mismatches[:20])
     assert len(verdicts) >= 200
