@@ -52,3 +52,16 @@ def toy_conversations(n: int = 32) -> list[dict]:
         rows.append({"messages": [{"role": "user", "content": "reverse: " + " ".join(ws)},
                                   {"role": "assistant", "content": " ".join(reversed(ws))}]})
     return rows
+
+
+def toy_preferences(n: int = 32) -> list[dict]:
+    """Preference pairs over :func:`toy_conversations`: the reversed words are chosen; the words
+    in their original order followed by "wrong" are rejected (a signal a tiny model can learn)."""
+    rows = []
+    for conv in toy_conversations(n):
+        prompt, answer = conv["messages"]
+        words = prompt["content"].removeprefix("reverse: ")
+        wrong = words + " wrong"
+        rows.append({"prompt": [prompt], "chosen": [answer],
+                     "rejected": [{"role": "assistant", "content": wrong}]})
+    return rows

@@ -181,14 +181,15 @@ def rm(config: RewardConfig | str | Path | dict | None = None, overrides: list[s
 
     # 2. Data: pairs or K-wise rankings, validated before any model loads; held-out split.
     loaded = load_records(resolve_data_path(cfg.data.path), format=cfg.data.format, columns=cfg.data.columns)
-    records = as_rankings(loaded.records[: cfg.data.limit] if cfg.data.limit else loaded.records, cfg.data.path)
+    records = loaded.records[: cfg.data.limit] if cfg.data.limit else loaded.records
     if cfg.data.val_path:
         val_records = as_rankings(load_records(resolve_data_path(cfg.data.val_path), format=cfg.data.format,
                                                columns=cfg.data.columns).records, cfg.data.val_path)
-        train_records = records
-    else:
-        train_records, val_records, _ = split_records(records, val_fraction=cfg.data.val_fraction,
-                                                      test_fraction=0.0, seed=cfg.data.seed)
+        train_records = as_rankings(records, cfg.data.path)
+    else:  # split the records as read, so DPO with the same seed holds out the same prompts
+        train_part, val_part, _ = split_records(records, val_fraction=cfg.data.val_fraction, test_fraction=0.0,
+                                                seed=cfg.data.seed)
+        train_records, val_records = as_rankings(train_part, cfg.data.path), as_rankings(val_part, cfg.data.path)
 
     # 3. Model: the causal LM's backbone with a fresh scalar head, a pad token that is not the
     #    end-of-turn token (the score is read at the last real token), then what trains.
