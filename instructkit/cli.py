@@ -47,12 +47,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sft(args: argparse.Namespace) -> int:
-    from instructkit.train.sft import sft
+def _stage_command(module: str, name: str):
+    """``instructkit sft|rm|dpo|ppo``: the Python function of the same name, summary printed."""
 
-    summary = sft(args.config, args.overrides)
-    print(json.dumps(summary, indent=2))
-    return 0
+    def command(args: argparse.Namespace) -> int:
+        import importlib
+
+        function = getattr(importlib.import_module(module), name)
+        print(json.dumps(function(args.config, args.overrides), indent=2))
+        return 0
+
+    return command
+
+
+STAGE_COMMANDS = {
+    "sft": ("instructkit.train.sft", "supervised fine-tuning on demonstrations",
+            "Supervised fine-tuning: full, frozen layers, or LoRA/DoRA/IA3, on demonstrations (assistant "
+            "turns trained) or plain text. See docs/sft.md."),
+    "rm": ("instructkit.train.reward", "train a reward model on ranked comparisons",
+           "Reward model: a scalar head on a causal-LM backbone (usually the SFT run), trained on preference "
+           "pairs or K-wise rankings with the InstructGPT loss (all C(K,2) comparisons of a prompt together). "
+           "Reports held-out pairwise accuracy; final/ is a plain sequence classifier. See docs/rm.md."),
+    "dpo": ("instructkit.train.dpo", "preference tuning: DPO, IPO, hinge, SimPO, ORPO, KTO",
+            "Direct preference optimisation and its relatives on preference pairs (loss=sigmoid|ipo|hinge|"
+            "simpo|orpo|kto). Logs implicit rewards, margins and accuracies. See docs/dpo.md."),
+    "ppo": ("instructkit.train.ppo", "RL from a reward model or a reward function: PPO-ptx, GRPO, RLOO",
+            "PPO with a per-token KL penalty against the SFT reference and the pretraining mix (PPO-ptx), or "
+            "group-relative GRPO/RLOO, with rewards from a reward model or a Python function "
+            "(module:function). See docs/ppo.md."),
+}
 
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
@@ -112,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
                "  instructkit run                                # the quickstart on the embedded model\n"
                "  instructkit sft --config recipes/quickstart.yaml train.max_steps=50\n"
+               "  instructkit rm --config recipes/instructgpt.yaml\n"
+               "  instructkit dpo --config recipes/dpo.yaml loss=ipo beta=0.5\n"
                "  instructkit data inspect data.jsonl --model smollm2-135m-instruct\n"
                "  instructkit eval --model runs/quickstart/sft --suite exact_match --data test.jsonl\n"
                "  instructkit generate --model runs/quickstart/sft --prompt 'Hello!'",
@@ -128,13 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", default=[], help="recipe overrides, e.g. sft.optim.lr=1e-4")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("sft", help="supervised fine-tuning on demonstrations",
-                       description="Supervised fine-tuning: full, frozen layers, or LoRA/DoRA/IA3. "
-                                   "Writes a run folder with config.yaml, metrics.jsonl, summary.json, "
-                                   "checkpoints/ and final/. Rerunning the same command resumes.")
-    p.add_argument("--config", required=True, help="stage config YAML (see docs/sft.md)")
-    p.add_argument("overrides", nargs="*", default=[], help=OVERRIDES_HELP)
-    p.set_defaults(func=cmd_sft)
+    for name, (module, help_text, description) in STAGE_COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=description + " Writes a run folder with "
+                           "config.yaml, metrics.jsonl, summary.json, checkpoints/ and final/; rerunning the "
+                           "same command resumes from the last checkpoint.")
+        p.add_argument("--config", required=True,
+                       help=f"stage config YAML, or a recipe YAML (its {name} section runs)")
+        p.add_argument("overrides", nargs="*", default=[], help=OVERRIDES_HELP)
+        p.set_defaults(func=_stage_command(module, name))
 
     p = sub.add_parser("data", help="look at a data file before training on it")
     dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
