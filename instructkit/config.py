@@ -163,7 +163,7 @@ class PromptDataConfig:
 @dataclasses.dataclass
 class RewardSourceConfig:
     model: str | None = None  # reward-model folder or `instructkit rm` run folder
-    function: str | None = None  # "module:function" or "file.py:function": (prompt, response, **data) -> float
+    function: str | None = None  # "module:function": (prompt, response, **data) -> float
     template: str | None = None  # chat template the reward model scores with (its tokenizer's own by default)
     batch_size: int = 16  # responses scored per reward-model forward pass
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
-import importlib.util
 import math
 import signal
 import time
@@ -80,32 +78,6 @@ def read_prompts(path: str) -> list[PromptRecord]:
 
 # ----------------------------------------------------------------------------------------------
 # Reward sources
-
-
-def _import_callable(spec: str) -> Callable[..., Any]:
-    """``module:function`` or ``path/to/file.py:function``.
-
-    TODO: switch to ``instructkit.rewards.load_reward_function`` once it lands.
-    """
-    module_name, sep, name = spec.rpartition(":")
-    if not sep or not module_name or not name:
-        raise InputError(f"'{spec}' is not module:function or file.py:function", field="reward.function")
-    try:
-        if module_name.endswith(".py"):
-            path = Path(module_name)
-            if not path.is_file():
-                raise InputError("no such file", file=module_name, field="reward.function")
-            loaded = importlib.util.spec_from_file_location(f"_instructkit_reward_{path.stem}", path)
-            module = importlib.util.module_from_spec(loaded)
-            loaded.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise InputError(f"cannot import '{module_name}': {exc}", field="reward.function") from None
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise InputError(f"'{module_name}' has no function '{name}'", field="reward.function")
-    return fn
 
 
 class FunctionReward:
@@ -238,6 +210,29 @@ def build_models(cfg: PPOConfig, tokenizer, *, with_value: bool, device) -> Mode
     return Models(policy, Reference(policy, ref_model), value)
 
 
+class PtxTerm:
+    """InstructGPT Eq. 2's gamma term: ``ptx_coef`` times the token-mean LM loss of one batch of
+    pre-training / SFT data per optimizer step. With ``ptx_coef`` 0 it is still measured, without
+    a gradient: the alignment tax, visible in the log."""
+
+    def __init__(self, loss_module: nn.Module, examples: list[dict[str, list[int]]], collate, batch_size: int,
+                 coef: float, seed: int) -> None:
+        from instructkit.train.engine import StepPlan
+
+        self.loss_module, self.examples, self.collate, self.coef = loss_module, examples, collate, coef
+        self.plan = StepPlan(len(examples), min(batch_size, len(examples)), seed + 1)
+
+    def backward(self, update: int, device) -> float:
+        """The LM loss of optimizer step ``update``'s batch; its scaled gradient is accumulated."""
+        batch = {k: v.to(device) for k, v in self.collate([self.examples[i] for i in self.plan.indices(update)]).items()}
+        with contextlib.nullcontext() if self.coef > 0 else torch.no_grad():
+            total, count = self.loss_module(**batch)
+            loss = total / count.clamp(min=1)
+        if self.coef > 0:
+            (self.coef * loss).backward()
+        return float(loss.detach())
+
+
 class _Trained(nn.Module):
     """The policy and the value model as one module, so one checkpoint holds both."""
 
@@ -266,7 +261,7 @@ def _save_checkpoint(path: Path, *, trained: nn.Module, optimizer, scheduler, st
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(engine.rng_state(), tmp / "rng-0.pt")
         if ema is not None:
-            save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
+            save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
         engine.atomic_write_json(tmp / "state.json", {**state, "world_size": 1})
 
 
@@ -298,6 +293,7 @@ def ppo(config: PPOConfig | str | Path | dict | None = None, overrides: list[str
     from instructkit.models.lm import CausalLMLoss
     from instructkit.models.loading import load_tokenizer
     from instructkit.models.peft_methods import count_parameters, is_peft
+    from instructkit.rewards import load_reward_function
     from instructkit.train import engine
     from instructkit.train.rollout import in_chunks, response_values, sample
     from instructkit.train.sft import encode_records, make_collate, save_final
@@ -322,7 +318,7 @@ def ppo(config: PPOConfig | str | Path | dict | None = None, overrides: list[str
         from instructkit.data.formats import load_records
 
         ptx_records = load_records(resolve_data_path(cfg.data.ptx_path), format=cfg.data.ptx_format).records
-    reward = FunctionReward(_import_callable(cfg.reward.function), cfg.reward.function) \
+    reward = FunctionReward(load_reward_function(cfg.reward.function), cfg.reward.function) \
         if cfg.reward.function else None
 
     # 3. Policy, reference (the LoRA policy with its adapter off, else a frozen copy), value
@@ -357,14 +353,14 @@ def ppo(config: PPOConfig | str | Path | dict | None = None, overrides: list[str
                                          max_length=cfg.data.ptx_max_length, where=cfg.data.ptx_path)
         if not ptx_examples:
             raise InputError("no ptx example fits ptx_max_length", file=cfg.data.ptx_path)
-    ptx_collate = make_collate(tokenizer.pad_token_id, packed=False)
-    ptx_loss_module = CausalLMLoss(policy, cfg.train.loss_chunk_size)
+    ptx = PtxTerm(CausalLMLoss(policy, cfg.train.loss_chunk_size), ptx_examples,
+                  make_collate(tokenizer.pad_token_id, packed=False), cfg.data.ptx_batch_size, cfg.ptx_coef,
+                  cfg.train.seed) if ptx_examples else None
     stop_ids, stop_strings = _stops(policy, tokenizer, None, cfg.data.template)
 
     # 5. Optimizer over policy + value, schedule, KL controller, EMA; resume from the last checkpoint.
     n_seq = cfg.rollout_batch_size * cfg.group_size
-    mini = cfg.train.batch_size * cfg.train.grad_accum
-    updates_per_step = cfg.ppo_epochs * (n_seq // mini)
+    updates_per_step = _updates(cfg)
     total_steps = cfg.train.max_steps
     params = [p for p in trained.parameters() if p.requires_grad]
     optimizer = engine.build_optimizer(params, cfg.optim)
@@ -383,8 +379,6 @@ def ppo(config: PPOConfig | str | Path | dict | None = None, overrides: list[str
         metrics.truncate_after(start_step)
         print(f"resuming from {resume_from} (step {start_step} of {total_steps})", flush=True)
     plan = engine.StepPlan(len(prompts), cfg.rollout_batch_size, cfg.train.seed)
-    ptx_plan = engine.StepPlan(len(ptx_examples), min(cfg.data.ptx_batch_size, len(ptx_examples)),
-                               cfg.train.seed + 1) if ptx_examples else None
 
     def checkpoint(step: int) -> None:
         state = {"step": step, "total_steps": total_steps, "kl_controller": kl_ctl.state_dict()}
@@ -450,8 +444,7 @@ def ppo(config: PPOConfig | str | Path | dict | None = None, overrides: list[str
             policy.train()
             stats = _update(cfg, step, policy=policy, value=value, rollout=rollout, advantages=advantages,
                             returns=returns, old_values=old_values, params=params, optimizer=optimizer,
-                            scheduler=scheduler, autocast=autocast, ptx=(ptx_plan, ptx_examples, ptx_collate,
-                                                                          ptx_loss_module))
+                            scheduler=scheduler, autocast=autocast, ptx=ptx)
             train_s = time.perf_counter() - t1
             gen_seconds += generate_s
             train_seconds += train_s
@@ -461,7 +454,7 @@ def ppo(config: PPOConfig | str | Path | dict | None = None, overrides: list[str
             seq_kl = float(kl.sum(1).mean())
             record = {"step": step, "loss": stats.pop("loss"), "lr": stats.pop("lr"),
                       "tokens_per_s": float(mask.sum()) / max(generate_s + train_s, 1e-9),
-                      "reward_mean": float(raw_scores.mean()), "reward_std": float(raw_scores.std()) if len(raw_scores) > 1 else 0.0,
+                      "reward_mean": float(raw_scores.mean()), "reward_std": float(raw_scores.std(unbiased=False)),
                       "kl": seq_kl, "kl_coef": kl_ctl.value,
                       "entropy": float(rl.masked_mean(rollout.entropy, mask)),
                       "response_length": float(rollout.lengths.mean()),
@@ -533,7 +526,6 @@ def _update(cfg: PPOConfig, step: int, *, policy, value, rollout, advantages, re
     from instructkit.losses import rl
     from instructkit.train.rollout import response_logprobs, response_values
 
-    ptx_plan, ptx_examples, ptx_collate, ptx_loss_module = ptx
     n = len(rollout)
     mini = cfg.train.batch_size * cfg.train.grad_accum
     sums: dict[str, float] = {}
@@ -572,18 +564,11 @@ def _update(cfg: PPOConfig, step: int, *, policy, value, rollout, advantages, re
                 approx_kl = 0.5 * rl.masked_sum((logprobs.detach() - b.logprobs) ** 2, b.response_mask) / denom
                 add("approx_kl", float(approx_kl))
                 add("loss", float(loss.detach()))
-            if ptx_plan is not None:
-                # InstructGPT Eq. 2's gamma term: the LM loss on pre-training / SFT data. With
-                # ptx_coef 0 it is still measured (no gradient): the alignment tax, visible.
-                batch = {k: v.to(device) for k, v in ptx_collate(
-                    [ptx_examples[i] for i in ptx_plan.indices(step * _updates(cfg) + updates)]).items()}
-                with autocast(), (contextlib.nullcontext() if cfg.ptx_coef > 0 else torch.no_grad()):
-                    ptx_sum, ptx_count = ptx_loss_module(**batch)
-                    ptx_loss = ptx_sum / ptx_count.clamp(min=1)
-                if cfg.ptx_coef > 0:
-                    (cfg.ptx_coef * ptx_loss).backward()
-                add("ptx_loss", float(ptx_loss.detach()))
-                add("loss", cfg.ptx_coef * float(ptx_loss.detach()))
+            if ptx is not None:
+                with autocast():
+                    ptx_loss = ptx.backward(step * _updates(cfg) + updates, device)
+                add("ptx_loss", ptx_loss)
+                add("loss", cfg.ptx_coef * ptx_loss)
             if cfg.optim.max_grad_norm:
                 add("grad_norm", float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)))
             optimizer.step()
@@ -603,6 +588,7 @@ def _seed(seed: int, step: int) -> int:
 
 
 def _updates(cfg: PPOConfig) -> int:
+    """Optimizer steps per PPO step."""
     return cfg.ppo_epochs * (cfg.rollout_batch_size * cfg.group_size) // (cfg.train.batch_size * cfg.train.grad_accum)
 
 

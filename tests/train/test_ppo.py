@@ -75,7 +75,7 @@ def config(model: Path, prompts: Path, out: Path, **over) -> dict:
     cfg = {
         "model": str(model), "out": str(out),
         "data": {"path": str(prompts)},
-        "reward": {"function": f"{__file__}:contains_target"},
+        "reward": {"function": "tests.train.test_ppo:contains_target"},
         "peft": {"method": "full"},
         "optim": {"lr": 3e-3, "scheduler": "constant"},
         "train": {"batch_size": 16, "max_steps": 16, "progress": False},
@@ -311,9 +311,14 @@ def test_lora_reference_is_the_policy_with_the_adapter_off(sft_model, prompts, t
 
 
 def test_lora_run_saves_an_adapter(sft_model, prompts, tmp_path):
+    """RLOO with LoRA, the k3 estimator (never negative, so the logged KL is not either), reward
+    whitening and the missing-EOS penalty, for two steps."""
     out = tmp_path / "lora"
     summary = ppo(config(sft_model, prompts, out, advantage="rloo", rollout_batch_size=4, group_size=4,
-                         peft={"method": "lora", "r": 4, "alpha": 8}, train={"max_steps": 2}))
+                         peft={"method": "lora", "r": 4, "alpha": 8}, train={"max_steps": 2},
+                         kl_estimator="k3", whiten_rewards=True, missing_eos_penalty=1.0))
+    rows = records(out)
+    assert len(rows) == 2 and rows[1]["kl"] >= 0.0 and "value_loss" not in rows[0]
     assert (out / "final" / "adapter_config.json").is_file()
     assert summary["trainable_parameters"] < summary["total_parameters"] / 2
     from instructkit.models.loading import load_model
@@ -390,5 +395,11 @@ def test_bad_config_is_refused_before_any_model_loads(sft_model, prompts, tmp_pa
 
 def test_reward_function_must_return_a_number(sft_model, prompts, tmp_path):
     with pytest.raises(InputError, match="not a finite number"):
-        ppo(config(sft_model, prompts, tmp_path / "run", reward={"function": f"{__file__}:not_a_number"},
+        ppo(config(sft_model, prompts, tmp_path / "run", reward={"function": "tests.train.test_ppo:not_a_number"},
                    train={"max_steps": 1}))
+
+
+def test_unknown_reward_function_is_refused_before_any_model_loads(sft_model, prompts, tmp_path):
+    with pytest.raises(InputError, match="contains_targt.*did you mean 'contains_target'"):
+        ppo(config(sft_model, prompts, tmp_path / "run", reward={"function": "tests.train.test_ppo:contains_targt"}))
+    assert not (tmp_path / "run" / "checkpoints").exists()
