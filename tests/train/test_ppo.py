@@ -132,11 +132,14 @@ def test_rollout_logprobs_equal_the_training_forward_pass(sft_model, family):
         model, stops = _tiny_gpt2(len(tok)).eval(), [tok.eos_token_id, *range(1000, 9000)]
     contents = ["color?", "name a color", "please, pick one color that you like for the wall of my room"]
     ids = [encode_prompt(tok, [{"role": "user", "content": c}]) for c in contents] * 4
-    rollout = sample(model, ids, stop_ids=stops, pad_id=tok.pad_token_id, max_new_tokens=5,
-                     temperature=1.5, top_p=0.95, batch_size=12, seed=2)
     assert len({len(p) for p in ids}) == 3  # left padding in the batch
-    assert len(set(rollout.lengths.tolist())) > 1 and rollout.ended.any()  # padding after the stop token
-    assert not rollout.ended.all()  # and responses cut at max_new_tokens
+    for seed in range(20):  # a batch with responses that stop early and responses cut at the limit
+        rollout = sample(model, ids, stop_ids=stops, pad_id=tok.pad_token_id, max_new_tokens=5,
+                         temperature=1.5, top_p=0.95, batch_size=12, seed=seed)
+        if len(set(rollout.lengths.tolist())) > 1 and rollout.ended.any() and not rollout.ended.all():
+            break
+    else:
+        pytest.fail("no seed gave responses of different lengths")
     with torch.no_grad():
         whole = response_logprobs(model, rollout, temperature=1.5)
         at_one = response_logprobs(model, rollout, temperature=1.0)
@@ -310,15 +313,21 @@ def test_lora_reference_is_the_policy_with_the_adapter_off(sft_model, prompts, t
     assert (policy - plain).abs().max().item() > 1e-2
 
 
-def test_lora_run_saves_an_adapter(sft_model, prompts, tmp_path):
-    """RLOO with LoRA, the k3 estimator (never negative, so the logged KL is not either), reward
-    whitening and the missing-EOS penalty, for two steps."""
+@pytest.mark.parametrize("advantage", ["rloo", "gae"])
+def test_lora_run_saves_an_adapter(sft_model, prompts, tmp_path, advantage):
+    """LoRA on the policy (and, for GAE, on the value model's backbone, its head trained), the k3
+    estimator (never negative, so the logged KL is not either), reward whitening and the
+    missing-EOS penalty, for two steps."""
     out = tmp_path / "lora"
-    summary = ppo(config(sft_model, prompts, out, advantage="rloo", rollout_batch_size=4, group_size=4,
-                         peft={"method": "lora", "r": 4, "alpha": 8}, train={"max_steps": 2},
+    group = 4 if advantage == "rloo" else 1
+    summary = ppo(config(sft_model, prompts, out, advantage=advantage, rollout_batch_size=16 // group,
+                         group_size=group, peft={"method": "lora", "r": 4, "alpha": 8}, train={"max_steps": 2},
                          kl_estimator="k3", whiten_rewards=True, missing_eos_penalty=1.0))
     rows = records(out)
-    assert len(rows) == 2 and rows[1]["kl"] >= 0.0 and "value_loss" not in rows[0]
+    assert len(rows) == 2 and rows[1]["kl"] >= 0.0 and ("value_loss" in rows[0]) == (advantage == "gae")
+    names = _safetensor_names(out / "checkpoints" / "step-000002" / "trainable.safetensors")
+    assert all("lora_" in n or ".score." in n for n in names)
+    assert any(n.startswith("value.") and ".score." in n for n in names) == (advantage == "gae")
     assert (out / "final" / "adapter_config.json").is_file()
     assert summary["trainable_parameters"] < summary["total_parameters"] / 2
     from instructkit.models.loading import load_model
