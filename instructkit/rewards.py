@@ -75,3 +75,9 @@ def _import_module(spec: str, module_name: str) -> Any:
     raise InputError(
         f"reward function '{spec}': no module named '{missing}'{did_you_mean(leaf, siblings)}"
     )
+
+
+def exact_match(prompt: str, response: str, *, answer: str, **data: Any) -> float:
+    """1.0 when the response equals the record's reference ``answer`` (surrounding whitespace
+    and case ignored), else 0.0: a verifiable reward for tasks with one right answer."""
+    return float(response.strip().casefold() == str(answer).strip().casefold())

@@ -100,3 +100,32 @@ def test_examples_are_short_under_the_default_tokenizer():
         text = tokenizer.apply_chat_template(messages, tokenize=False)
         assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) < 96
         assert len(tokenizer(messages[2]["content"], add_special_tokens=False)["input_ids"]) < 24
+
+
+def test_derived_preferences_and_prompts_are_reproducible_and_well_formed(tmp_path):
+    """The script rewrites the shipped derived files byte for byte; every pair's rejected answer
+    differs from its chosen one; every RL prompt's answer is its extraction record's answer."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from instructkit.data.formats import load_records
+    from instructkit.datasets import shipped_path
+    from instructkit.rewards import exact_match
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_extract_preferences.py"
+    spec = importlib.util.spec_from_file_location("make_prefs", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--out", str(tmp_path)])
+    for name, splits in (("extract_prefs", ("train", "val")), ("extract_prompts", ("train", "test"))):
+        for split in splits:
+            assert (tmp_path / f"{name}_{split}.jsonl").read_bytes() == shipped_path(name, split).read_bytes()
+    pairs = load_records(shipped_path("extract_prefs", "train"))
+    assert pairs.format == "preference" and len(pairs.records) == 400
+    assert all(p.chosen[0].content != p.rejected[0].content for p in pairs.records)
+    rows = [json.loads(line) for line in shipped_path("extract_prompts", "test").read_text().splitlines()]
+    test = [json.loads(line) for line in shipped_path("extract", "test").read_text().splitlines()]
+    assert [r["answer"] for r in rows] == [t["messages"][-1]["content"] for t in test]
+    assert exact_match("p", "  " + rows[0]["answer"].upper() + "\n", answer=rows[0]["answer"]) == 1.0
+    assert exact_match("p", rows[0]["answer"] + ".", answer=rows[0]["answer"]) == 0.0

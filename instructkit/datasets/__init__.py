@@ -3,6 +3,8 @@
 ``extract``: one-sentence orders to turn into ``name: ..; item: ..; count: ..; city: ..``
 (messages format, train/val/test), a skill the default model lacks zero-shot and that exact
 match scores. Made by ``scripts/make_extract_dataset.py``; see ``docs/dataset.md``.
+``extract_prefs`` and ``extract_prompts`` are derived from it by
+``scripts/make_extract_preferences.py`` (preference pairs; RL prompts with answers).
 """
 
 from __future__ import annotations
@@ -11,7 +13,11 @@ from pathlib import Path
 
 from instructkit.errors import InputError, did_you_mean
 
-SHIPPED: dict[str, tuple[str, ...]] = {"extract": ("train", "val", "test")}
+SHIPPED: dict[str, tuple[str, ...]] = {
+    "extract": ("train", "val", "test"),
+    "extract_prefs": ("train", "val"),  # correct answer chosen, a plausible mistake rejected
+    "extract_prompts": ("train", "test"),  # prompt + reference `answer`, for RL with a reward function
+}
 """Each shipped dataset and its splits."""
 
 _HERE = Path(__file__).resolve().parent

@@ -108,6 +108,7 @@ class _LinearLogProbs(torch.autograd.Function):
     """
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, hidden, weight, targets, chunk_size: int, temperature: float):
         acc = torch.promote_types(hidden.dtype, torch.float32)
         out = torch.empty(hidden.size(0), dtype=acc, device=hidden.device)
@@ -122,6 +123,7 @@ class _LinearLogProbs(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")  # recompute under the forward's autocast state
     def backward(ctx, grad_out):
         hidden, weight, targets, lses = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

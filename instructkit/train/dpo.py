@@ -276,6 +276,7 @@ def dpo(config: DPOConfig | str | Path | dict | None = None, overrides: list[str
         model.enable_input_require_grads()
     model = apply_method(model, cfg.peft)
     trainable, total = count_parameters(model)
+    model.to(accelerator.device)
 
     # 4. Encode prompt + response with the chat template; only response tokens are scored.
     train_ex, dropped = encode_examples(tokenizer, train_records, template=cfg.data.template,
@@ -289,7 +290,8 @@ def dpo(config: DPOConfig | str | Path | dict | None = None, overrides: list[str
     # 5. Reference log-probs: once, now, from the starting weights (no second model copy), or
     #    per batch from the adapter-disabled base.
     if spec.needs_reference and reference == "precompute" and not engine.RunDir(Path(cfg.out)).latest_checkpoint():
-        precompute_reference(model, train_ex + val_ex, collate, cfg.train.batch_size, cfg.train.loss_chunk_size)
+        with accelerator.autocast():  # the same precision the training forward passes use
+            precompute_reference(model, train_ex + val_ex, collate, cfg.train.batch_size, cfg.train.loss_chunk_size)
         engine.atomic_write_json(run.path / "reference_logps.json", [e["ref"] for e in train_ex + val_ex])
     elif spec.needs_reference and reference == "precompute":  # resuming: the weights have moved on
         import json
@@ -310,7 +312,8 @@ def dpo(config: DPOConfig | str | Path | dict | None = None, overrides: list[str
 
     # 7. Held-out implicit rewards (0 margin before training, by construction, when the
     #    reference is the starting model), then save the policy like SFT does.
-    val = held_out(loss_module, val_ex, collate, cfg.train.batch_size) if val_ex else {}
+    with accelerator.autocast():
+        val = held_out(loss_module, val_ex, collate, cfg.train.batch_size) if val_ex else {}
     summary = {
         "stage": "dpo",
         "loss": cfg.loss,

@@ -206,6 +206,7 @@ def rm(config: RewardConfig | str | Path | dict | None = None, overrides: list[s
         model.enable_input_require_grads()
     model = apply_method(model, cfg.peft, task="SEQ_CLS")
     trainable, total = count_parameters(model)
+    model.to(accelerator.device)
 
     # 4. Encode every response of every ranking with the chat template.
     train_ex, dropped = encode_rankings(tokenizer, train_records, template=cfg.data.template,
@@ -216,7 +217,8 @@ def rm(config: RewardConfig | str | Path | dict | None = None, overrides: list[s
         raise InputError("no ranking has two responses of different rank left to compare", file=cfg.data.path)
     collate = make_collate(tokenizer.pad_token_id)
     loss_module = RankingLoss(model, cfg.center_rewards_coefficient)
-    before = pairwise_accuracy(loss_module, val_ex, collate, cfg.train.batch_size) if val_ex else None
+    with accelerator.autocast():
+        before = pairwise_accuracy(loss_module, val_ex, collate, cfg.train.batch_size) if val_ex else None
 
     # 5. Train: each prompt weighs 1 in the loss, however many responses it has.
     started = time.time()
@@ -228,11 +230,12 @@ def rm(config: RewardConfig | str | Path | dict | None = None, overrides: list[s
         finish_metrics=lambda s: {"accuracy": s["correct"] / max(s["pairs"], 1), "pairs": s["pairs"]})
 
     # 6. Held-out accuracy, then the bias that centres reference responses on 0.
-    after = pairwise_accuracy(loss_module, val_ex, collate, cfg.train.batch_size) if val_ex else None
-    bias = 0.0
-    if cfg.normalize:
-        bias = -mean_score(model, reference_sequences(cfg, tokenizer, train_ex), tokenizer.pad_token_id,
-                           cfg.train.batch_size)
+    with accelerator.autocast():
+        after = pairwise_accuracy(loss_module, val_ex, collate, cfg.train.batch_size) if val_ex else None
+        bias = 0.0
+        if cfg.normalize:
+            bias = -mean_score(model, reference_sequences(cfg, tokenizer, train_ex), tokenizer.pad_token_id,
+                               cfg.train.batch_size)
 
     summary = {
         "stage": "rm",

@@ -104,6 +104,7 @@ def sft(config: SFTConfig | str | Path | dict | None = None, overrides: list[str
         model.enable_input_require_grads()
     model = apply_method(model, cfg.peft)
     trainable, total = count_parameters(model)
+    model.to(accelerator.device)
 
     # 4. Encode with the chat template: only assistant tokens (and their end-of-turn) train.
     train_ex, dropped = encode_records(tokenizer, train_records, template=cfg.data.template,
