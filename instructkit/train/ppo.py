@@ -71,7 +71,8 @@ def read_prompts(path: str) -> list[PromptRecord]:
                 raise row.error(f"the prompt must end with a user turn, not {messages[-1].role}", field="prompt")
         else:
             raise row.error("expected a string or a non-empty list of messages", field="prompt")
-        text = value if isinstance(value, str) else next(m.content for m in reversed(messages) if m.role == "user")
+        text = value if isinstance(value, str) else \
+            next((m.content for m in reversed(messages) if m.role == "user"), messages[-1].content)
         records.append(PromptRecord(messages, text, {k: v for k, v in row.data.items() if k != "prompt"}))
     return records
 
@@ -224,7 +225,8 @@ class PtxTerm:
 
     def backward(self, update: int, device) -> float:
         """The LM loss of optimizer step ``update``'s batch; its scaled gradient is accumulated."""
-        batch = {k: v.to(device) for k, v in self.collate([self.examples[i] for i in self.plan.indices(update)]).items()}
+        rows = [self.examples[i] for i in self.plan.indices(update)]
+        batch = {k: v.to(device) for k, v in self.collate(rows).items()}
         with contextlib.nullcontext() if self.coef > 0 else torch.no_grad():
             total, count = self.loss_module(**batch)
             loss = total / count.clamp(min=1)
@@ -397,9 +399,7 @@ def ppo(config: PPOConfig | str | Path | dict | None = None, overrides: list[str
     history: list[dict[str, Any]] = []
     gen_seconds = train_seconds = 0.0
     started = time.time()
-    previous_handler = signal.getsignal(signal.SIGTERM) if hasattr(signal, "SIGTERM") else None
-    if previous_handler is not None:  # SIGTERM ends the run like Ctrl-C: checkpoint, then stop
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    stop = _StopAtStepEnd()
     try:
         while step < total_steps:
             # 6a. Rollout: group_size responses per prompt, sampled with their log-probs.
@@ -472,19 +472,16 @@ def ppo(config: PPOConfig | str | Path | dict | None = None, overrides: list[str
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{seq_kl:.3f}")
-            if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == total_steps:
+            if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == total_steps or stop.asked:
                 checkpoint(step)
+            if stop.asked:
+                raise KeyboardInterrupt(f"stopped after step {step}; the run resumes from its checkpoint")
             if on_step is not None:
                 on_step(step)
-    except KeyboardInterrupt:
-        if step > start_step:  # keep what the finished steps did
-            checkpoint(step)
-        raise
     finally:
+        stop.restore()
         if progress is not None:
             progress.close()
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
 
     # 7. Save final/ (the EMA weights when enabled) and the summary.
     if ema is not None:
@@ -582,6 +579,30 @@ def _update(cfg: PPOConfig, step: int, *, policy, value, rollout, advantages, re
 # Small helpers
 
 
+class _StopAtStepEnd:
+    """Ctrl-C or SIGTERM asks the loop to stop after the step in progress, once it is
+    checkpointed: a checkpoint taken mid-update would not resume onto the same curve. A second
+    signal stops at once (without a checkpoint)."""
+
+    def __init__(self) -> None:
+        self.asked = False
+        self.previous: dict[int, Any] = {}
+        names = ("SIGINT", "SIGTERM")
+        with contextlib.suppress(ValueError):  # not the main thread: leave the handlers alone
+            for sig in (getattr(signal, n) for n in names if hasattr(signal, n)):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+        print("\nstopping after this step (again to stop now)", flush=True)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 def _seed(seed: int, step: int) -> int:
     """The seed of one PPO step's sampling and shuffling: a function of (seed, step) only."""
     return (seed * 1_000_003 + step) % (2**31 - 1)
@@ -616,7 +637,8 @@ def _check(cfg: PPOConfig, estimator) -> None:
     if n_seq % mini:
         raise InputError(f"rollout_batch_size x group_size = {n_seq} responses do not split into mini-batches "
                          f"of train.batch_size x train.grad_accum = {mini}", field="train.batch_size")
-    unused = {"train.eval_every": cfg.train.eval_every, "train.early_stopping_patience": cfg.train.early_stopping_patience}
+    unused = {"train.eval_every": cfg.train.eval_every,
+              "train.early_stopping_patience": cfg.train.early_stopping_patience}
     for key, value in unused.items():
         if value:
             raise InputError("PPO has no validation loss to evaluate or stop on", field=key)

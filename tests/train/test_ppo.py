@@ -232,6 +232,20 @@ def test_interrupted_run_resumes_exactly(sft_model, prompts, tmp_path):
     keys = ("loss", "reward_mean", "kl", "kl_coef", "value_loss", "policy_loss", "clip_frac")
     assert [[r[k] for k in keys] for r in full] == [[r[k] for k in keys] for r in cut]
     assert full[-1]["kl_coef"] != 0.05  # the adaptive coefficient moved, so its state mattered
+
+    # Ctrl-C during step 2: the step finishes, is checkpointed, and the run stops; it resumes too.
+    import signal
+
+    def interrupt(step: int) -> None:
+        if step == 1:
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        ppo(config(sft_model, prompts, tmp_path / "sig", **over), on_step=interrupt)
+    assert (tmp_path / "sig" / "checkpoints" / "step-000002").is_dir()
+    assert len(records(tmp_path / "sig")) == 2 and not (tmp_path / "sig" / "final").exists()
+    ppo(config(sft_model, prompts, tmp_path / "sig", **over))
+    assert [[r[k] for k in keys] for r in records(tmp_path / "sig")] == [[r[k] for k in keys] for r in full]
     from safetensors.torch import load_file
 
     a = load_file(str(tmp_path / "full" / "final" / "model.safetensors"))
