@@ -212,3 +212,19 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
 
     rule = "|" + "|".join(("-" * (w + 1) + ":") if n else ("-" * (w + 2)) for w, n in zip(widths, numeric)) + "|"
     return "\n".join([line(headers), rule, *(line(r) for r in cells)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+
+
+def trainable_hash(model) -> str:
+    """SHA-256 of the trainable parameters (names and values): equal hashes, equal adapters."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -41,8 +41,8 @@ What is measured, and how:
   (reported separately). TRL: a ``TrainerCallback`` stamps ``on_step_end``. instructkit: the
   ``on_step`` callback of ``sft()``, minus the checkpoint the engine always writes after its last
   step (TRL here writes none); the engine's own clock (from its logged ``tokens_per_s``) is kept
-  in the JSON as a cross-check. Process CPU seconds are stamped alongside: on a shared machine
-  they show whether a slow run was slow or only waited for the CPU.
+  in the JSON as a cross-check. Process CPU seconds are stamped alongside, and the fastest step
+  is reported: on a shared machine they show whether a run was slow or only waited for the CPU.
 * Tokens/s: real tokens of the timed steps / their seconds.
 * Memory: RSS when training starts (model loaded, adapters on, data tokenised) is the baseline;
   peak RSS is ``ru_maxrss`` at the end of training; the peak above baseline is the training
@@ -383,6 +383,7 @@ def summarise(r: dict[str, Any]) -> dict[str, Any]:
     out = {"timed_steps": len(ends) - first, "timed_real_tokens": real, "timed_seconds": round(seconds, 3),
            "tokens_per_s": round(real / seconds, 1), "timed_cpu_seconds": round(window(r["step_end_cpu_s"]), 3),
            "first_step_s": round(ends[0], 3), "median_step_s": round(statistics.median(durations[first:]), 3),
+           "fastest_step_s": round(min(durations[first:]), 3),
            "final_loss": r["step_loss"][-1]}
     if "engine_step_end_s" in r:
         out["engine_clock_timed_seconds"] = round(window(r["engine_step_end_s"]), 3)
@@ -412,13 +413,15 @@ def report(results: dict[str, dict[str, Any]], machine: dict[str, Any], check: d
     timed = next(iter(results.values()))["summary"]["timed_steps"]
     first = ", ".join(f"{n} {r['summary']['first_step_s']:.2f} s" for n, r in results.items())
     cpu = ", ".join(f"{n} {r['summary']['timed_cpu_seconds']:.2f} s" for n, r in results.items())
+    fastest = ", ".join(f"{n} {r['summary']['fastest_step_s']:.2f} s" for n, r in results.items())
     v = machine["versions"]
     yes = {True: "yes", False: "NO"}
     lines = [
         markdown_table(headers, rows),
         "",
         f"Timed: the last {timed} steps (step 1 is warm-up: {first}). Real tokens: attention-mask ones of "
-        f"the timed batches. Baseline: RSS when training starts. Process CPU time of the timed steps: {cpu}.",
+        f"the timed batches. Baseline: RSS when training starts. Process CPU time of the timed steps: {cpu}; "
+        f"fastest timed step: {fastest}.",
         f"Same batches every step: {yes[check['same_batches']]}; same initial adapter: "
         f"{yes[check['same_initial_adapter']]}; same input_ids: {check['same_input_ids']}; trained tokens "
         + ", ".join(f"{k} {n}" for k, n in check["trained_tokens"].items())
