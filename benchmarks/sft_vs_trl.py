@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import itertools
 import os
 import statistics
@@ -72,7 +71,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import MemoryProbe, StepClock, machine_info, markdown_table, run_worker, write_json_atomic
+from _common import (MemoryProbe, StepClock, machine_info, markdown_table, run_worker, trainable_hash,
+                     write_json_atomic)
 
 HERE = Path(__file__).resolve().parent
 FRAMEWORKS = ("instructkit", "trl")
@@ -117,16 +117,6 @@ def quickstart_lora():
     if peft_cfg.method != "lora":
         raise SystemExit(f"{recipe}: expected peft.method lora, found {peft_cfg.method}")
     return peft_cfg
-
-
-def trainable_hash(model) -> str:
-    """SHA-256 of the trainable parameters (names and values): equal hashes, equal adapters."""
-    h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
-        if p.requires_grad:
-            h.update(name.encode())
-            h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def _worker_common(framework: str, s: Settings) -> dict[str, Any]:
