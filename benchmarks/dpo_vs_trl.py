@@ -50,7 +50,9 @@ What is measured, and how:
 * Time: from the end of step 1 to the end of the last step, so both skip the same warm-up step.
   TRL: a ``TrainerCallback`` stamps ``on_step_end``. instructkit: the ``on_step`` callback of
   ``dpo()``, minus the checkpoint the engine always writes after its last step (TRL writes none).
-  Process CPU seconds are stamped alongside. The reference precompute is timed on its own
+  Process CPU seconds are stamped alongside, and the best single step's tokens/s is reported
+  (step k is the same batch in both): on a shared machine they show whether a run was slow or
+  only waited for the CPU. The reference precompute is timed on its own
   (TRL: ``DPOTrainer._precompute_ref_logps``, run from its constructor; instructkit:
   ``precompute_reference``, run before ``engine.fit``).
 * Real tokens: the prompt+chosen+rejected tokens of the timed batches (attention-mask ones),
@@ -452,14 +454,19 @@ def summarise(r: dict[str, Any]) -> dict[str, Any]:
     return {"timed_steps": len(ends) - first, "timed_real_tokens": tokens, "timed_seconds": round(seconds, 3),
             "tokens_per_s": round(tokens / seconds, 1), "timed_cpu_seconds": round(window(r["step_end_cpu_s"]), 3),
             "first_step_s": round(ends[0], 3), "median_step_s": round(statistics.median(durations[first:]), 3),
+            # Both frameworks train the same batch at step k, so the best single step compares too.
+            "best_step_tokens_per_s": round(max(n / d for n, d in zip(r["step_tokens"][first:], durations[first:])), 1),
             "final_loss": r["step_loss"][-1]}
 
 
 def agreement(a: list[float], b: list[float]) -> dict[str, Any]:
-    """Largest absolute and relative (to the larger magnitude) per-step difference."""
+    """Largest per-step difference: absolute, relative to that step's larger magnitude, and
+    relative to the largest magnitude of the run (``scale``; for series that start at 0)."""
     diffs = [abs(x - y) for x, y in zip(a, b)]
     rel = [d / max(abs(x), abs(y)) if max(abs(x), abs(y)) > 0 else 0.0 for d, x, y in zip(diffs, a, b)]
-    return {"max_abs_diff": max(diffs), "max_rel_diff": max(rel), "step_of_max_rel": rel.index(max(rel)) + 1}
+    scale = max(abs(x) for x in [*a, *b])
+    return {"max_abs_diff": max(diffs), "max_rel_diff": max(rel), "step_of_max_rel": rel.index(max(rel)) + 1,
+            "scale": scale, "max_diff_over_scale": max(diffs) / scale if scale > 0 else 0.0}
 
 
 def checks(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -489,6 +496,7 @@ def report(results: dict[str, dict[str, Any]], machine: dict[str, Any], check: d
     timed = next(iter(results.values()))["summary"]["timed_steps"]
     first = ", ".join(f"{n} {r['summary']['first_step_s']:.2f} s" for n, r in results.items())
     cpu = ", ".join(f"{n} {r['summary']['timed_cpu_seconds']:.2f} s" for n, r in results.items())
+    best = ", ".join(f"{n} {r['summary']['best_step_tokens_per_s']:.1f}" for n, r in results.items())
     v = machine["versions"]
     yes = {True: "yes", False: "NO"}
     loss, margin = check["loss"], check["margin"]
@@ -501,13 +509,14 @@ def report(results: dict[str, dict[str, Any]], machine: dict[str, Any], check: d
         f"Timed: the last {timed} steps (step 1 is warm-up: {first}); reference log-probs "
         + ("precomputed before training, timed apart (precompute s)." if s.reference == "precompute"
            else "from the adapter-disabled model inside every step.")
-        + f" Process CPU time of the timed steps: {cpu}.",
+        + f" Process CPU time of the timed steps: {cpu}; best single timed step, tokens/s: {best}.",
         f"Same batches every step: {yes[check['same_batches']]}; same scored tokens: "
         f"{yes[check['same_scored_tokens']]}; same initial adapter: {yes[check['same_initial_adapter']]}; "
         f"same tokens and scored positions: {check['same_tokens']} pairs.",
         f"Loss agreement over {len(results['trl']['step_loss'])} steps: max relative difference "
         f"{loss['max_rel_diff']:.2e} (step {loss['step_of_max_rel']}, abs {loss['max_abs_diff']:.2e}); "
-        f"reward margin: max abs difference {margin['max_abs_diff']:.2e} (relative {margin['max_rel_diff']:.2e}); "
+        f"mean reward margin: max abs difference {margin['max_abs_diff']:.2e} ({margin['max_diff_over_scale']:.2e} "
+        f"of the largest margin, {margin['scale']:.2e}); "
         f"step-1 loss " + ", ".join(f"{k} {x:.6f}" for k, x in check["step1_loss"].items())
         + f" (ln 2 = {math.log(2):.6f}).",
         f"Machine: {machine['cpu']}, {machine['usable_cpus']} usable of {machine['cpu_count']} CPUs, "
