@@ -365,8 +365,13 @@ def from_dict(cls: type[T], data: dict[str, Any], *, file: str | None = None,
                              line=lines.get(dotted), field=dotted)
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = from_dict(tp, value if value is not None else {}, file=file, lines=lines,
-                                    prefix=dotted + ".")
+            section = value if value is not None else {}
+            factory = fields[key].default_factory
+            if isinstance(section, dict) and factory is not dataclasses.MISSING:
+                # Keys given override this stage's own defaults (DPO's lr is not SFT's), not the
+                # section class's generic ones.
+                section = merge(to_dict(factory()), section)
+            kwargs[key] = from_dict(tp, section, file=file, lines=lines, prefix=dotted + ".")
             continue
         try:
             kwargs[key] = _coerce(value, tp, dotted)

@@ -64,3 +64,14 @@ def test_every_command_has_help():
                  ["eval", "--help"], ["generate", "--help"], ["chat", "--help"]):
         proc = run_cli(*args)
         assert proc.returncode == 0 and "usage: instructkit" in proc.stdout, args
+
+
+def test_a_partial_section_keeps_the_stage_defaults():
+    """Giving one key of a section overrides that key only: the rest keeps the stage's own
+    defaults (DPO's learning rate, the reward model's held-out share), not the section class's."""
+    from instructkit.config import DPOConfig, OptimConfig, RewardConfig, from_dict
+
+    dpo = from_dict(DPOConfig, {"optim": {"warmup_steps": 10}})
+    assert dpo.optim.warmup_steps == 10 and dpo.optim.lr == DPOConfig().optim.lr != OptimConfig().lr
+    rm = from_dict(RewardConfig, {"data": {"path": "pairs.jsonl"}})
+    assert rm.data.path == "pairs.jsonl" and rm.data.val_fraction == RewardConfig().data.val_fraction
