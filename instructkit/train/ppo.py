@@ -20,7 +20,7 @@ import math
 import signal
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -306,7 +306,9 @@ def ppo(config: PPOConfig | str | Path | dict | None = None, overrides: list[str
     kl_estimator = _lookup(rl.KL_ESTIMATORS, cfg.kl_estimator, "kl_estimator")
     _check(cfg, estimator)
     run = engine.RunDir(Path(cfg.out))
-    accelerator = engine.make_accelerator(cfg.train)
+    # fp32 unless train.dtype asks otherwise, also on a GPU: a bf16-autocast run of the default
+    # model on an H100 produced NaN losses at step 5 (not yet diagnosed; see docs/ppo.md).
+    accelerator = engine.make_accelerator(replace(cfg.train, dtype=cfg.train.dtype or "fp32"))
     if accelerator.num_processes > 1:
         raise InputError("PPO runs in one process (launch it without torchrun/accelerate launch)")
     device = accelerator.device
