@@ -107,7 +107,7 @@ class Settings:
     data: str = str(DEFAULT_DATA)
     steps: int = 10
     batch_size: int = 4
-    # 256 would be the usual choice, but only 25 of the demo's 300 pairs fit there whole (61 at 384).
+    # 256 would be the usual choice, but only 26 of the demo's 300 pairs fit there whole (61 at 384).
     max_length: int = 384
     seed: int = 0
     reference: str = "precompute"
