@@ -91,8 +91,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     result = evaluate(model=args.model, suites=args.suite.split(","), data=args.data, out=args.out,
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, k_shot=args.k_shot,
-                      limit=args.limit)
-    print(json.dumps(result["metrics"], indent=2))
+                      limit=args.limit, responses=args.responses)
+    print(json.dumps({k: v for k, v in result["metrics"].items() if k != "per_type"}, indent=2))
     return 0
 
 
@@ -177,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a model on held-out data",
                        description="Evaluate a model. Suites: exact_match (greedy answers vs references on "
-                                   "a held-out conversations file), loss (perplexity of the references).")
+                                   "a held-out conversations file), loss (perplexity of the references), ifeval "
+                                   "(verifiable instructions: --data in the IFEval format, e.g. its "
+                                   "input_data.jsonl; strict and loose, prompt- and instruction-level).")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model or run folder")
     p.add_argument("--suite", default="exact_match", help="comma-separated suites (default exact_match)")
     p.add_argument("--data", default=None, help="held-out file (default: the shipped extraction test split)")
@@ -186,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--k-shot", type=int, default=0, help="in-context examples taken from --shots-from data")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
+    p.add_argument("--responses", default=None,
+                   help="score responses made elsewhere (JSONL with key or prompt, and response); no model loaded")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="sample one response", description="Sample a response to one prompt, "
