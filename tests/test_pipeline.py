@@ -55,3 +55,36 @@ def test_recipe_runs_stages_in_order_and_skips_finished_ones(tmp_path, capsys):
     assert (out / "sft" / "summary.json").stat().st_mtime_ns == stamp
     run(recipe, out=out, from_stage="eval")
     assert (out / "sft" / "summary.json").stat().st_mtime_ns == stamp
+
+
+def test_instructgpt_chain_feeds_each_stage_the_previous_output(tmp_path):
+    """sft -> rm -> ppo -> dpo: the rm starts from the SFT run, PPO tunes the SFT policy and
+    scores with the rm stage's model, DPO starts from the PPO policy; eval sees every policy."""
+    from tests.tiny import toy_preferences
+
+    model = tiny_model_dir(tmp_path / "tiny")
+    convs = write_jsonl(tmp_path / "sft.jsonl", toy_conversations(16))
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", toy_preferences(16))
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in toy_preferences(8)])
+    train = {"batch_size": 4, "max_steps": 2, "progress": False}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({
+        "name": "chain", "model": str(model), "stages": ["sft", "rm", "ppo", "dpo", "eval"],
+        "sft": {"data": {"path": str(convs), "val_fraction": 0.0, "max_length": 64}, "peft": {"method": "full"},
+                "train": train},
+        "rm": {"data": {"path": str(pairs), "val_fraction": 0.25, "max_length": 64}, "peft": {"method": "full"},
+               "train": train},
+        "ppo": {"data": {"path": str(prompts)}, "peft": {"method": "lora", "r": 2}, "rollout_batch_size": 4,
+                "max_new_tokens": 4, "ppo_epochs": 1, "train": train},
+        "dpo": {"data": {"path": str(pairs), "val_fraction": 0.0, "max_length": 64},
+                "peft": {"method": "lora", "r": 2}, "train": train},
+        "eval": {"suites": ["loss"], "data": str(convs), "limit": 4},
+    }))
+    out = tmp_path / "run"
+    summary = run(recipe, out=out)
+    config = lambda stage: (out / stage / "config.yaml").read_text()  # noqa: E731
+    assert f"model: {out / 'sft'}" in config("rm")
+    assert f"model: {out / 'sft'}" in config("ppo") and f"model: {out / 'rm'}" in config("ppo")
+    assert f"model: {out / 'ppo'}" in config("dpo")
+    assert set(summary["table"]) == {"base", "sft", "ppo", "dpo"}
+    assert summary["final_model"] == str(out / "dpo")
