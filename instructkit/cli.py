@@ -112,6 +112,21 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from instructkit.models.loading import load_model_and_tokenizer
+    from instructkit.serve import create_app
+
+    api_key = args.api_key or os.environ.get("INSTRUCTKIT_API_KEY") or None
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {args.host} with no API key; anyone who can reach it can use it", file=sys.stderr)
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    app = create_app(model, tokenizer, args.model, api_key=api_key, max_queue=args.max_queue)
+    uvicorn.run(app, host=args.host, port=args.port)
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
 # Parser
 
@@ -202,6 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "(the conversation is kept; /reset clears it, /exit or Ctrl-D quits).")
     _sampling_args(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                       description="Serve a model at /v1/chat/completions and /v1/completions (OpenAI's API; "
+                                   "see docs/serve.md). One request generates at a time.")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model or run folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $INSTRUCTKIT_API_KEY)")
+    p.add_argument("--max-queue", type=int, default=16,
+                   help="requests that may wait for the model; more get 503 (default 16)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -1,0 +1,180 @@
+"""The OpenAI-compatible server on a tiny random Llama with SmolLM2's real tokenizer, through
+Starlette's TestClient (no network port)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient
+
+from instructkit.data.templates import encode_prompt
+from instructkit.serve import create_app
+from tests.tiny import real_tokenizer, tiny_llama
+
+NAME = "tiny"
+HELLO = [{"role": "user", "content": "Hello there!"}]
+
+
+@pytest.fixture(scope="module")
+def model():
+    # initializer_range 0.5: varied tokens (at the default 0.02 a random model repeats "\n")
+    return tiny_llama(len(real_tokenizer()), initializer_range=0.5)
+
+
+def make_client(model, **kwargs) -> TestClient:
+    return TestClient(create_app(model, real_tokenizer(), NAME, **kwargs))
+
+
+@pytest.fixture(scope="module")
+def client(model):
+    with make_client(model) as c:
+        yield c
+
+
+def chat(client, **body):
+    return client.post("/v1/chat/completions", json={"model": NAME, "messages": HELLO, **body})
+
+
+def greedy(client, **body) -> str:
+    r = chat(client, temperature=0, max_tokens=16, **body)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def assert_openai_error(r, status: int, param: str | None = "any") -> dict:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param != "any":
+        assert error["param"] == param
+    return error
+
+
+def test_chat_completion_has_choices_and_consistent_usage(client):
+    tokenizer = real_tokenizer()
+    r = chat(client, temperature=0, max_tokens=12)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["model"] == NAME
+    (choice,) = body["choices"]
+    text = choice["message"]["content"]
+    assert choice["message"]["role"] == "assistant" and choice["finish_reason"] in {"stop", "length"}
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == len(encode_prompt(tokenizer, HELLO))
+    assert usage["completion_tokens"] == len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert 0 < usage["completion_tokens"] <= 12
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_n_gives_that_many_choices(client):
+    body = chat(client, n=2, temperature=1.0, seed=3, max_tokens=8).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+
+
+def test_seed_makes_sampling_reproducible(client):
+    def sample(seed):
+        return chat(client, temperature=1.0, seed=seed, max_tokens=12).json()["choices"][0]["message"]["content"]
+
+    assert sample(7) == sample(7)
+    assert len({sample(s) for s in (1, 2, 3)}) > 1  # a random 49k-token model: different seeds differ
+
+
+def test_stop_string_cuts_the_text(client):
+    text = greedy(client)
+    assert len(text) >= 4
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    assert greedy(client, stop=[stop]) == text[: text.find(stop)]
+    assert greedy(client, stop=stop) == text[: text.find(stop)]
+
+
+def test_completions_endpoint_matches_chat_with_one_user_message(client):
+    r = client.post("/v1/completions", json={"prompt": HELLO[0]["content"], "temperature": 0, "max_tokens": 16})
+    assert r.status_code == 200, r.text
+    assert r.json()["object"] == "text_completion"
+    assert r.json()["choices"][0]["text"] == greedy(client)
+
+
+def sse_events(r) -> list:
+    lines = [line for line in r.text.split("\n") if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+
+
+def test_stream_concatenates_to_the_whole_greedy_text(client):
+    for stop in (None, [greedy(client)[3:5]]):
+        whole = greedy(client, stop=stop)
+        r = chat(client, temperature=0, max_tokens=16, stop=stop, stream=True)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        chunks = sse_events(r)
+        assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert chunks[-1]["choices"][0]["finish_reason"] in {"stop", "length"}
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == whole
+
+
+def test_completions_stream(client):
+    r = client.post("/v1/completions", json={"prompt": HELLO[0]["content"], "temperature": 0, "max_tokens": 16,
+                                             "stream": True})
+    assert "".join(c["choices"][0]["text"] for c in sse_events(r)) == greedy(client)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "bot", "content": "hi"}]}, "messages.0.role"),
+    ({"messages": HELLO, "temperature": "hot"}, "temperature"),
+    ({"messages": HELLO, "max_tokens": 0}, "max_tokens"),
+    ({"messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"messages": HELLO, "presence_penalty": 1.0}, "presence_penalty"),
+    ({"messages": HELLO, "max_tokens": 10_000}, "messages"),
+    ({"messages": [{"role": "user", "content": "word " * 300}]}, "messages"),
+    ({"messages": HELLO, "stream": True, "n": 2}, "n"),
+])
+def test_bad_requests_are_400_in_openai_shape(client, body, param):
+    error = assert_openai_error(client.post("/v1/chat/completions", json=body), 400, param)
+    assert error["type"] == "invalid_request_error"
+
+
+def test_malformed_json_is_400(client):
+    r = client.post("/v1/chat/completions", content=b'{"messages": [', headers={"content-type": "application/json"})
+    assert "JSON" in assert_openai_error(r, 400)["message"]
+
+
+def test_api_key(model):
+    with make_client(model, api_key="sekret") as c:
+        assert_openai_error(c.get("/v1/models"), 401)
+        assert_openai_error(c.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
+        r = c.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2},
+                   headers={"Authorization": "Bearer wrong"})
+        assert assert_openai_error(r, 401)["code"] == "invalid_api_key"
+        assert c.get("/v1/models", headers={"Authorization": "Bearer sekret"}).status_code == 200
+        assert c.get("/health").status_code == 200  # liveness stays open
+
+
+def test_models_and_health(client):
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == [NAME]
+    assert client.get("/health").json()["status"] == "ok"
+    assert "/v1/chat/completions" in client.get("/openapi.json").json()["paths"]
+
+
+def test_503_when_the_queue_is_full(model):
+    with make_client(model, max_queue=0) as c:
+        queue = c.app.state.queue
+        c.portal.call(queue.lock.acquire)  # a request is generating; max_queue=0 lets none wait
+        try:
+            error = assert_openai_error(chat(c, max_tokens=2), 503)
+            assert error["type"] == "server_error"
+        finally:
+            queue.lock.release()
+        assert chat(c, max_tokens=2).status_code == 200
+
+
+def test_cli_serve_defaults_are_local():
+    from instructkit.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--model", "m"])
+    assert (args.host, args.port, args.api_key, args.max_queue) == ("127.0.0.1", 8000, None, 16)
