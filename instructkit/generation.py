@@ -157,11 +157,24 @@ def _left_pad(rows: list[list[int]], pad_id: int, device: Any):
 
 
 def _decode(tokenizer: Any, new_ids: list[int], stop_ids: list[int], stop_strings: list[str]) -> str:
-    """Text of the generated ids up to the first stop token, cut at the first stop string."""
+    """Text of the generated ids up to the first stop token, cut at the first stop string.
+
+    A stop string that is one token can also begin in the token before it ("\n" then "\n\n"
+    holds "\n\n" from the first newline), so the text is first searched with the stop token
+    included; only if no stop string is found there is the stop token simply dropped.
+    """
+
+    def first_stop(text: str) -> int:
+        return min((j for j in (text.find(s) for s in stop_strings) if j >= 0), default=-1)
+
     for k, t in enumerate(new_ids):
         if t in stop_ids:
+            with_stop = tokenizer.decode(new_ids[: k + 1], skip_special_tokens=True)
+            cut = first_stop(with_stop)
+            if cut >= 0:
+                return with_stop[:cut]
             new_ids = new_ids[:k]
             break
     text = tokenizer.decode(new_ids, skip_special_tokens=True)
-    cut = min((j for j in (text.find(s) for s in stop_strings) if j >= 0), default=len(text))
-    return text[:cut]
+    cut = first_stop(text)
+    return text[:cut] if cut >= 0 else text

@@ -128,3 +128,21 @@ def test_model_mode_is_restored(model, tokenizer):
     generate(model, tokenizer, PROMPTS[:1], max_new_tokens=2)
     assert model.training
     model.eval()
+
+
+def test_a_one_token_stop_string_that_starts_in_the_previous_token_is_cut_there():
+    """"\\n" then the single token "\\n\\n": the text "\\n\\n\\n" holds the stop "\\n\\n" from its
+    first character, so nothing is returned (before the fix: "\\n")."""
+    from instructkit.generation import _decode
+    from tests.tiny import real_tokenizer
+
+    tok = real_tokenizer()
+    nl, nlnl = tok.encode("\n", add_special_tokens=False), tok.encode("\n\n", add_special_tokens=False)
+    assert len(nl) == 1 and len(nlnl) == 1
+    hi = tok.encode("hi", add_special_tokens=False)
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    stops = ["<|im_end|>", "\n\n"]
+    assert _decode(tok, nl + nlnl + hi, [eot, nlnl[0]], stops) == ""
+    assert _decode(tok, hi + nlnl + hi, [eot, nlnl[0]], stops) == "hi"
+    assert _decode(tok, hi + [eot] + hi, [eot, nlnl[0]], stops) == "hi"
+    assert _decode(tok, hi + hi, [eot, nlnl[0]], stops) == "hihi"
