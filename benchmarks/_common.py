@@ -228,3 +228,47 @@ def trainable_hash(model) -> str:
             h.update(name.encode())
             h.update(p.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def trl_fair_args(config_cls, *, out: str, steps: int, batch_size: int, lr: float, seed: int, max_length: int,
+                  betas: tuple[float, float], eps: float, weight_decay: float, max_grad_norm: float,
+                  **extra: Any):
+    """A TRL config (SFTConfig, DPOConfig, ...) set up as instructkit trains: fp32 on CPU, no
+    gradient checkpointing, torch AdamW (not fused), constant lr without warm-up, the batches in
+    the order the caller's dataset already has, no eval, no saving, logging every step."""
+    import dataclasses
+
+    # TRL defaults gradient checkpointing on; transformers 5.2x renamed the field (the old name
+    # still works but warns), so set whichever this version has.
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    no_checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return config_cls(
+        output_dir=out, max_steps=steps, per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
+        learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0,
+        optim="adamw_torch",  # transformers 5 defaults to the fused kernel; instructkit's is not
+        adam_beta1=betas[0], adam_beta2=betas[1], adam_epsilon=eps, weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm, seed=seed, data_seed=seed, bf16=False, fp16=False, use_cpu=True,
+        **{no_checkpointing: False}, max_length=max_length, padding_free=False,
+        train_sampling_strategy="sequential",  # the order is instructkit's, set by the caller
+        dataloader_num_workers=0, eval_strategy="no", save_strategy="no", logging_steps=1, report_to="none",
+        disable_tqdm=True, **extra)
+
+
+def measure_callback(seen: dict[str, Any], probe: "MemoryProbe", clock: "StepClock"):
+    """A transformers TrainerCallback that hashes the starting adapter, and runs the memory
+    probe and the step clock over the training loop."""
+    from transformers import TrainerCallback
+
+    class Measure(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            seen["init_hash"] = trainable_hash(model)
+            probe.start()
+            clock.start()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.stamp()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            probe.stop()
+
+    return Measure()

@@ -83,8 +83,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import (MemoryProbe, StepClock, machine_info, markdown_table, run_worker, trainable_hash,
-                     write_json_atomic)
+from _common import (MemoryProbe, StepClock, machine_info, markdown_table, measure_callback, run_worker, trainable_hash,
+                     trl_fair_args, write_json_atomic)
 
 HERE = Path(__file__).resolve().parent
 FRAMEWORKS = ("instructkit", "trl")
@@ -277,7 +277,7 @@ def worker_trl(s: Settings, pairs_path: str) -> dict[str, Any]:
     os.environ["TQDM_DISABLE"] = "1"  # the reference precompute's bar
     import datasets
     import peft
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
     from trl import __version__ as trl_version
 
@@ -317,60 +317,17 @@ def worker_trl(s: Settings, pairs_path: str) -> dict[str, Any]:
 
     DPOTrainer._precompute_ref_logps = timed_precompute
 
-    class Measure(TrainerCallback):
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            seen["init_hash"] = trainable_hash(model)
-            probe.start()
-            clock.start()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            clock.stamp()
-
-        def on_train_end(self, args, state, control, **kwargs):
-            probe.stop()
-
-    fields = {f.name for f in dataclasses.fields(DPOConfig)}
-    no_checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as out:
-        args = DPOConfig(
-            output_dir=out,
-            max_steps=s.steps,
-            per_device_train_batch_size=s.batch_size,
-            gradient_accumulation_steps=1,
-            learning_rate=LR,
-            lr_scheduler_type="constant",
-            warmup_steps=0,
-            optim="adamw_torch",  # transformers 5 defaults to the fused kernel; instructkit's is not
-            adam_beta1=BETAS[0],
-            adam_beta2=BETAS[1],
-            adam_epsilon=EPS,
-            weight_decay=WEIGHT_DECAY,
-            max_grad_norm=MAX_GRAD_NORM,
-            seed=s.seed,
-            data_seed=s.seed,
-            bf16=False,
-            fp16=False,
-            use_cpu=True,
-            **{no_checkpointing: False},
-            max_length=s.max_length,
-            padding_free=False,
-            disable_dropout=True,
-            loss_type=["sigmoid"],
-            beta=BETA,
-            precompute_ref_log_probs=s.reference == "precompute",
-            precompute_ref_batch_size=s.batch_size,  # instructkit precomputes in training-size batches
-            train_sampling_strategy="sequential",  # the order is instructkit's, set above
-            dataloader_num_workers=0,
-            eval_strategy="no",
-            save_strategy="no",
-            logging_steps=1,
-            report_to="none",
-            disable_tqdm=True,
-        )
+        args = trl_fair_args(DPOConfig, out=out, steps=s.steps, batch_size=s.batch_size, lr=LR, seed=s.seed,
+                             max_length=s.max_length, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
+                             max_grad_norm=MAX_GRAD_NORM, disable_dropout=True, loss_type=["sigmoid"], beta=BETA,
+                             precompute_ref_log_probs=s.reference == "precompute",
+                             # instructkit precomputes in training-size batches
+                             precompute_ref_batch_size=s.batch_size)
         peft_config = peft.LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                                       target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
         trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                             peft_config=peft_config, callbacks=[Measure()])
+                             peft_config=peft_config, callbacks=[measure_callback(seen, probe, clock)])
         if args.gradient_checkpointing or args.bf16 or args.fp16:
             raise SystemExit(f"TRL {trl_version}: expected fp32 without gradient checkpointing")
         if (s.reference == "precompute") != bool(precompute) or trainer.ref_model is not None:

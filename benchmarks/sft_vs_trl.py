@@ -71,8 +71,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import (MemoryProbe, StepClock, machine_info, markdown_table, run_worker, trainable_hash,
-                     write_json_atomic)
+from _common import (MemoryProbe, StepClock, machine_info, markdown_table, measure_callback, run_worker, trainable_hash,
+                     trl_fair_args, write_json_atomic)
 
 HERE = Path(__file__).resolve().parent
 FRAMEWORKS = ("instructkit", "trl")
@@ -218,7 +218,7 @@ def to_prompt_completion(conversation) -> dict[str, list[dict[str, str]]]:
 def worker_trl(s: Settings) -> dict[str, Any]:
     import peft
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
     from trl import __version__ as trl_version
 
@@ -249,59 +249,14 @@ def worker_trl(s: Settings) -> dict[str, Any]:
     probe, clock = MemoryProbe(), StepClock()
     seen: dict[str, Any] = {}
 
-    class Measure(TrainerCallback):
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            seen["init_hash"] = trainable_hash(model)
-            probe.start()
-            clock.start()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            clock.stamp()
-
-        def on_train_end(self, args, state, control, **kwargs):
-            probe.stop()
-
-    # TRL defaults gradient checkpointing on; transformers 5.2x renamed the field (the old name
-    # still works but warns), so set whichever this version has.
-    fields = {f.name for f in dataclasses.fields(SFTConfig)}
-    no_checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as out:
-        args = SFTConfig(
-            output_dir=out,
-            max_steps=s.steps,
-            per_device_train_batch_size=s.batch_size,
-            gradient_accumulation_steps=1,
-            learning_rate=LR,
-            lr_scheduler_type="constant",
-            warmup_steps=0,
-            optim="adamw_torch",  # transformers 5 defaults to the fused kernel; instructkit's is not
-            adam_beta1=BETAS[0],
-            adam_beta2=BETAS[1],
-            adam_epsilon=EPS,
-            weight_decay=WEIGHT_DECAY,
-            max_grad_norm=MAX_GRAD_NORM,
-            seed=s.seed,
-            data_seed=s.seed,
-            bf16=False,
-            fp16=False,
-            use_cpu=True,
-            **{no_checkpointing: False},
-            max_length=s.max_length,
-            packing=False,
-            padding_free=False,
-            shuffle_dataset=False,
-            train_sampling_strategy="sequential",  # the order is instructkit's, set above
-            dataloader_num_workers=0,
-            eval_strategy="no",
-            save_strategy="no",
-            logging_steps=1,
-            report_to="none",
-            disable_tqdm=True,
-        )
+        args = trl_fair_args(SFTConfig, out=out, steps=s.steps, batch_size=s.batch_size, lr=LR, seed=s.seed,
+                             max_length=s.max_length, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
+                             max_grad_norm=MAX_GRAD_NORM, packing=False, shuffle_dataset=False)
         peft_config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                       target_modules=lora.target_modules, task_type="CAUSAL_LM")
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                             peft_config=peft_config, callbacks=[Measure()])
+                             peft_config=peft_config, callbacks=[measure_callback(seen, probe, clock)])
         if args.gradient_checkpointing or args.bf16 or args.fp16:
             raise SystemExit(f"TRL {trl_version}: expected fp32 without gradient checkpointing")
         if not trainer.completion_only_loss:

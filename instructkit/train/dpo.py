@@ -229,7 +229,7 @@ def dpo(config: DPOConfig | str | Path | dict | None = None, overrides: list[str
     from instructkit.errors import did_you_mean
     from instructkit.losses.preference import PREFERENCE_LOSSES
     from instructkit.models.loading import load_model, load_tokenizer
-    from instructkit.models.peft_methods import apply_method, count_parameters, is_peft
+    from instructkit.models.peft_methods import apply_method, count_parameters
     from instructkit.train import engine
     from instructkit.train.sft import save_final
 
@@ -321,13 +321,8 @@ def dpo(config: DPOConfig | str | Path | dict | None = None, overrides: list[str
         "model": cfg.model,
         "method": cfg.peft.method,
         "reference": reference if spec.needs_reference else None,
-        "steps": result.steps,
-        "train_loss": result.history[-1]["loss"] if result.history else None,
+        **result.summary(started),
         **{f"val_{k}": v for k, v in val.items()},
-        "stopped_early": result.stopped_early,
-        "tokens_per_s": round(result.tokens_per_s, 2),
-        "train_seconds": round(result.train_seconds, 2),
-        "wall_seconds": round(time.time() - started, 2),
         "train_examples": len(train_ex),
         "val_examples": len(val_ex),
         "dropped_too_long": dropped + val_dropped,

@@ -301,6 +301,12 @@ class FitResult:
     train_seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
 
+    def summary(self, started: float) -> dict[str, Any]:
+        """The fields every recipe's summary.json shares; ``started`` is the wall-clock start."""
+        return {"steps": self.steps, "train_loss": self.history[-1]["loss"] if self.history else None,
+                "stopped_early": self.stopped_early, "tokens_per_s": round(self.tokens_per_s, 2),
+                "train_seconds": round(self.train_seconds, 2), "wall_seconds": round(time.time() - started, 2)}
+
 
 class StopTraining(Exception):
     """Raised by a callback to end training cleanly (tests use it to simulate a crash)."""

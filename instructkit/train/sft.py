@@ -6,7 +6,6 @@ other recipes (the loop, checkpoints, resume, logging) lives in :mod:`instructki
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -136,14 +135,9 @@ def sft(config: SFTConfig | str | Path | dict | None = None, overrides: list[str
         "stage": "sft",
         "model": cfg.model,
         "method": cfg.peft.method,
-        "steps": result.steps,
-        "train_loss": result.history[-1]["loss"] if result.history else None,
+        **result.summary(started),
         "val_loss": result.final_val_loss,
         "best_val_loss": result.best_val_loss,
-        "stopped_early": result.stopped_early,
-        "tokens_per_s": round(result.tokens_per_s, 2),
-        "train_seconds": round(result.train_seconds, 2),
-        "wall_seconds": round(time.time() - started, 2),
         "train_examples": len(train_ex),
         "val_examples": len(val_ex),
         "dropped_too_long": dropped + val_dropped,

@@ -8,18 +8,9 @@ import pytest
 
 from instructkit.losses.preference import PREFERENCE_LOSSES
 from instructkit.train.dpo import dpo
-from instructkit.train.engine import MetricsLog, StopTraining
-from tests.tiny import tiny_model_dir, toy_preferences, write_jsonl
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", toy_preferences(40))
+from instructkit.train.engine import MetricsLog
+from tests.tiny import toy_preferences, write_jsonl
+from tests.train.invariants import assert_accumulation_is_exact, assert_resumes_exactly, losses
 
 
 def config(tiny: Path, data: Path, out: Path, **train) -> dict:
@@ -36,10 +27,6 @@ def config(tiny: Path, data: Path, out: Path, **train) -> dict:
 
 def records(out: Path) -> list[dict]:
     return MetricsLog(out / "metrics.jsonl").read()
-
-
-def losses(out: Path) -> list[float]:
-    return [r["loss"] for r in records(out)]
 
 
 def test_dpo_raises_the_held_out_margin(tiny, pairs, tmp_path):
@@ -82,22 +69,11 @@ def test_lora_reference_from_the_disabled_adapter_equals_precomputed(tiny, pairs
 
 
 def test_gradient_accumulation_is_exact(tiny, pairs, tmp_path):
-    dpo(config(tiny, pairs, tmp_path / "a", batch_size=8, grad_accum=1))
-    dpo(config(tiny, pairs, tmp_path / "b", batch_size=1, grad_accum=8))
-    assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), abs=1e-5)
+    assert_accumulation_is_exact(dpo, lambda out, **train: config(tiny, pairs, out, **train), tmp_path)
 
 
 def test_interrupted_run_resumes_exactly(tiny, pairs, tmp_path):
-    dpo(config(tiny, pairs, tmp_path / "full", save_every=2))
-
-    def crash(step: int) -> None:
-        if step == 3:
-            raise StopTraining("simulated crash")
-
-    with pytest.raises(StopTraining):
-        dpo(config(tiny, pairs, tmp_path / "cut", save_every=2), on_step=crash)
-    dpo(config(tiny, pairs, tmp_path / "cut", save_every=2))
-    assert losses(tmp_path / "full") == losses(tmp_path / "cut")
+    assert_resumes_exactly(dpo, lambda out, **train: config(tiny, pairs, out, **train), tmp_path)
 
 
 def test_loss_matches_trl_dpo_trainer(tiny, tmp_path):

@@ -7,19 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from instructkit.train.engine import MetricsLog, StopTraining
+from instructkit.train.engine import MetricsLog
 from instructkit.train.reward import rm
-from tests.tiny import tiny_model_dir, toy_preferences, write_jsonl
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", toy_preferences(40))
+from tests.tiny import toy_preferences, write_jsonl
+from tests.train.invariants import assert_accumulation_is_exact, assert_resumes_exactly, losses
 
 
 def config(tiny: Path, data: Path, out: Path, **train) -> dict:
@@ -31,10 +22,6 @@ def config(tiny: Path, data: Path, out: Path, **train) -> dict:
         "optim": {"lr": 1e-3, "scheduler": "constant", "warmup_steps": 0},
         "train": {"batch_size": 8, "grad_accum": 1, "max_steps": 5, "progress": False, **train},
     }
-
-
-def losses(out: Path) -> list[float]:
-    return [r["loss"] for r in MetricsLog(out / "metrics.jsonl").read()]
 
 
 def test_reward_model_learns_the_preference_and_is_centred(tiny, pairs, tmp_path):
@@ -88,22 +75,11 @@ def test_k_wise_rankings_train_with_ties_dropped(tiny, tmp_path):
 
 
 def test_gradient_accumulation_is_exact(tiny, pairs, tmp_path):
-    rm(config(tiny, pairs, tmp_path / "a", batch_size=8, grad_accum=1))
-    rm(config(tiny, pairs, tmp_path / "b", batch_size=1, grad_accum=8))
-    assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), abs=1e-5)
+    assert_accumulation_is_exact(rm, lambda out, **train: config(tiny, pairs, out, **train), tmp_path)
 
 
 def test_interrupted_run_resumes_exactly(tiny, pairs, tmp_path):
-    rm(config(tiny, pairs, tmp_path / "full", save_every=2))
-
-    def crash(step: int) -> None:
-        if step == 3:
-            raise StopTraining("simulated crash")
-
-    with pytest.raises(StopTraining):
-        rm(config(tiny, pairs, tmp_path / "cut", save_every=2), on_step=crash)
-    rm(config(tiny, pairs, tmp_path / "cut", save_every=2))
-    assert losses(tmp_path / "full") == losses(tmp_path / "cut")
+    assert_resumes_exactly(rm, lambda out, **train: config(tiny, pairs, out, **train), tmp_path)
 
 
 def test_loss_matches_trl_reward_trainer(tiny, tmp_path):

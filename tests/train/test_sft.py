@@ -13,14 +13,10 @@ import pytest
 
 from instructkit.train.engine import MetricsLog, StopTraining
 from instructkit.train.sft import sft
-from tests.tiny import tiny_model_dir, toy_conversations, write_jsonl
+from tests.tiny import toy_conversations, write_jsonl
+from tests.train.invariants import losses
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +33,6 @@ def config(tiny: Path, data: Path, out: Path, **train) -> dict:
         "optim": {"lr": 3e-3, "scheduler": "linear", "warmup_steps": 1},
         "train": {"batch_size": 8, "grad_accum": 1, "max_steps": 6, "progress": False, **train},
     }
-
-
-def losses(out: Path) -> list[float]:
-    return [r["loss"] for r in MetricsLog(out / "metrics.jsonl").read()]
 
 
 def test_sft_lowers_the_loss_and_writes_the_run_folder(tiny, data, tmp_path):
