@@ -86,13 +86,41 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+EVAL_DESCRIPTION = """\
+Evaluate a model on held-out conversations (prompt turns, then the reference answer).
+Responses are generated once, greedily (--temperature/--seed to sample), and shared by every
+suite; --responses FILE.jsonl scores responses made elsewhere instead (no model is loaded).
+
+suites (comma-separated):
+  exact_match  response equals the reference (surrounding whitespace ignored)
+  accuracy     classification labels: accuracy, precision/recall/F1 per label, macro and micro (alias f1)
+  bleu         sacrebleu corpus BLEU and chrF
+  rouge        rouge-score ROUGE-1, ROUGE-2, ROUGE-L F-measure
+  reward       mean reward-model score of the responses (needs --reward-model)
+  winrate      win rate of --model over --baseline (or --responses over --baseline-responses)
+               judged by --reward-model, with ties and a 95% Wilson interval
+  perplexity   loss and perplexity of the reference answers under the model (alias loss)
+  ifeval       verifiable instructions; --data in the IFEval format (run on its own)
+
+--k-shot N puts N solved examples before every prompt: the prompting baseline for the untuned model.
+
+examples:
+  instructkit eval --model runs/quickstart/sft --suite exact_match,bleu,rouge --data test.jsonl
+  instructkit eval --model runs/ppo --baseline runs/sft --suite winrate --reward-model runs/rm
+  instructkit eval --suite accuracy --data test.jsonl --responses vllm_outputs.jsonl
+"""
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from instructkit.eval.run import evaluate
 
     result = evaluate(model=args.model, suites=args.suite.split(","), data=args.data, out=args.out,
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, k_shot=args.k_shot,
-                      limit=args.limit, responses=args.responses)
-    print(json.dumps({k: v for k, v in result["metrics"].items() if k != "per_type"}, indent=2))
+                      limit=args.limit, shots_data=args.shots_from, responses=args.responses,
+                      reward_model=args.reward_model, baseline=args.baseline,
+                      baseline_responses=args.baseline_responses, seed=args.seed, temperature=args.temperature,
+                      tie_margin=args.tie_margin)
+    print(json.dumps({k: v for k, v in result["metrics"].items() if k not in ("per_type", "per_label")}, indent=2))
     return 0
 
 
@@ -190,21 +218,28 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-color", action="store_true", help="mark trained tokens with brackets, not colour")
     q.set_defaults(func=cmd_data_inspect)
 
-    p = sub.add_parser("eval", help="evaluate a model on held-out data",
-                       description="Evaluate a model. Suites: exact_match (greedy answers vs references on "
-                                   "a held-out conversations file), loss (perplexity of the references), ifeval "
-                                   "(verifiable instructions: --data in the IFEval format, e.g. its "
-                                   "input_data.jsonl; strict and loose, prompt- and instruction-level).")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model or run folder")
+    p = sub.add_parser("eval", help="evaluate a model on held-out data", description=EVAL_DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model or run folder (model A for winrate)")
     p.add_argument("--suite", default="exact_match", help="comma-separated suites (default exact_match)")
     p.add_argument("--data", default=None, help="held-out file (default: the shipped extraction test split)")
     p.add_argument("--out", default=None, help="write metrics JSON here, and per-example JSONL beside it")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--k-shot", type=int, default=0, help="in-context examples taken from --shots-from data")
+    p.add_argument("--shots-from", default=None,
+                   help="conversations to take k-shot examples from (default: the shipped extraction train split)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
     p.add_argument("--responses", default=None,
                    help="score responses made elsewhere (JSONL with key or prompt, and response); no model loaded")
+    p.add_argument("--reward-model", default=None, help="reward-model folder that judges the reward and winrate suites")
+    p.add_argument("--baseline", default=None, help="winrate: model B, whose responses A is compared with")
+    p.add_argument("--baseline-responses", default=None,
+                   help="winrate: model B's responses made elsewhere (same JSONL shape as --responses)")
+    p.add_argument("--tie-margin", type=float, default=0.0,
+                   help="winrate: reward differences within this are ties (default 0: exact ties only)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily; > 0 samples")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="sample one response", description="Sample a response to one prompt, "
