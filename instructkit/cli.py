@@ -42,7 +42,9 @@ def _quiet_libraries() -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from instructkit.pipeline import run
 
-    summary = run(args.recipe, out=args.out, overrides=args.overrides, from_stage=args.from_stage)
+    words = list(args.recipe_and_overrides)
+    recipe = words.pop(0) if words and "=" not in words[0] else None
+    summary = run(recipe, out=args.out, overrides=words, from_stage=args.from_stage)
     print(json.dumps(summary.get("table", summary), indent=2))
     return 0
 
@@ -149,9 +151,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("INSTRUCTKIT_API_KEY") or None
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host} with no API key; anyone who can reach it can use it", file=sys.stderr)
+    if args.label_store is not None:
+        from instructkit.serve.labels import LabelStore
+
+        LabelStore(args.label_store)  # a missing or foreign file fails now, before the model loads
     model, tokenizer = load_model_and_tokenizer(args.model)
-    app = create_app(model, tokenizer, args.model, api_key=api_key, max_queue=args.max_queue)
+    app = create_app(model, tokenizer, args.model, api_key=api_key, max_queue=args.max_queue,
+                     label_store=args.label_store, runs_dir=args.runs)
     uvicorn.run(app, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_label_create(args: argparse.Namespace) -> int:
+    from instructkit.serve.labels import create_label_store
+
+    print(json.dumps(create_label_store(args.prompts, args.model, k=args.k, out=args.out, seed=args.seed,
+                                        temperature=args.temperature, top_p=args.top_p,
+                                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                        limit=args.limit), indent=2))
+    return 0
+
+
+def cmd_label_export(args: argparse.Namespace) -> int:
+    from instructkit.serve.labels import export_rankings
+
+    print(json.dumps(export_rankings(args.store, args.out), indent=2))
     return 0
 
 
@@ -190,10 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a recipe's stages in order (default: the quickstart)",
                        description="Run a recipe: its stages in order, each feeding the next. With no "
                                    "recipe, the built-in quickstart on the embedded default model.")
-    p.add_argument("recipe", nargs="?", default=None, help="recipe YAML (default: built-in quickstart)")
+    # One positional list, split in cmd_run: argparse cannot take an optional positional, then
+    # options, then more positionals (`run dpo --out X a=b` would reject `a=b`).
+    p.add_argument("recipe_and_overrides", nargs="*", default=[], metavar="[RECIPE] [KEY=VALUE ...]",
+                   help="a recipe YAML or shipped recipe name (quickstart, instructgpt, dpo, rlvr; default "
+                        "quickstart), then overrides such as sft.optim.lr=1e-4 or eval.limit=20")
     p.add_argument("--out", default=None, help="run folder (default: runs/<recipe name>)")
     p.add_argument("--from", dest="from_stage", default=None, help="rerun from this stage on")
-    p.add_argument("overrides", nargs="*", default=[], help="recipe overrides, e.g. sft.optim.lr=1e-4")
     p.set_defaults(func=cmd_run)
 
     for name, (module, help_text, description) in STAGE_COMMANDS.items():
@@ -262,7 +289,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $INSTRUCTKIT_API_KEY)")
     p.add_argument("--max-queue", type=int, default=16,
                    help="requests that may wait for the model; more get 503 (default 16)")
+    p.add_argument("--label-store", default=None, metavar="STORE.sqlite",
+                   help="serve the ranking page (/rank) over this store from `instructkit label create`")
+    p.add_argument("--runs", default="runs", metavar="DIR",
+                   help="run folders listed on the runs page (/runs) (default runs/)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("label", help="human feedback: sample K responses per prompt, rank them, export",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="The InstructGPT labelling loop (see docs/label.md):\n"
+                                   "  1. instructkit label create --prompts prompts.jsonl --model M --k 4 --out store.sqlite\n"
+                                   "  2. instructkit serve --model M --label-store store.sqlite   # people rank at /rank\n"
+                                   "  3. instructkit label export store.sqlite --out rankings.jsonl\n"
+                                   "  4. instructkit rm --config rm.yaml data.path=rankings.jsonl")
+    lsub = p.add_subparsers(dest="label_command", metavar="SUBCOMMAND", required=True)
+    q = lsub.add_parser("create", help="sample K responses to each prompt into a new label store",
+                        description="Sample K responses to each prompt (temperature sampling, seeded) and write "
+                                    "them to a new SQLite label store. Prompts: JSONL/JSON/CSV/Parquet records with "
+                                    "'prompt', a string or a list of {role, content} messages ending with a user "
+                                    "turn (other fields are ignored). The store appears whole or not at all.")
+    q.add_argument("--prompts", required=True, help="prompts file, or shipped:NAME/SPLIT")
+    q.add_argument("--model", default=DEFAULT_MODEL, help=f"model or run folder to sample from (default {DEFAULT_MODEL})")
+    q.add_argument("--k", type=int, default=4, help="responses per prompt, at least 2 (default 4)")
+    q.add_argument("--out", required=True, help="the new store (.sqlite); must not exist yet")
+    q.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    q.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    q.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    q.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per response (default 256)")
+    q.add_argument("--batch-size", type=int, default=16, help="sequences generated together (default 16)")
+    q.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    q.set_defaults(func=cmd_label_create)
+    q = lsub.add_parser("export", help="write the rankings as the ranking data `instructkit rm` reads",
+                        description="Write every ranking in the store (skips left out) as JSONL records "
+                                    "{prompt, responses, ranks, annotator, ranked_at, ...}, ranks[i] being the rank "
+                                    "of responses[i] (0 = best, equal = tie): the ranking format `instructkit rm` "
+                                    "trains on. Written to a temporary file, then renamed.")
+    q.add_argument("store", help="label store from `instructkit label create`")
+    q.add_argument("--out", required=True, help="rankings file to write (.jsonl)")
+    q.set_defaults(func=cmd_label_export)
     return parser
 
 
