@@ -56,8 +56,13 @@ def context_length(model: Any) -> int | None:
 
 
 def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | None = None,
-               max_queue: int = DEFAULT_MAX_QUEUE) -> FastAPI:
-    """An app serving ``model``; with ``api_key``, ``/v1/*`` needs ``Authorization: Bearer <key>``."""
+               max_queue: int = DEFAULT_MAX_QUEUE, label_store: str | None = None,
+               runs_dir: str | None = None) -> FastAPI:
+    """An app serving ``model``; with ``api_key``, ``/v1/*`` needs ``Authorization: Bearer <key>``.
+
+    The web pages (chat, ranking over ``label_store``, runs under ``runs_dir``) come from
+    :mod:`instructkit.serve.pages`.
+    """
     app = FastAPI(title="instructkit", description=f"OpenAI-compatible API serving {model_name}")
     queue = OneAtATime(max_queue)
     app.state.queue = queue
@@ -183,6 +188,10 @@ def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | No
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(stream.close)
 
+    # 4. Web pages: chat, ranking (with a label store), runs.
+    from instructkit.serve.pages import make_router
+
+    app.include_router(make_router(label_store=label_store, runs_dir=runs_dir, api_key=api_key))
     return app
 
 
