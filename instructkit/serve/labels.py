@@ -290,11 +290,11 @@ class LabelStore:
             k = conn.execute("SELECT COUNT(*) FROM responses WHERE prompt_id = ?", (prompt_id,)).fetchone()[0]
             if k == 0:
                 raise NotFound(f"no prompt {prompt_id} in this store")
+            ranks = None if skip else json.dumps(ranks_from_order(order, tied, k))
             earlier = conn.execute("SELECT created_at FROM rankings WHERE prompt_id = ? AND annotator = ?",
                                    (prompt_id, annotator)).fetchone()
             if earlier is not None:
                 raise Conflict(f"{annotator!r} already answered prompt {prompt_id} (at {earlier[0]})")
-            ranks = None if skip else json.dumps(ranks_from_order(order, tied, k))
             conn.execute("INSERT INTO rankings (prompt_id, annotator, submission_id, skipped, ranks, created_at) "
                          "VALUES (?, ?, ?, ?, ?, ?)", (prompt_id, annotator, submission_id, int(skip), ranks, _now()))
             conn.execute("DELETE FROM claims WHERE annotator = ? AND prompt_id = ?", (annotator, prompt_id))
