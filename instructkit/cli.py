@@ -157,6 +157,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         LabelStore(args.label_store)  # a missing or foreign file fails now, before the model loads
     model, tokenizer = load_model_and_tokenizer(args.model)
     app = create_app(model, tokenizer, args.model, api_key=api_key, max_queue=args.max_queue,
+                     max_batch=args.max_batch,
                      label_store=args.label_store, runs_dir=args.runs)
     uvicorn.run(app, host=args.host, port=args.port)
     return 0
@@ -282,13 +283,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
                        description="Serve a model at /v1/chat/completions and /v1/completions (OpenAI's API; "
-                                   "see docs/serve.md). One request generates at a time.")
+                                   "see docs/serve.md). Concurrent requests generate together in one batch "
+                                   "(continuous batching: a request joins the running batch at the next token).")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model or run folder")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $INSTRUCTKIT_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="most choices (rows) generating together; a request with n=4 takes 4 (default 8)")
     p.add_argument("--max-queue", type=int, default=16,
-                   help="requests that may wait for the model; more get 503 (default 16)")
+                   help="requests that may wait while the batch is full; more get 503 (default 16)")
     p.add_argument("--label-store", default=None, metavar="STORE.sqlite",
                    help="serve the ranking page (/rank) over this store from `instructkit label create`")
     p.add_argument("--runs", default="runs", metavar="DIR",

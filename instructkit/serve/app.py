@@ -2,8 +2,8 @@
 
 Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions`` and
 ``POST /v1/completions`` (both optionally streamed as server-sent events). Every error body has
-OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``. Requests take turns on the
-model (see :class:`instructkit.serve.engine.OneAtATime`).
+OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``. Concurrent requests are
+generated together in one batch (see :class:`instructkit.serve.engine.Batcher`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -23,8 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from instructkit.data.templates import encode_prompt
 from instructkit.errors import InputError
-from instructkit.generation import generate
-from instructkit.serve.engine import OneAtATime, QueueFull, TextStream
+from instructkit.serve.engine import DEFAULT_MAX_BATCH, Batcher, Choice, EngineError, QueueFull, Sampling, Submission
 from instructkit.serve.schema import ChatCompletionRequest, CompletionRequest, _Sampling
 
 DEFAULT_MAX_TOKENS = 256
@@ -56,16 +56,25 @@ def context_length(model: Any) -> int | None:
 
 
 def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | None = None,
-               max_queue: int = DEFAULT_MAX_QUEUE, label_store: str | None = None,
-               runs_dir: str | None = None) -> FastAPI:
+               max_queue: int = DEFAULT_MAX_QUEUE, max_batch: int = DEFAULT_MAX_BATCH,
+               label_store: str | None = None, runs_dir: str | None = None) -> FastAPI:
     """An app serving ``model``; with ``api_key``, ``/v1/*`` needs ``Authorization: Bearer <key>``.
 
     The web pages (chat, ranking over ``label_store``, runs under ``runs_dir``) come from
     :mod:`instructkit.serve.pages`.
+
+    Up to ``max_batch`` choices generate together; ``max_queue`` requests may wait while the
+    batch is full, and more get a 503.
     """
-    app = FastAPI(title="instructkit", description=f"OpenAI-compatible API serving {model_name}")
-    queue = OneAtATime(max_queue)
-    app.state.queue = queue
+    engine = Batcher(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await anyio.to_thread.run_sync(engine.close)
+
+    app = FastAPI(title="instructkit", description=f"OpenAI-compatible API serving {model_name}", lifespan=lifespan)
+    app.state.engine = engine
     created = int(time.time())
     context = context_length(model)
 
@@ -106,7 +115,8 @@ def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | No
     # 3. Endpoints.
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": model_name, "busy": queue.lock.locked(), "waiting": queue.waiting}
+        return {"status": "ok", "model": model_name, "busy": engine.running > 0, "generating": engine.running,
+                "waiting": engine.waiting}
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models() -> dict:
@@ -126,30 +136,30 @@ def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | No
         if body.model is not None and body.model != model_name:
             raise APIError(404, f"model '{body.model}' is not served here (this server serves '{model_name}')",
                            param="model", code="model_not_found")
-        if body.stream and body.n > 1:
-            raise APIError(400, "streaming supports n=1 only", param="n")
         prompt_ids = encode_prompt(tokenizer, messages)
-        max_tokens = _max_tokens(body, len(prompt_ids))
-        seed = body.seed if body.seed is not None else secrets.randbits(31)
-        params = dict(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=seed,
-                      stop=body.stop_list())
+        sampling = Sampling(max_new_tokens=_max_tokens(body, len(prompt_ids)), temperature=body.temperature,
+                            top_p=body.top_p, seed=body.seed if body.seed is not None else secrets.randbits(31),
+                            stop=tuple(body.stop_list()))
         try:
-            queue.admit()
+            sub = engine.submit(prompt_ids, sampling, n=body.n)
         except QueueFull as exc:
             raise APIError(503, str(exc), type="server_error", code="server_busy") from None
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
                 "model": model_name}
         if body.stream:
-            return StreamingResponse(_stream(prompt_ids, params, meta, chat), media_type="text/event-stream",
+            return StreamingResponse(_stream(sub, meta, chat), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        async with queue.turn():
-            texts = await anyio.to_thread.run_sync(
-                lambda: generate(model, tokenizer, [prompt_ids] * body.n, batch_size=body.n, **params))
-        counts = [_count(t) for t in texts]
-        choices = [_choice(i, t, _finish(c, max_tokens), chat) for i, (t, c) in enumerate(zip(texts, counts))]
-        usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": sum(counts),
-                 "total_tokens": len(prompt_ids) + sum(counts)}
-        return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": choices, "usage": usage}
+        try:
+            done = await sub.choices()
+        except EngineError as exc:
+            raise APIError(500, str(exc), type="server_error", code="generation_failed") from None
+        finally:
+            sub.cancel()  # nothing left once done; frees the rows when the client went away
+        completion = sum(c.completion_tokens for c in done)
+        usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": completion,
+                 "total_tokens": len(prompt_ids) + completion}
+        return {**meta, "object": "chat.completion" if chat else "text_completion",
+                "choices": [_choice(c, chat) for c in done], "usage": usage}
 
     def _max_tokens(body: _Sampling, prompt_tokens: int) -> int:
         if context is None:
@@ -163,30 +173,29 @@ def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | No
                            code="context_length_exceeded")
         return wanted
 
-    def _count(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    async def _stream(prompt_ids: list[int], params: dict, meta: dict, chat: bool) -> AsyncIterator[str]:
+    async def _stream(sub: Submission, meta: dict, chat: bool) -> AsyncIterator[str]:
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def event(delta: dict | str, finish: str | None = None) -> str:
-            choice = ({"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish} if chat
-                      else {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish})
+        def event(index: int, delta: dict | str, finish: str | None = None) -> str:
+            choice = ({"index": index, "delta": delta, "logprobs": None, "finish_reason": finish} if chat
+                      else {"index": index, "text": delta, "logprobs": None, "finish_reason": finish})
             return f"data: {json.dumps({**meta, 'object': obj, 'choices': [choice]})}\n\n"
 
-        async with queue.turn():
-            stream = TextStream(model, tokenizer, prompt_ids, **params)
-            try:
-                if chat:
-                    yield event({"role": "assistant", "content": ""})
-                while (piece := await anyio.to_thread.run_sync(next, stream, None)) is not None:
-                    yield event({"content": piece} if chat else piece)
-                finish = _finish(_count(stream.text), params["max_new_tokens"])
-                yield event({} if chat else "", finish)
-                yield "data: [DONE]\n\n"
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(stream.close)
+        try:
+            if chat:
+                for index in range(sub.n):
+                    yield event(index, {"role": "assistant", "content": ""})
+            async for item in sub.events():
+                if isinstance(item, Choice):
+                    yield event(item.index, {} if chat else "", item.finish_reason)
+                else:
+                    yield event(item.index, {"content": item.text} if chat else item.text)
+            yield "data: [DONE]\n\n"
+        except EngineError as exc:  # the status line is already sent: the error goes in the stream
+            error = {"message": str(exc), "type": "server_error", "param": None, "code": "generation_failed"}
+            yield f"data: {json.dumps({'error': error})}\n\n"
+        finally:
+            sub.cancel()  # the client went away, or the stream ended: either way the rows may go
 
     # 4. Web pages: chat, ranking (with a label store), runs.
     from instructkit.serve.pages import make_router
@@ -195,14 +204,8 @@ def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | No
     return app
 
 
-def _finish(completion_tokens: int, max_tokens: int) -> str:
-    # Re-tokenizing the text can differ by a token from what was sampled; close enough to tell
-    # "ran out of room" from "stopped", which is what clients use finish_reason for.
-    return "length" if completion_tokens >= max_tokens else "stop"
-
-
-def _choice(index: int, text: str, finish: str, chat: bool) -> dict:
+def _choice(done: Choice, chat: bool) -> dict:
     if chat:
-        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": finish}
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+        return {"index": done.index, "message": {"role": "assistant", "content": done.text}, "logprobs": None,
+                "finish_reason": done.finish_reason}
+    return {"index": done.index, "text": done.text, "logprobs": None, "finish_reason": done.finish_reason}

@@ -1,55 +1,89 @@
-"""Running the model for the server: whole responses through :func:`instructkit.generation.generate`,
-and streamed ones token by token, plus the one-at-a-time queue in front of both.
+"""Running the model for the server: a scheduler that batches concurrent requests.
 
-A streamed response runs the same ``model.generate`` call as ``generate`` (same stops, same
-sampling, same seeding), with a ``TextIteratorStreamer`` in a thread; so greedy streamed text
-equals the whole response, piece for piece concatenated.
+What it owns:
+
+* **Admission.** :meth:`Batcher.submit` queues a request's ``n`` rows (one per choice) or raises
+  :class:`QueueFull` at once when the batch is full and ``max_queue`` requests already wait, so
+  the client gets a 503 instead of a long wait.
+* **Continuous batching.** One worker thread owns the model. Each step it (1) prefills the rows
+  that arrived, as one left-padded batch, and merges their KV cache into the running batch (the
+  narrower cache is padded on the left, so every row's next token stays in the last column);
+  (2) picks every row's next token with that row's own temperature, top_p and generator;
+  (3) sends each row's new text to its request and drops finished or cancelled rows (and the
+  cache columns no remaining row uses); (4) runs one decode step for the rows left. A request
+  that arrives while others generate joins at the next step; it does not wait for the batch.
+* **Reproducibility.** Each row samples from its own ``torch.Generator`` seeded from the request's
+  seed and the choice index, so a seeded request gives the same text alone or batched with
+  anything (up to the float rounding of a differently shaped matmul, which could only matter
+  when two tokens are exactly tied).
+* **Text.** The same stopping rules as :func:`instructkit.generation.generate` (eos, end-of-turn,
+  ``stop`` strings; its ``_decode`` makes the final text), so a greedy row gives the text
+  ``generate`` gives for that prompt alone. Streamed pieces hold back any tail that could still
+  become a stop string or is half a UTF-8 character; they concatenate to the final text.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import inspect
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from instructkit.generation import _left_pad, _stops
+from instructkit.generation import _decode, _left_pad, _stops
+
+DEFAULT_MAX_BATCH = 8
 
 
 class QueueFull(Exception):
     """More requests are waiting for the model than the server accepts."""
 
 
-class OneAtATime:
-    """Lets one request use the model at a time; at most ``max_queue`` others may wait.
+class EngineError(Exception):
+    """Generation failed inside the worker (the message says why); the request cannot be answered."""
 
-    Call :meth:`admit` before answering (it raises :class:`QueueFull` at once, so the client
-    gets a 503 instead of a long wait), then hold :meth:`turn` while generating.
-    """
 
-    def __init__(self, max_queue: int) -> None:
-        if max_queue < 0:
-            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
-        self.max_queue = max_queue
-        self.lock = asyncio.Lock()
-        self.waiting = 0
+@dataclass(frozen=True)
+class Sampling:
+    """How one request is decoded; every choice of the request shares it."""
 
-    def admit(self) -> None:
-        if self.lock.locked() and self.waiting >= self.max_queue:
-            raise QueueFull(f"the server is busy: {self.waiting} requests already waiting (max_queue={self.max_queue})")
-        self.waiting += 1
+    max_new_tokens: int
+    temperature: float = 0.0  # 0 is greedy
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
 
-    @asynccontextmanager
-    async def turn(self):
-        try:
-            await self.lock.acquire()
-        finally:
-            self.waiting -= 1
-        try:
-            yield
-        finally:
-            self.lock.release()
+
+@dataclass(frozen=True)
+class Piece:
+    """New text of choice ``index``."""
+
+    index: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A finished choice: its whole text, why it ended and how many tokens it generated."""
+
+    index: int
+    text: str
+    finish_reason: str  # "stop" (eos, end of turn or a stop string) or "length" (max_new_tokens)
+    completion_tokens: int  # generated tokens, a final eos / end-of-turn token not counted
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The generator seed of choice ``index``: choice 0 uses ``seed`` itself (so ``n=1`` and the
+    first of ``n=4`` agree), the others a splitmix64 mix of (seed, index)."""
+    seed %= 2**63
+    if index == 0:
+        return seed
+    z = (seed + index * 0x9E3779B97F4A7C15) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return (z ^ (z >> 31)) % 2**63
 
 
 def held_back(text: str, stops: Sequence[str]) -> int:
@@ -63,91 +97,331 @@ def held_back(text: str, stops: Sequence[str]) -> int:
     return longest
 
 
-class TextStream:
-    """Text pieces of one response as the model produces them, cut before the first stop string.
+class Submission:
+    """One request on its way through the batcher: its choices' pieces and results, in the
+    event loop that submitted it.
 
-    Iterate it (each ``next`` blocks until the model has produced more text); :meth:`close`
-    stops generation early and waits for the generating thread, so the model is free again.
+    Iterate :meth:`events` (pieces and finished choices, in order) or await :meth:`choices`;
+    :meth:`cancel` (idempotent) drops the request's rows that have not finished.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, prompt_ids: list[int], *, max_new_tokens: int,
-                 temperature: float, top_p: float, seed: int, stop: Sequence[str] | None) -> None:
-        from transformers import TextIteratorStreamer
+    def __init__(self, n: int, loop: asyncio.AbstractEventLoop, on_cancel: Callable[[Submission], None]) -> None:
+        self.n = n
+        self._loop = loop
+        self._events: asyncio.Queue = asyncio.Queue()
+        self._on_cancel = on_cancel
+        self.cancelled = threading.Event()
 
-        stop_ids, self.stop_strings = _stops(model, tokenizer, stop, None)
-        self._cancel = threading.Event()
-        self._error: BaseException | None = None
-        self._streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self._thread = threading.Thread(
-            target=self._run, daemon=True,
-            args=(model, tokenizer, prompt_ids, stop_ids, max_new_tokens, temperature, top_p, seed),
-        )
-        self._thread.start()
-        self.text = ""  # the response so far, stop strings cut
-        self._pieces = self._cut_pieces()
-
-    def _run(self, model, tokenizer, prompt_ids, stop_ids, max_new_tokens, temperature, top_p, seed) -> None:
-        # Mirrors instructkit.generation.generate for one prompt, so both give the same text.
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        cancel = self._cancel
-
-        class Cancelled(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
-
-        added = set(tokenizer.get_added_vocab())
-        watch = [s for s in self.stop_strings if s not in added]
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-        device = next(model.parameters()).device
-        sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-                    if temperature > 0 else {"do_sample": False})
-        was_training = model.training
-        model.eval()
+    def _put(self, event: Piece | Choice | EngineError) -> None:  # called from the worker thread
         try:
-            with torch.inference_mode(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(seed)
-                input_ids, attention_mask = _left_pad([prompt_ids], pad_id, device)  # (1, T)
-                model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                               eos_token_id=stop_ids, pad_token_id=pad_id, repetition_penalty=1.0,
-                               stop_strings=watch or None, tokenizer=tokenizer if watch else None,
-                               streamer=self._streamer, stopping_criteria=StoppingCriteriaList([Cancelled()]),
-                               **sampling)
-        except BaseException as exc:  # shown to the reader of the stream, not lost in the thread
-            self._error = exc
-            self._streamer.end()
-        finally:
-            model.train(was_training)
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self.cancelled.set()
 
-    def _cut_pieces(self) -> Iterator[str]:
-        raw, sent = "", 0
-        for piece in self._streamer:
-            raw += piece
-            cut = min((j for j in (raw.find(s) for s in self.stop_strings) if j >= 0), default=-1)
-            if cut >= 0:
-                self._cancel.set()
-                yield from self._emit(raw[sent:cut])
-                return
-            safe = len(raw) - held_back(raw, self.stop_strings)
-            if safe > sent:
-                yield from self._emit(raw[sent:safe])
-                sent = safe
-        if self._error is not None:
-            raise self._error
-        yield from self._emit(raw[sent:])
+    async def events(self) -> AsyncIterator[Piece | Choice]:
+        left = self.n
+        while left:
+            event = await self._events.get()
+            if isinstance(event, EngineError):
+                raise event
+            if isinstance(event, Choice):
+                left -= 1
+            yield event
 
-    def _emit(self, piece: str) -> Iterator[str]:
-        if piece:
-            self.text += piece
-            yield piece
+    async def choices(self) -> list[Choice]:
+        done = [event async for event in self.events() if isinstance(event, Choice)]
+        return sorted(done, key=lambda c: c.index)
 
-    def __iter__(self) -> TextStream:
-        return self
+    def cancel(self) -> None:
+        if not self.cancelled.is_set():
+            self.cancelled.set()
+            self._on_cancel(self)
 
-    def __next__(self) -> str:
-        return next(self._pieces)
+
+class _Row:
+    """One choice being generated: its tokens so far and the text already sent."""
+
+    def __init__(self, sub: Submission, index: int, prompt_ids: list[int], sampling: Sampling,
+                 stop_ids: list[int], stop_strings: list[str], device: Any) -> None:
+        import torch
+
+        self.sub, self.index, self.prompt_ids, self.sampling = sub, index, prompt_ids, sampling
+        self.stop_ids, self.stop_strings = set(stop_ids), stop_strings
+        self._stop_id_list = stop_ids
+        self.generator = None
+        if sampling.temperature > 0:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(choice_seed(sampling.seed, index))
+        self.ids: list[int] = []  # generated, the stop token included when there is one
+        self.count = 0  # generated tokens that are not a stop token
+        self.sent = ""  # text already sent as pieces
+
+    def pick(self, logits: Any) -> int:
+        """The next token from this row's logits ``(V,)``: argmax, or a sample after temperature
+        and nucleus (top_p) filtering, as transformers' warpers do it (no top-k)."""
+        import torch
+
+        s = self.sampling
+        if s.temperature == 0:
+            return int(torch.argmax(logits))
+        scores = logits / s.temperature
+        if torch.isnan(scores).any() or torch.isposinf(scores).any():
+            return int(torch.argmax(logits))  # a temperature so small it overflows: the greedy limit
+        if s.top_p < 1.0:
+            sorted_scores, order = torch.sort(scores, descending=False)
+            cumulative = sorted_scores.softmax(-1).cumsum(-1)
+            remove = cumulative <= 1 - s.top_p
+            remove[-1] = False  # keep at least the most likely token
+            scores = scores.scatter(0, order, sorted_scores.masked_fill(remove, float("-inf")))
+        probs = scores.softmax(-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def push(self, token: int, tokenizer: Any) -> bool:
+        """Take the next token, send the text that is now certain; True when the row is done."""
+        self.ids.append(token)
+        if token in self.stop_ids:
+            return self._finish("stop", tokenizer)
+        self.count += 1
+        text = tokenizer.decode(self.ids, skip_special_tokens=True)
+        if any(s in text for s in self.stop_strings):
+            return self._finish("stop", tokenizer)
+        if self.count >= self.sampling.max_new_tokens:
+            return self._finish("length", tokenizer)
+        unsure = max(held_back(text, self.stop_strings), len(text) - len(text.rstrip("\ufffd")))
+        self._send(text[: len(text) - unsure])
+        return False
+
+    def _send(self, text: str) -> None:
+        if len(text) > len(self.sent) and text.startswith(self.sent):
+            self.sub._put(Piece(self.index, text[len(self.sent):]))
+            self.sent = text
+
+    def _finish(self, reason: str, tokenizer: Any) -> bool:
+        text = _decode(tokenizer, self.ids, self._stop_id_list, self.stop_strings)
+        self._send(text)
+        self.sub._put(Choice(self.index, text, reason, self.count))
+        return True
+
+
+class Batcher:
+    """Generates the rows of all submitted requests together, up to ``max_batch`` rows at a time.
+
+    ``max_queue`` requests may wait while the batch is full; one more gets :class:`QueueFull`.
+    The worker thread starts with the first request; :meth:`close` stops it. ``step_sizes``
+    counts decode steps by how many rows they ran (what tests and ``/health`` read).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = 16) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.device = next(model.parameters()).device
+        self._forward_args = set(inspect.signature(model.forward).parameters)
+        self._pending: collections.deque[_Row] = collections.deque()  # rows not yet in the batch
+        self._waiting: collections.Counter = collections.Counter()  # pending rows per submission
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._paused = False
+        self.step_sizes: collections.Counter = collections.Counter()
+        # The running batch: rows, their (B, W) attention mask, KV cache and next-token logits (B, V).
+        self._rows: list[_Row] = []
+        self._mask = self._cache = self._logits = None
+
+    # -- the event loop's side ---------------------------------------------------------------
+
+    @property
+    def running(self) -> int:
+        """Rows generating now."""
+        return len(self._rows)
+
+    @property
+    def waiting(self) -> int:
+        """Requests with rows that have not started."""
+        return len(self._waiting)
+
+    def submit(self, prompt_ids: list[int], sampling: Sampling, n: int = 1) -> Submission:
+        """Queue ``n`` choices of one prompt; raises :class:`QueueFull` when there is no room."""
+        stop_ids, stop_strings = _stops(self.model, self.tokenizer, list(sampling.stop), None)
+        sub = Submission(n, asyncio.get_running_loop(), self._forget)
+        rows = [_Row(sub, i, list(prompt_ids), sampling, stop_ids, stop_strings, self.device) for i in range(n)]
+        with self._wake:
+            if self._closed:
+                raise EngineError("the server is shutting down")
+            free, queued = self._room()
+            if n > free and queued >= self.max_queue:
+                raise QueueFull(f"the server is busy: {queued} requests already wait for a full batch "
+                                f"(max_queue={self.max_queue}, max_batch={self.max_batch})")
+            self._pending.extend(rows)
+            self._waiting[sub] += n
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="instructkit-batcher", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+        return sub
+
+    def _forget(self, sub: Submission) -> None:
+        """Drop the rows of a cancelled request that have not started (running ones leave the
+        batch at the next step), so it no longer holds a place in the queue."""
+        with self._wake:
+            if self._waiting.pop(sub, None) is not None:
+                self._pending = collections.deque(row for row in self._pending if row.sub is not sub)
+
+    def _room(self) -> tuple[int, int]:
+        """Batch slots that no pending row will take, and pending requests that do not fit the
+        batch (those are the queue ``max_queue`` bounds); under ``_wake``."""
+        free, queued = self.max_batch - len(self._rows), 0
+        for rows in self._waiting.values():  # in arrival order
+            if rows <= free:
+                free -= rows
+            else:
+                free, queued = 0, queued + 1
+        return free, queued
+
+    def pause(self) -> None:
+        """Stop scheduling (requests are still accepted and queued) until :meth:`resume`."""
+        with self._wake:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._wake:
+            self._paused = False
+            self._wake.notify()
 
     def close(self) -> None:
-        self._cancel.set()
-        self._thread.join()
+        """Stop the worker after its current step; requests still queued get an :class:`EngineError`."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+        for row in [*self._rows, *self._pending]:
+            row.sub._put(EngineError("the server shut down before this request finished"))
+        self._rows, self._pending = [], collections.deque()
+
+    # -- the worker's side -------------------------------------------------------------------
+
+    def _work(self) -> None:
+        import torch
+
+        while True:
+            with self._wake:
+                while not self._closed and (self._paused or not (self._rows or self._pending)):
+                    self._wake.wait()
+                if self._closed:
+                    return
+                new = self._admit()
+            try:
+                with torch.inference_mode():
+                    self._step(new)
+            except Exception as exc:  # answered to every request in the batch; the server keeps serving
+                error = EngineError(f"generation failed: {type(exc).__name__}: {exc}")
+                for sub in {row.sub for row in [*self._rows, *new]}:
+                    sub._put(error)
+                self._rows, self._mask, self._cache, self._logits = [], None, None, None
+
+    def _admit(self) -> list[_Row]:
+        """Take pending rows (first come, first served) into the free slots; under ``_wake``."""
+        new: list[_Row] = []
+        while self._pending and len(self._rows) + len(new) < self.max_batch:
+            row = self._pending.popleft()
+            self._waiting[row.sub] -= 1
+            if self._waiting[row.sub] == 0:
+                del self._waiting[row.sub]
+            if not row.sub.cancelled.is_set():
+                new.append(row)
+        return new
+
+    def _step(self, new: list[_Row]) -> None:
+        import torch
+
+        # 1. Prefill the rows that arrived and merge them into the running batch.
+        if new:
+            self._prefill(new)
+        if not self._rows:
+            return
+        # 2. Each row's next token, with its own sampling settings and generator.
+        tokens = [row.pick(self._logits[b]) for b, row in enumerate(self._rows)]
+        self.step_sizes[len(self._rows)] += 1
+        # 3. Send the new text; keep the rows that go on.
+        keep = [b for b, (row, token) in enumerate(zip(self._rows, tokens))
+                if not row.sub.cancelled.is_set() and not row.push(token, self.tokenizer)]
+        if not keep:
+            self._rows, self._mask, self._cache, self._logits = [], None, None, None
+            return
+        if len(keep) < len(self._rows):
+            index = torch.tensor(keep, device=self.device)
+            self._rows = [self._rows[b] for b in keep]
+            self._mask = self._mask[index]
+            self._cache.batch_select_indices(index)
+            self._trim()
+        # 4. One decode step for every row left.
+        next_ids = torch.tensor([tokens[b] for b in keep], device=self.device)[:, None]  # (B, 1)
+        self._mask = torch.cat([self._mask, self._mask.new_ones((len(keep), 1))], dim=1)  # (B, W + 1)
+        position_ids = self._mask.sum(dim=1, keepdim=True) - 1  # (B, 1): each row's own position
+        self._logits = self._forward(next_ids, self._mask, position_ids, self._cache)
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache):
+        extra = {"logits_to_keep": 1} if "logits_to_keep" in self._forward_args else {}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True, **extra)
+        return out.logits[:, -1, :].float()  # (B, V)
+
+    def _prefill(self, new: list[_Row]) -> None:
+        import torch
+        from transformers import DynamicCache
+
+        if self.model.training:
+            self.model.eval()
+        # The choices of one request share a prompt: prefill it once, then repeat its rows.
+        first: dict[int, int] = {}
+        prompts: list[list[int]] = []
+        for row in new:
+            if id(row.sub) not in first:
+                first[id(row.sub)] = len(prompts)
+                prompts.append(row.prompt_ids)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids, mask = _left_pad(prompts, pad_id, self.device)  # (P, T), 0 on the left padding
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # as generate() derives them
+        cache = DynamicCache()
+        logits = self._forward(input_ids, mask, position_ids, cache)  # (P, V)
+        if len(prompts) < len(new):
+            index = torch.tensor([first[id(row.sub)] for row in new], device=self.device)
+            logits, mask = logits[index], mask[index]
+            cache.batch_select_indices(index)
+        if not self._rows:
+            self._rows, self._mask, self._cache, self._logits = list(new), mask, cache, logits
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+        for old, add in zip(self._cache.layers, cache.layers):
+            if type(old).__name__ != "DynamicLayer" or type(add).__name__ != "DynamicLayer":
+                raise EngineError(f"cannot batch with a {type(old).__name__} cache layer")
+            old.keys = torch.cat([_pad_left(old.keys, width, -2), _pad_left(add.keys, width, -2)])
+            old.values = torch.cat([_pad_left(old.values, width, -2), _pad_left(add.values, width, -2)])
+        self._mask = torch.cat([_pad_left(self._mask, width, 1), _pad_left(mask, width, 1)])
+        self._logits = torch.cat([self._logits, logits])
+        self._rows.extend(new)
+
+    def _trim(self) -> None:
+        """Drop cache columns on the left that no remaining row attends to."""
+        used = self._mask.any(dim=0)
+        start = int(used.int().argmax())  # the first column some row uses
+        if start == 0:
+            return
+        self._mask = self._mask[:, start:]
+        for layer in self._cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+
+
+def _pad_left(x: Any, width: int, dim: int) -> Any:
+    """``x`` with zeros prepended along ``dim`` up to ``width``."""
+    import torch.nn.functional as F
+
+    missing = width - x.shape[dim]
+    if missing == 0:
+        return x
+    pad = [0, 0] * (x.dim() - 1 - (dim % x.dim())) + [missing, 0]
+    return F.pad(x, pad)

@@ -4,6 +4,8 @@ Starlette's TestClient (no network port)."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import pytest
 
@@ -64,8 +66,10 @@ def test_chat_completion_has_choices_and_consistent_usage(client):
     assert choice["message"]["role"] == "assistant" and choice["finish_reason"] in {"stop", "length"}
     usage = body["usage"]
     assert usage["prompt_tokens"] == len(encode_prompt(tokenizer, HELLO))
-    assert usage["completion_tokens"] == len(tokenizer(text, add_special_tokens=False)["input_ids"])
     assert 0 < usage["completion_tokens"] <= 12
+    assert (usage["completion_tokens"] == 12) == (choice["finish_reason"] == "length")
+    # The count is of generated tokens; re-tokenizing the text gives about as many.
+    assert abs(len(tokenizer(text, add_special_tokens=False)["input_ids"]) - usage["completion_tokens"]) <= 2
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
@@ -116,6 +120,17 @@ def test_stream_concatenates_to_the_whole_greedy_text(client):
         assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == whole
 
 
+def test_stream_with_n_sends_each_choice_by_index(client):
+    body = {"temperature": 1.0, "seed": 11, "max_tokens": 10, "n": 2}
+    whole = [c["message"]["content"] for c in chat(client, **body).json()["choices"]]
+    chunks = sse_events(chat(client, stream=True, **body))
+    for index in (0, 1):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == index]
+        assert mine[0]["delta"]["role"] == "assistant" and mine[-1]["finish_reason"] in {"stop", "length"}
+        assert "".join(c["delta"].get("content", "") for c in mine) == whole[index]
+    assert whole[0] != whole[1]
+
+
 def test_completions_stream(client):
     r = client.post("/v1/completions", json={"prompt": HELLO[0]["content"], "temperature": 0, "max_tokens": 16,
                                              "stream": True})
@@ -131,7 +146,7 @@ def test_completions_stream(client):
     ({"messages": HELLO, "presence_penalty": 1.0}, "presence_penalty"),
     ({"messages": HELLO, "max_tokens": 10_000}, "messages"),
     ({"messages": [{"role": "user", "content": "word " * 300}]}, "messages"),
-    ({"messages": HELLO, "stream": True, "n": 2}, "n"),
+    ({"messages": HELLO, "n": 17}, "n"),
 ])
 def test_bad_requests_are_400_in_openai_shape(client, body, param):
     error = assert_openai_error(client.post("/v1/chat/completions", json=body), 400, param)
@@ -162,19 +177,48 @@ def test_models_and_health(client):
 
 
 def test_503_when_the_queue_is_full(model):
-    with make_client(model, max_queue=0) as c:
-        queue = c.app.state.queue
-        c.portal.call(queue.lock.acquire)  # a request is generating; max_queue=0 lets none wait
+    with make_client(model, max_queue=0, max_batch=1) as c:
+        engine = c.app.state.engine
+        engine.pause()  # nothing is scheduled: the first request holds the one batch slot
+        first: list = []
+        sender = threading.Thread(target=lambda: first.append(chat(c, max_tokens=2)))
+        sender.start()
         try:
+            while engine.waiting == 0:
+                time.sleep(0.01)
             error = assert_openai_error(chat(c, max_tokens=2), 503)
-            assert error["type"] == "server_error"
+            assert error["type"] == "server_error" and error["code"] == "server_busy"
         finally:
-            queue.lock.release()
+            engine.resume()
+            sender.join()
+        assert first[0].status_code == 200
         assert chat(c, max_tokens=2).status_code == 200
+
+
+def test_concurrent_requests_share_a_batch_and_each_gets_its_own_answer(model):
+    prompts = ["Hi", "What is the capital of France? Answer in one word.", "Say something long " * 8]
+    with make_client(model) as c:
+        alone = [greedy(c, messages=[{"role": "user", "content": p}]) for p in prompts]
+        engine = c.app.state.engine
+        engine.step_sizes.clear()
+        engine.pause()
+        answers: dict[int, str] = {}
+        senders = [threading.Thread(target=lambda i=i, p=p: answers.__setitem__(
+            i, greedy(c, messages=[{"role": "user", "content": p}]))) for i, p in enumerate(prompts)]
+        for t in senders:
+            t.start()
+        while engine.waiting < len(prompts):
+            time.sleep(0.01)
+        engine.resume()
+        for t in senders:
+            t.join()
+        assert [answers[i] for i in range(len(prompts))] == alone
+        assert max(engine.step_sizes) == len(prompts)
+        assert c.get("/health").json()["waiting"] == 0
 
 
 def test_cli_serve_defaults_are_local():
     from instructkit.cli import build_parser
 
     args = build_parser().parse_args(["serve", "--model", "m"])
-    assert (args.host, args.port, args.api_key, args.max_queue) == ("127.0.0.1", 8000, None, 16)
+    assert (args.host, args.port, args.api_key, args.max_queue, args.max_batch) == ("127.0.0.1", 8000, None, 16, 8)
