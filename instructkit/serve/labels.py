@@ -281,6 +281,7 @@ class LabelStore:
         if not isinstance(submission_id, str) or not 0 < len(submission_id) <= MAX_SUBMISSION_ID_LENGTH:
             raise InputError(f"expected a string of 1 to {MAX_SUBMISSION_ID_LENGTH} characters",
                              field="submission_id")
+        _check_text(submission_id, "submission_id")
         with self._conn() as conn, _transaction(conn):
             stored = conn.execute("SELECT * FROM rankings WHERE submission_id = ?", (submission_id,)).fetchone()
             if stored is not None:
@@ -349,7 +350,16 @@ def check_annotator(name: Any) -> str:
     name = name.strip()
     if len(name) > MAX_ANNOTATOR_LENGTH:
         raise InputError(f"at most {MAX_ANNOTATOR_LENGTH} characters, got {len(name)}", field="annotator")
+    _check_text(name, "annotator")
     return name
+
+
+def _check_text(value: str, field: str) -> None:
+    # JSON can carry a lone surrogate ("\ud800"), which SQLite cannot store as UTF-8.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError("not valid Unicode text", field=field) from None
 
 
 def ranks_from_order(order: Sequence[int] | None, tied: Sequence[bool] | None, k: int) -> list[int]:

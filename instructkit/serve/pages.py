@@ -55,7 +55,7 @@ class RankSubmission(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     submission_id: str = Field(min_length=1, max_length=128)
-    prompt_id: int
+    prompt_id: int = Field(ge=0, lt=2**63)  # SQLite's integer range
     annotator: str = Field(min_length=1, max_length=64)
     order: list[int] | None = None
     tied: list[bool] | None = None
@@ -67,7 +67,7 @@ def make_router(*, label_store: str | Path | None = None, runs_dir: str | Path |
     """The pages' routes; ``label_store`` is opened (and checked) now."""
     store = LabelStore(label_store) if label_store is not None else None
     runs_root = Path(runs_dir) if runs_dir is not None else None
-    router = APIRouter(include_in_schema=False)
+    router = APIRouter()
 
     def authorized(request: Request) -> None:
         if api_key is not None and not _key_matches(_bearer(request), api_key):
@@ -85,9 +85,9 @@ def make_router(*, label_store: str | Path | None = None, runs_dir: str | Path |
 
     # 1. Pages and their assets.
     for path, page in (("/", "chat.html"), ("/chat", "chat.html"), ("/rank", "rank.html"), ("/runs", "runs.html")):
-        router.add_api_route(path, _page_route(page), methods=["GET"])
+        router.add_api_route(path, _page_route(page), methods=["GET"], include_in_schema=False)
 
-    @router.get("/static/{name}")
+    @router.get("/static/{name}", include_in_schema=False)
     def asset(name: str) -> FileResponse:
         file = STATIC / name
         if "/" in name or name.startswith(".") or file.suffix not in ASSET_TYPES or not file.is_file():
@@ -124,7 +124,7 @@ def make_router(*, label_store: str | Path | None = None, runs_dir: str | Path |
             return {"runs_dir": None, "runs": []}
         return {"runs_dir": str(runs_root), "runs": list_runs(runs_root)}
 
-    @router.get("/runs/file/{path:path}", dependencies=[Depends(authorized_or_cookie)])
+    @router.get("/runs/file/{path:path}", dependencies=[Depends(authorized_or_cookie)], include_in_schema=False)
     def run_file(path: str) -> FileResponse:
         file = safe_run_file(runs_root, path) if runs_root is not None else None
         if file is None:

@@ -339,8 +339,10 @@ def test_ranking_endpoints(tiny_lm, tmp_path):
         r = client.post("/label/rank", json={**body, "submission_id": "s2"}, headers=auth)
         assert r.status_code == 409 and "already answered" in r.json()["error"]["message"]
         for bad, status in [({"tied": [False, True, True]}, 400), ({"order": [0, 0, 1]}, 400),
-                            ({"prompt_id": 42}, 404), ({"colour": "red"}, 400), ({"annotator": ""}, 400)]:
-            r = client.post("/label/rank", json={**body, "submission_id": "s3", **bad}, headers=auth)
+                            ({"prompt_id": 42}, 404), ({"colour": "red"}, 400), ({"annotator": ""}, 400),
+                            ({"annotator": "\ud800"}, 400), ({"prompt_id": 2**63}, 400)]:
+            r = client.post("/label/rank", content=json.dumps({**body, "submission_id": "s3", **bad}),
+                            headers={**auth, "Content-Type": "application/json"})
             assert r.status_code == status, (bad, r.text)
             assert r.json()["error"]["message"]
         assert len(LabelStore(path).rankings()) == 1
@@ -365,7 +367,9 @@ def test_pages_are_served_from_this_origin_only(tiny_lm):
             assert "http://" not in r.text and "https://" not in r.text and "//cdn" not in r.text
         for bad in ("../pages.py", "%2e%2e%2fpages.py", ".hidden.js", "missing.js"):
             assert client.get(f"/static/{bad}").status_code == 404
-        assert "/rank" not in client.get("/openapi.json").json()["paths"]
+        paths = client.get("/openapi.json").json()["paths"]
+        assert "/rank" not in paths and "/static/{name}" not in paths  # pages are not API
+        assert {"/label/next", "/label/rank", "/label/progress", "/runs/list"} <= set(paths)
 
 
 def test_runs_listing_and_files_stay_inside_the_folder(tiny_lm, tmp_path):

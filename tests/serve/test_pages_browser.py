@@ -195,7 +195,7 @@ def test_chat_streams_the_answer_and_keeps_the_conversation(browser, page):
     model = tiny_llama(len(real_tokenizer()), initializer_range=0.5)
     with serve(model, api_key="sekret") as base:
         sent: list[dict] = []
-        page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.url.endswith("/v1/chat/completions") else None)
+        page.on("request", lambda r: r.url.endswith("/v1/chat/completions") and sent.append(json.loads(r.post_data)))
         page.goto(f"{base}/chat")
         page.click("details.settings summary")
         page.fill("#temperature", "0")
