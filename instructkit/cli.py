@@ -103,6 +103,8 @@ suites (comma-separated):
                judged by --reward-model, with ties and a 95% Wilson interval
   perplexity   loss and perplexity of the reference answers under the model (alias loss)
   ifeval       verifiable instructions; --data in the IFEval format (run on its own)
+  preference   does the model itself prefer the chosen response? log-likelihood accuracy and
+               margin on --data preference pairs (default: the shipped held-out pairs; run on its own)
 
 --k-shot N puts N solved examples before every prompt: the prompting baseline for the untuned model.
 
@@ -336,7 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may come before or after options (`run dpo --out X a=b`); argparse alone stops
+    # filling a positional list at the first option, so the words it left are added back here.
+    args, extra = parser.parse_known_args(argv)
+    words = "recipe_and_overrides" if hasattr(args, "recipe_and_overrides") else "overrides"
+    if extra and hasattr(args, words) and not any(e.startswith("-") for e in extra):
+        setattr(args, words, [*getattr(args, words), *extra])
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _quiet_libraries()
     func: Callable[[argparse.Namespace], int] = args.func
     try:

@@ -9,6 +9,7 @@ reruns from that stage on.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import time
 from pathlib import Path
@@ -28,6 +29,9 @@ class EvalStageConfig:
     batch_size: int = 16
     k_shot: int = 0  # also report k-shot prompting of the untuned model when > 0
     limit: int | None = None
+    # Held-out preference pairs for the `preference` suite (does each model itself prefer the
+    # chosen response?); used when `preference` is among the suites.
+    preference_data: str = "shipped:extract_prefs/val"
 
 
 @dataclasses.dataclass
@@ -144,9 +148,12 @@ def run(recipe: str | Path | None = None, *, out: str | Path | None = None, over
                 trained.append((stage, current_model))
         summaries[stage] = _read_json(stage_dir / "summary.json")
 
+    from instructkit.report import write_report
+
     summary = {"recipe": cfg.name, "out": str(root), "final_model": current_model,
                "seconds": round(time.time() - started, 1), "stages": summaries,
-               "table": summaries.get("eval", {}).get("table", {})}
+               "table": summaries.get("eval", {}).get("table", {}), "report": str(root / "report.html")}
+    write_report(root, summary)
     atomic_write_json(root / "summary.json", summary)
     _print_table(summary)
     return summary
@@ -178,28 +185,41 @@ def _with_reward_model(stage_cfg: Any, explicit: dict[str, Any], reward_model: s
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _eval_stage(cfg: EvalStageConfig, models: list[tuple[str, str]], out: Path, *,
                 reward_model: str | None = None) -> None:
     """Evaluate the starting model (zero-shot, and k-shot if asked) and every trained stage."""
+    from instructkit.eval.preference import evaluate_preferences
     from instructkit.eval.run import evaluate
+    from instructkit.models.loading import load_model_and_tokenizer
     from instructkit.train.engine import atomic_dir, atomic_write_json
 
     table: dict[str, dict[str, Any]] = {}
+    suites = [s for s in cfg.suites if s != "preference"]
     with atomic_dir(out) as tmp:
         runs = [(name, spec, 0) for name, spec in models]
         if cfg.k_shot:
             runs.insert(1, (f"base {cfg.k_shot}-shot", models[0][1], cfg.k_shot))
         for name, spec, k in runs:
             print(f"   evaluating {name}", flush=True)
-            result = evaluate(model=spec, suites=cfg.suites, data=cfg.data, max_new_tokens=cfg.max_new_tokens,
-                              batch_size=cfg.batch_size, k_shot=k, limit=cfg.limit,
-                              out=str(tmp / f"{name.replace(' ', '_')}.json"))
-            table[name] = {k2: v for k2, v in result["metrics"].items() if isinstance(v, (int, float))}
+            stem = name.replace(" ", "_")
+            loaded = load_model_and_tokenizer(spec)
+            metrics: dict[str, Any] = {}
+            if suites:
+                result = evaluate(model=spec, suites=suites, data=cfg.data, max_new_tokens=cfg.max_new_tokens,
+                                  batch_size=cfg.batch_size, k_shot=k, limit=cfg.limit, loaded=loaded,
+                                  out=str(tmp / f"{stem}.json"))
+                metrics.update(result["metrics"])
+            if "preference" in cfg.suites and k == 0:  # prompting does not change log-likelihoods
+                result = evaluate_preferences(*loaded, data=cfg.preference_data, batch_size=cfg.batch_size,
+                                              limit=cfg.limit)
+                samples = result.pop("samples")
+                atomic_write_json(tmp / f"{stem}.preference.json", result)
+                (tmp / f"{stem}.preference.samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples))
+                metrics.update(result)
+            table[name] = {k2: v for k2, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         atomic_write_json(tmp / "summary.json", {"stage": "eval", "data": cfg.data, "table": table})
 
 
@@ -215,3 +235,5 @@ def _print_table(summary: dict[str, Any]) -> None:
                         for m in metrics)
         print(name.ljust(width) + cells)
     print(f"\nrun folder: {summary['out']}  (summary.json)")
+    if summary.get("report"):
+        print(f"report: {summary['report']}")

@@ -88,3 +88,85 @@ def test_instructgpt_chain_feeds_each_stage_the_previous_output(tmp_path):
     assert f"model: {out / 'ppo'}" in config("dpo")
     assert set(summary["table"]) == {"base", "sft", "ppo", "dpo"}
     assert summary["final_model"] == str(out / "dpo")
+
+
+KILLER = """
+import os, signal, sys
+from instructkit.train import engine
+
+write = engine.MetricsLog.write
+
+def write_then_die(self, record):
+    # SIGKILL in the middle of writing the dpo stage's step-7 line: after the step-5
+    # checkpoint, with steps 6 and 7 logged but not checkpointed, and the last line torn.
+    if self.path.parent.name == "dpo" and record.get("step") == 7:
+        with open(self.path, "a") as f:
+            f.write('{"step": 7, "lo')
+        os.kill(os.getpid(), signal.SIGKILL)
+    write(self, record)
+
+engine.MetricsLog.write = write_then_die
+from instructkit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_killed_recipe_reruns_skipping_finished_stages_and_matches_an_uninterrupted_run(tmp_path, capsys):
+    """kill -9 during the dpo stage, rerun: sft is skipped, dpo resumes from its checkpoint, and
+    the curves, weights and evaluation equal those of a run that was never interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.tiny import toy_preferences
+
+    model = tiny_model_dir(tmp_path / "tiny")
+    convs = write_jsonl(tmp_path / "sft.jsonl", toy_conversations(16))
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", toy_preferences(24))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({
+        "name": "killed", "model": str(model), "stages": ["sft", "dpo", "eval"],
+        "sft": {"data": {"path": str(convs), "val_fraction": 0.0, "max_length": 64}, "peft": {"method": "full"},
+                "optim": {"lr": 1e-2}, "train": {"batch_size": 4, "max_steps": 4, "progress": False}},
+        "dpo": {"data": {"path": str(pairs), "val_fraction": 0.25, "max_length": 64}, "peft": {"method": "full"},
+                "optim": {"lr": 5e-3}, "train": {"batch_size": 4, "max_steps": 10, "save_every": 5,
+                                                 "progress": False}},
+        "eval": {"suites": ["loss", "exact_match", "preference"], "data": str(convs), "limit": 4,
+                 "max_new_tokens": 4, "preference_data": str(pairs)},
+    }))
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILLER)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, str(killer), "run", str(recipe), "--out", str(killed)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (killed / "sft" / "summary.json").is_file() and not (killed / "dpo" / "summary.json").exists()
+    assert (killed / "dpo" / "metrics.jsonl").read_text().endswith('{"step": 7, "lo')
+    sft_stamp = (killed / "sft" / "summary.json").stat().st_mtime_ns
+
+    capsys.readouterr()
+    resumed = run(recipe, out=killed)
+    out = capsys.readouterr().out
+    assert "stage sft: already finished, skipped" in out and "resuming from" in out and "(step 5 of 10)" in out
+    assert (killed / "sft" / "summary.json").stat().st_mtime_ns == sft_stamp
+
+    uninterrupted = run(recipe, out=whole)
+    curve = lambda root: [(r["step"], r["loss"]) for r in map(json.loads, (root / "dpo" / "metrics.jsonl")  # noqa: E731
+                                                               .read_text().splitlines()) if "loss" in r]
+    assert [s for s, _ in curve(killed)] == list(range(1, 11))
+    for (_, a), (_, b) in zip(curve(killed), curve(whole)):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-7)
+    weights = [load_file(next((root / "dpo" / "final").glob("*.safetensors"))) for root in (killed, whole)]
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        torch.testing.assert_close(weights[0][name], weights[1][name], rtol=1e-5, atol=1e-6)
+    assert set(resumed["table"]) == {"base", "sft", "dpo"}
+    for name, row in uninterrupted["table"].items():
+        for metric, value in row.items():
+            assert resumed["table"][name][metric] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, metric)
+    assert (killed / "report.html").is_file()

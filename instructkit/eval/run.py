@@ -138,6 +138,9 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
           "wins, ties, losses, win_rate, win_rate_ci_low/high, baseline_reward_mean"),
     Suite("perplexity", Needs.MODEL, _perplexity, "loss, perplexity"),
     Suite("ifeval", Needs.OWN_DATA, None, "prompt/instruction-level strict/loose accuracy, per type"),
+    Suite("preference", Needs.OWN_DATA, None,
+          "pref_accuracy, pref_margin, pref_accuracy_per_token: does the model itself give the chosen "
+          "response of held-out pairs the higher log-likelihood"),
 )}
 ALIASES = {"loss": "perplexity", "f1": "accuracy"}
 
@@ -309,6 +312,20 @@ def evaluate(*, model: str | None = None, suites: list[str], data: str | None = 
                              "instruction_id_list, kwargs)", field="data")
         return evaluate_ifeval(data=data, model=model, out=out, max_new_tokens=max_new_tokens,
                                batch_size=batch_size, limit=limit, loaded=loaded, responses=responses)
+    if "preference" in names:
+        if len(names) > 1:
+            raise InputError("preference reads preference pairs: run it as a suite of its own", field="suite")
+        if responses is not None:
+            raise InputError("preference scores the pairs under a model, so it cannot run on --responses",
+                             field="suite")
+        from instructkit.eval.preference import evaluate_preferences
+
+        result = evaluate_preferences(*(loaded or _load(model)), data=data, batch_size=batch_size, limit=limit)
+        samples = result.pop("samples")
+        metrics = {"model": str(model) if model is not None else None, **result}
+        if out:
+            _write(out, metrics, samples)
+        return {"metrics": metrics, "samples": samples}
     # 1. Check the options against the suites before anything slow happens.
     generated = [n for n in names if SUITES[n].needs is Needs.RESPONSES]
     if {"reward", "winrate"} & set(names) and not reward_model:

@@ -122,8 +122,7 @@ class MetricsLog:
         """On resume, drop lines logged after the checkpoint so the curve is not duplicated."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = [json.dumps(r) for r in self.read() if r.get("step", 0) <= step]
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
@@ -134,9 +133,18 @@ class MetricsLog:
             f.flush()
 
     def read(self) -> list[dict[str, Any]]:
+        """The logged records; a last line torn by a killed process is left out."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        records = []
+        for i, line in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i != len(lines) - 1:
+                    raise
+        return records
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ def test_suite_names_aliases_and_did_you_mean():
     assert resolve_suites(["loss", "f1", "accuracy", "exact_match"]) == ["perplexity", "accuracy", "exact_match"]
     with pytest.raises(InputError, match="did you mean 'rouge'"):
         resolve_suites(["rogue"])
-    assert {"exact_match", "accuracy", "bleu", "rouge", "reward", "winrate", "perplexity", "ifeval"} == set(SUITES)
+    assert {"exact_match", "accuracy", "bleu", "rouge", "reward", "winrate", "perplexity", "ifeval",
+            "preference"} == set(SUITES)
 
 
 def test_responses_are_scored_by_every_suite_without_loading_a_model(tmp_path, monkeypatch):

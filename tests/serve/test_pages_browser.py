@@ -8,19 +8,16 @@ import json
 import socket
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-pytest.importorskip("playwright")
 from playwright.sync_api import Page, expect, sync_playwright
 
 from instructkit.serve.labels import export_rankings, write_store
+from tests.browser import ARGS as CHROMIUM_ARGS
+from tests.browser import CHROMIUM
 from tests.tiny import real_tokenizer, tiny_llama, tiny_model_dir
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 
 # Two prompts, three responses each, stored in an order the person does not agree with. The
 # person's ranking, best first; on the second prompt the last two are tied.
@@ -32,8 +29,7 @@ TIED = [[False, False, False], [False, False, True]]
 
 @pytest.fixture(scope="module")
 def browser():
-    if not CHROMIUM.is_file():
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    assert CHROMIUM.is_file(), f"no Chromium at {CHROMIUM}: `make test` installs it (apt-get install chromium)"
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         yield browser

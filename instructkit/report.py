@@ -1,0 +1,214 @@
+"""`report.html`: one self-contained page that shows what each stage of a recipe changed.
+
+Built from a recipe's run folder alone (its ``summary.json``, each stage's ``metrics.jsonl`` and
+the evaluation stage's per-example files), so it can be rebuilt at any time with
+:func:`write_report`. Sections, each with an ``id`` the browser test looks for:
+
+- ``summary``: recipe, stages, final model, time;
+- ``results``: a before/after table per evaluation suite (one row per model: the starting model,
+  its k-shot prompting baseline if asked, then the model after each stage), with the change
+  from the starting model;
+- ``curves``: loss, reward and KL curves per training stage (matplotlib PNGs, inlined);
+- ``samples``: responses of every model to the same held-out prompts, side by side.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+# Curves drawn per training stage: panel title -> metrics.jsonl keys (those present are drawn).
+PANELS: dict[str, tuple[str, ...]] = {
+    "loss": ("loss", "val_loss", "ptx_loss", "value_loss", "policy_loss"),
+    "reward": ("reward_mean", "reward_margin", "reward_accuracy", "accuracy", "val_accuracy", "val_reward_margin"),
+    "KL (nats)": ("kl",),
+}
+
+# Evaluation metric -> the suite it belongs to, by exact name or prefix; the rest go to "other".
+SUITE_OF_METRIC: tuple[tuple[str, str], ...] = (
+    ("exact_match", "exact_match"), ("pref_", "preference"), ("prompt_", "ifeval"), ("instruction_", "ifeval"),
+    ("bleu", "bleu"), ("chrf", "bleu"), ("rouge", "rouge"), ("accuracy", "accuracy"), ("f1", "accuracy"),
+    ("macro_", "accuracy"), ("micro_", "accuracy"), ("precision", "accuracy"), ("recall", "accuracy"),
+    ("loss", "perplexity"), ("perplexity", "perplexity"), ("reward", "reward"), ("win", "winrate"),
+    ("tie", "winrate"), ("loss_rate", "winrate"),
+)
+HIDDEN_METRICS = {"k_shot", "n", "pref_pairs", "seed", "temperature", "max_new_tokens"}
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+def suite_of(metric: str) -> str:
+    for prefix, suite in SUITE_OF_METRIC:
+        if metric.startswith(prefix):
+            return suite
+    return "other"
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl; a torn last line (a killed run) is ignored."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def plot_stage(stage: str, rows: list[dict[str, Any]]) -> str | None:
+    """One PNG (as a data URI) with a panel per metric group that the stage logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(title, [k for k in keys if any(k in r for r in rows)]) for title, keys in PANELS.items()]
+    panels = [(title, keys) for title, keys in panels if keys]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.0), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "step" in r]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o" if len(points) < 12 else None, markersize=3, label=key)
+        ax.set_title(f"{stage}: {title}", fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return html.escape(str(value))
+
+
+def _delta(metric: str, value: Any, start: Any) -> str:
+    if not isinstance(value, (int, float)) or not isinstance(start, (int, float)) or isinstance(value, bool):
+        return ""
+    change = value - start
+    if abs(change) < 1e-12:
+        return ' <span class="same">(±0)</span>'
+    better = (change < 0) if metric.startswith(LOWER_IS_BETTER) else (change > 0)
+    return f' <span class="{"up" if better else "down"}">({change:+.3f})</span>'
+
+
+def results_tables(table: dict[str, dict[str, Any]]) -> str:
+    """A before/after table per suite: rows are models, the first row is the starting point."""
+    if not table:
+        return "<p>No evaluation stage in this recipe.</p>"
+    metrics = [m for m in dict.fromkeys(k for row in table.values() for k in row) if m not in HIDDEN_METRICS]
+    by_suite: dict[str, list[str]] = {}
+    for metric in metrics:
+        by_suite.setdefault(suite_of(metric), []).append(metric)
+    start = next(iter(table.values()))
+    parts = []
+    for suite, names in by_suite.items():
+        head = "".join(f"<th>{html.escape(m)}</th>" for m in names)
+        body = "".join(
+            f"<tr><td>{html.escape(model)}</td>"
+            + "".join(f"<td>{_fmt(row.get(m, '-'))}{'' if row is start else _delta(m, row.get(m), start.get(m))}</td>"
+                      for m in names) + "</tr>"
+            for model, row in table.items())
+        parts.append(f'<h3>{html.escape(suite)}</h3><table class="results" data-suite="{html.escape(suite)}">'
+                     f"<tr><th>model</th>{head}</tr>{body}</table>")
+    return "\n".join(parts)
+
+
+def read_samples(eval_dir: Path, models: list[str], limit: int) -> list[dict[str, Any]]:
+    """Per prompt: the reference (if any) and each model's response, for the first ``limit``
+    prompts that every model answered (generation suites only)."""
+    per_model: dict[str, dict[str, dict[str, Any]]] = {}
+    for model in models:
+        path = eval_dir / f"{model.replace(' ', '_')}.samples.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+        per_model[model] = {r["prompt"]: r for r in rows if "response" in r and isinstance(r.get("prompt"), str)}
+    if not per_model or not all(per_model.values()):
+        return []
+    first = next(iter(per_model.values()))
+    prompts = [p for p in first if all(p in rows for rows in per_model.values())][:limit]
+    return [{"prompt": p, "reference": first[p].get("reference"),
+             "responses": {m: per_model[m][p] for m in models}} for p in prompts]
+
+
+def samples_table(samples: list[dict[str, Any]], models: list[str]) -> str:
+    if not samples:
+        return "<p>No generated responses were recorded.</p>"
+    head = "".join(f"<th>{html.escape(m)}</th>" for m in models)
+    rows = []
+    for s in samples:
+        cells = []
+        for m in models:
+            r = s["responses"][m]
+            mark = "" if "correct" not in r else (' <span class="up">✓</span>' if r["correct"]
+                                                  else ' <span class="down">✗</span>')
+            cells.append(f"<td><pre>{html.escape(str(r['response']))}</pre>{mark}</td>")
+        ref = f"<pre>{html.escape(str(s['reference']))}</pre>" if s.get("reference") is not None else "-"
+        rows.append(f"<tr><td><pre>{html.escape(s['prompt'])}</pre></td><td>{ref}</td>{''.join(cells)}</tr>")
+    return f'<table class="samples"><tr><th>prompt</th><th>reference</th>{head}</tr>{"".join(rows)}</table>'
+
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.3em .6em;vertical-align:top}
+th{background:#f3f3f3}td pre{white-space:pre-wrap;margin:0;font-size:.85em;max-width:28em}
+.up{color:#1a7f37}.down{color:#c0392b}.same{color:#888}img{max-width:100%;border:1px solid #eee}
+"""
+
+
+def render(summary: dict[str, Any], root: Path, *, sample_limit: int = 6) -> str:
+    """The report's HTML for a recipe folder whose stages have run."""
+    stages: dict[str, Any] = summary.get("stages", {})
+    table: dict[str, dict[str, Any]] = summary.get("table") or {}
+    facts = [("recipe", summary.get("recipe")), ("stages", " → ".join(stages)),
+             ("final model", summary.get("final_model")), ("seconds", summary.get("seconds"))]
+    for stage, info in stages.items():
+        for key in ("steps", "train_seconds", "tokens_per_s", "val_accuracy", "val_reward_margin"):
+            if isinstance(info, dict) and key in info:
+                facts.append((f"{stage} {key}", info[key]))
+    summary_html = "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in facts)
+
+    curves = []
+    for stage in stages:
+        if stage == "eval":
+            continue
+        image = plot_stage(stage, read_metrics(root / stage / "metrics.jsonl"))
+        if image:
+            curves.append(f'<figure><img alt="{html.escape(stage)} curves" src="{image}">'
+                          f"<figcaption>{html.escape(stage)}</figcaption></figure>")
+    models = list(table)
+    samples = read_samples(root / "eval", [m for m in models], sample_limit)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>instructkit report: {html.escape(str(summary.get("recipe")))}</title>
+<style>{STYLE}</style></head><body>
+<h1>instructkit report: {html.escape(str(summary.get("recipe")))}</h1>
+<section id="summary"><h2>Summary</h2><table>{summary_html}</table></section>
+<section id="results"><h2>Held-out results, before and after each stage</h2>
+<p>Each table is one evaluation suite; the first row is the starting model and the change from it is in
+brackets (green: better).</p>{results_tables(table)}</section>
+<section id="curves"><h2>Training curves</h2>{"".join(curves) or "<p>No training stage logged metrics.</p>"}</section>
+<section id="samples"><h2>Sample responses on held-out prompts</h2>{samples_table(samples, models)}</section>
+</body></html>
+"""
+
+
+def write_report(root: str | Path, summary: dict[str, Any] | None = None) -> Path:
+    """Write ``root/report.html`` (atomically) for a recipe folder; returns its path."""
+    from instructkit.train.engine import atomic_write_text
+
+    root = Path(root)
+    summary = summary if summary is not None else json.loads((root / "summary.json").read_text())
+    path = root / "report.html"
+    atomic_write_text(path, render(summary, root))
+    return path
