@@ -25,10 +25,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from instructkit.data.templates import encode_prompt
 from instructkit.errors import InputError
 from instructkit.serve.engine import DEFAULT_MAX_BATCH, Batcher, Choice, EngineError, QueueFull, Sampling, Submission
-from instructkit.serve.schema import ChatCompletionRequest, CompletionRequest, _Sampling
+from instructkit.serve.schema import (STREAM_DESCRIPTION, ChatCompletion, ChatCompletionRequest, Completion,
+                                      CompletionRequest, ErrorResponse, Health, ModelList, _Sampling)
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_MAX_QUEUE = 16
+ERROR_STATUSES = {
+    400: "malformed body, unknown field, value out of range, or prompt + max_tokens past the context",
+    401: "an API key is set and the request lacks it or has another",
+    404: "`model` names a model this server does not serve",
+    500: "generation failed (the message says why)",
+    503: "the batch is full and max_queue requests already wait",
+}
 
 
 class APIError(Exception):
@@ -112,23 +120,34 @@ def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | No
             raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
                            code="invalid_api_key")
 
-    # 3. Endpoints.
-    @app.get("/health")
+    # 3. Endpoints, with every status they answer documented in /openapi.json.
+    def errors(*statuses: int) -> dict:
+        return {status: {"model": ErrorResponse, "description": ERROR_STATUSES[status]} for status in statuses}
+
+    def answers(model: type) -> dict:
+        event = {"type": "object", "required": ["data"], "description": STREAM_DESCRIPTION,
+                 "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}
+        stream = {"text/event-stream": {"schema": event}}
+        return {200: {"model": model, "content": stream}, **errors(400, 401, 404, 500, 503)}
+
+    @app.get("/health", response_model=Health)
     async def health() -> dict:
         return {"status": "ok", "model": model_name, "busy": engine.running > 0, "generating": engine.running,
                 "waiting": engine.waiting}
 
-    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    @app.get("/v1/models", dependencies=[Depends(authorized)], response_model=ModelList, responses=errors(401))
     async def models() -> dict:
         return {"object": "list",
                 "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "instructkit"}]}
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)], response_model=ChatCompletion,
+              responses=answers(ChatCompletion))
     async def chat_completions(body: ChatCompletionRequest):
         messages = [m.model_dump() for m in body.messages]
         return await _answer(body, messages, chat=True)
 
-    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    @app.post("/v1/completions", dependencies=[Depends(authorized)], response_model=Completion,
+              responses=answers(Completion))
     async def completions(body: CompletionRequest):
         return await _answer(body, [{"role": "user", "content": body.prompt}], chat=False)
 
@@ -196,6 +215,20 @@ def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | No
             yield f"data: {json.dumps({'error': error})}\n\n"
         finally:
             sub.cancel()  # the client went away, or the stream ended: either way the rows may go
+
+    # FastAPI documents a 422 for every body; this app answers invalid bodies with 400 instead.
+    default_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = default_openapi()
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     # 4. Web pages: chat, ranking (with a label store), runs.
     from instructkit.serve.pages import make_router

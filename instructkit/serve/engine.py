@@ -97,6 +97,49 @@ def held_back(text: str, stops: Sequence[str]) -> int:
     return longest
 
 
+def pick(logits: Any, temperature: Sequence[float], top_p: Sequence[float], generators: Sequence[Any]) -> list[int]:
+    """Each row's next token from ``logits`` (B, V): argmax where its temperature is 0, else a
+    sample after temperature and nucleus (top_p) filtering as transformers' warpers do it (no
+    top-k), drawn with the Gumbel-max trick from V uniforms of the row's own generator.
+
+    A row's draw depends only on its logits and its generator, never on the other rows, which
+    is what makes a seeded request the same alone and batched. Gumbel-max rather than inverse
+    CDF because a batch of another size computes logits that differ in the last float bits: an
+    inverse-CDF draw over 49k tokens lands within such a difference of a boundary every few
+    dozen tokens, while the top two Gumbel-perturbed scores are almost never that close.
+    Naive equivalent per row (the same distribution, a different draw)::
+
+        probs = top_p_filter(logits[b] / temperature[b]).softmax(-1)
+        torch.multinomial(probs, 1, generator=generators[b])
+    """
+    import torch
+
+    tokens = logits.argmax(dim=-1)  # (B,)
+    sampled = [b for b, t in enumerate(temperature) if t > 0]
+    if not sampled:
+        return tokens.tolist()
+    index = torch.tensor(sampled, device=logits.device)
+    temp = torch.tensor([temperature[b] for b in sampled], dtype=logits.dtype, device=logits.device)[:, None]
+    scores = logits[index] / temp  # (S, V)
+    # A temperature so small that the scores overflow: use its limit, greedy.
+    overflow = torch.isnan(scores).any(dim=-1) | torch.isposinf(scores).any(dim=-1)  # (S,)
+    scores[overflow] = 0.0
+    keep = torch.tensor([top_p[b] for b in sampled], dtype=logits.dtype, device=logits.device)[:, None]
+    if bool((keep < 1).any()):
+        sorted_scores, order = scores.sort(dim=-1)  # ascending
+        remove = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= 1 - keep
+        remove[:, -1] = False  # the most likely token always stays
+        scores = scores.scatter(-1, order, sorted_scores.masked_fill(remove, float("-inf")))
+    vocab = logits.shape[-1]
+    uniform = torch.stack([torch.rand(vocab, generator=generators[b], device=logits.device,
+                                      dtype=logits.dtype) for b in sampled])  # (S, V) in [0, 1)
+    # argmax(scores + Gumbel noise) is distributed as softmax(scores); a -inf score (filtered
+    # out by top_p, or masked by the model) is never drawn.
+    drawn = (scores - torch.log(-torch.log(uniform))).argmax(dim=-1)  # (S,)
+    tokens[index] = torch.where(overflow, tokens[index], drawn)
+    return tokens.tolist()
+
+
 class Submission:
     """One request on its way through the batcher: its choices' pieces and results, in the
     event loop that submitted it.
@@ -155,26 +198,6 @@ class _Row:
         self.ids: list[int] = []  # generated, the stop token included when there is one
         self.count = 0  # generated tokens that are not a stop token
         self.sent = ""  # text already sent as pieces
-
-    def pick(self, logits: Any) -> int:
-        """The next token from this row's logits ``(V,)``: argmax, or a sample after temperature
-        and nucleus (top_p) filtering, as transformers' warpers do it (no top-k)."""
-        import torch
-
-        s = self.sampling
-        if s.temperature == 0:
-            return int(torch.argmax(logits))
-        scores = logits / s.temperature
-        if torch.isnan(scores).any() or torch.isposinf(scores).any():
-            return int(torch.argmax(logits))  # a temperature so small it overflows: the greedy limit
-        if s.top_p < 1.0:
-            sorted_scores, order = torch.sort(scores, descending=False)
-            cumulative = sorted_scores.softmax(-1).cumsum(-1)
-            remove = cumulative <= 1 - s.top_p
-            remove[-1] = False  # keep at least the most likely token
-            scores = scores.scatter(0, order, sorted_scores.masked_fill(remove, float("-inf")))
-        probs = scores.softmax(-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
 
     def push(self, token: int, tokenizer: Any) -> bool:
         """Take the next token, send the text that is now certain; True when the row is done."""
@@ -250,7 +273,7 @@ class Batcher:
         rows = [_Row(sub, i, list(prompt_ids), sampling, stop_ids, stop_strings, self.device) for i in range(n)]
         with self._wake:
             if self._closed:
-                raise EngineError("the server is shutting down")
+                raise QueueFull("the server is shutting down")
             free, queued = self._room()
             if n > free and queued >= self.max_queue:
                 raise QueueFull(f"the server is busy: {queued} requests already wait for a full batch "
@@ -292,15 +315,20 @@ class Batcher:
             self._wake.notify()
 
     def close(self) -> None:
-        """Stop the worker after its current step; requests still queued get an :class:`EngineError`."""
+        """Stop the worker after its current step; requests not finished get an :class:`EngineError`.
+        A later :meth:`submit` starts a new worker (an app's lifespan may run more than once)."""
         with self._wake:
             self._closed = True
             self._wake.notify()
-        if self._thread is not None:
-            self._thread.join()
-        for row in [*self._rows, *self._pending]:
-            row.sub._put(EngineError("the server shut down before this request finished"))
-        self._rows, self._pending = [], collections.deque()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        with self._wake:
+            for sub in {row.sub for row in [*self._rows, *self._pending]}:
+                sub._put(EngineError("the server shut down before this request finished"))
+            self._rows, self._pending, self._waiting = [], collections.deque(), collections.Counter()
+            self._mask = self._cache = self._logits = None
+            self._thread, self._closed = None, False
 
     # -- the worker's side -------------------------------------------------------------------
 
@@ -344,7 +372,9 @@ class Batcher:
         if not self._rows:
             return
         # 2. Each row's next token, with its own sampling settings and generator.
-        tokens = [row.pick(self._logits[b]) for b, row in enumerate(self._rows)]
+        rows = self._rows
+        tokens = pick(self._logits, [r.sampling.temperature for r in rows], [r.sampling.top_p for r in rows],
+                      [r.generator for r in rows])
         self.step_sizes[len(self._rows)] += 1
         # 3. Send the new text; keep the rows that go on.
         keep = [b for b, (row, token) in enumerate(zip(self._rows, tokens))

@@ -1,5 +1,5 @@
-"""The request bodies the server accepts, as pydantic models: FastAPI validates them and writes
-them into ``/openapi.json``.
+"""The request bodies the server accepts and the answers it gives, as pydantic models: FastAPI
+validates requests and JSON answers against them and writes them into ``/openapi.json``.
 
 Fields follow OpenAI's API. Fields we do not honour are refused (400 naming the field) rather
 than silently ignored, so a client never believes it got e.g. ``presence_penalty`` when it did not.
@@ -54,3 +54,90 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str = Field(..., min_length=1, description="sent as one user message through the chat template")
+
+
+# -- Responses: documented in /openapi.json (so clients and schemathesis can check them); the
+# JSON ones are also what FastAPI validates each answer against before sending it.
+
+FinishReason = Literal["stop", "length"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(..., description="tokens of the rendered prompt")
+    completion_tokens: int = Field(..., description="tokens generated over all choices (a final eos not counted)")
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    model: str
+    busy: bool = Field(..., description="some request is generating")
+    generating: int = Field(..., description="choices (batch rows) generating now")
+    waiting: int = Field(..., description="requests whose choices have not all started")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str = Field(..., description="invalid_request_error, not_found_error or server_error")
+    param: str | None = Field(..., description="the request field at fault, when there is one")
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error body, in OpenAI's shape."""
+
+    error: ErrorDetail
+
+
+STREAM_DESCRIPTION = ("one server-sent event of a `stream: true` answer: `data` is a JSON chunk "
+                      "(`object` chat.completion.chunk with `choices[].delta`, or text_completion with "
+                      "`choices[].text`; `index` says which choice), or `[DONE]` at the end")

@@ -9,7 +9,7 @@ import pytest
 
 from instructkit.data.templates import encode_prompt
 from instructkit.generation import generate
-from instructkit.serve.engine import Batcher, Choice, Piece, QueueFull, Sampling, choice_seed, held_back
+from instructkit.serve.engine import Batcher, Choice, Piece, QueueFull, Sampling, choice_seed, held_back, pick
 from tests.tiny import real_tokenizer, tiny_llama
 
 # Prompts of different lengths, so a batch of them is left-padded.
@@ -190,3 +190,38 @@ def test_choice_seeds_and_held_back():
     assert held_back("hello wor", ["world"]) == 3
     assert held_back("hello", ["xyz"]) == 0
     assert held_back("ab", ["abc", "bcd"]) == 2
+
+
+def generators(*seeds):
+    import torch
+
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def test_pick_greedy_rows_take_the_argmax_and_tiny_top_p_keeps_only_it():
+    import torch
+
+    logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0], [0.0, 1.0, 5.0]])
+    assert pick(logits, [0.0, 0.0, 0.0], [1.0] * 3, [None] * 3) == [1, 0, 2]
+    # top_p 1e-6 keeps only the most likely token; a temperature of 1e-300 overflows to greedy.
+    assert pick(logits, [1.0, 1e-300, 2.0], [1e-6, 1.0, 1e-6], generators(1, 2, 3)) == [1, 0, 2]
+
+
+def test_pick_samples_each_row_from_its_own_distribution_and_generator():
+    import math
+
+    import torch
+
+    # Row 0: p(token 1) = 3 / (1 + 3) = 0.75; token 2 has probability 0 and is never drawn.
+    row = torch.tensor([0.0, math.log(3.0), float("-inf")])
+    draws = [pick(row[None], [1.0], [1.0], [g])[0] for g in generators(*range(4000))]
+    assert 2 not in draws
+    # 4000 draws: standard error sqrt(0.75 * 0.25 / 4000) = 0.0068; 0.03 is over 4 of them.
+    assert abs(draws.count(1) / 4000 - 0.75) < 0.03
+    # The same generator state gives the same draw whatever the other rows are.
+    other = torch.randn(3, 3)
+    for seed in range(20):
+        alone = pick(row[None], [1.0], [1.0], generators(seed))[0]
+        batched = pick(torch.cat([other[:1], row[None], other[1:]]), [0.5, 1.0, 0.0], [0.9, 1.0, 1.0],
+                       generators(99, seed, 7))[1]
+        assert alone == batched
