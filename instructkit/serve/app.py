@@ -166,7 +166,8 @@ def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | No
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
                 "model": model_name}
         if body.stream:
-            return StreamingResponse(_stream(sub, meta, chat), media_type="text/event-stream",
+            usage = len(prompt_ids) if body.stream_options and body.stream_options.include_usage else None
+            return StreamingResponse(_stream(sub, meta, chat, usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         try:
             done = await sub.choices()
@@ -192,8 +193,10 @@ def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | No
                            code="context_length_exceeded")
         return wanted
 
-    async def _stream(sub: Submission, meta: dict, chat: bool) -> AsyncIterator[str]:
+    async def _stream(sub: Submission, meta: dict, chat: bool, prompt_tokens: int | None) -> AsyncIterator[str]:
+        """The answer as server-sent events; with ``prompt_tokens``, a last chunk has the usage."""
         obj = "chat.completion.chunk" if chat else "text_completion"
+        completion = 0
 
         def event(index: int, delta: dict | str, finish: str | None = None) -> str:
             choice = ({"index": index, "delta": delta, "logprobs": None, "finish_reason": finish} if chat
@@ -206,9 +209,14 @@ def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | No
                     yield event(index, {"role": "assistant", "content": ""})
             async for item in sub.events():
                 if isinstance(item, Choice):
+                    completion += item.completion_tokens
                     yield event(item.index, {} if chat else "", item.finish_reason)
                 else:
                     yield event(item.index, {"content": item.text} if chat else item.text)
+            if prompt_tokens is not None:
+                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                         "total_tokens": prompt_tokens + completion}
+                yield f"data: {json.dumps({**meta, 'object': obj, 'choices': [], 'usage': usage})}\n\n"
             yield "data: [DONE]\n\n"
         except EngineError as exc:  # the status line is already sent: the error goes in the stream
             error = {"message": str(exc), "type": "server_error", "param": None, "code": "generation_failed"}

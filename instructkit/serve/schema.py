@@ -22,6 +22,12 @@ class ChatMessage(BaseModel):
     content: str
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    include_usage: bool = Field(False, description="send a last chunk with `usage` and no choices")
+
+
 class _Sampling(BaseModel):
     """Parameters shared by both completion endpoints."""
 
@@ -35,6 +41,7 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP} strings; the text ends before the first")
     seed: int | None = Field(None, description="same seed and parameters give the same text; default: a fresh one")
     stream: bool = False
+    stream_options: StreamOptions | None = Field(None, description="only with `stream: true`")
 
     @field_validator("stop")
     @classmethod

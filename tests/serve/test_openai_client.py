@@ -197,3 +197,11 @@ def test_full_queue_answers_503(model):
             engine.resume()
             sender.join()
         assert first and first[0]
+
+
+def test_stream_options_include_usage(client):
+    whole = client.chat.completions.create(model=NAME, messages=HELLO, temperature=0, max_tokens=12)
+    chunks = list(client.chat.completions.create(model=NAME, messages=HELLO, temperature=0, max_tokens=12,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert all(c.usage is None for c in chunks[:-1])
