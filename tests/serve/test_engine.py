@@ -225,3 +225,20 @@ def test_pick_samples_each_row_from_its_own_distribution_and_generator():
         batched = pick(torch.cat([other[:1], row[None], other[1:]]), [0.5, 1.0, 0.0], [0.9, 1.0, 1.0],
                        generators(99, seed, 7))[1]
         assert alone == batched
+
+
+def test_a_cancelled_running_request_leaves_the_batch(model):
+    ids = prompt_ids(PROMPTS[1])
+
+    async def body(engine):
+        gone = engine.submit(ids, Sampling(max_new_tokens=60))
+        events = gone.events()
+        await events.__anext__()  # it is generating
+        gone.cancel()  # what the server does when the client disconnects
+        stays = await engine.submit(ids, Sampling(max_new_tokens=3)).choices()
+        return stays
+
+    stays, engine = run(model, body)
+    assert stays[0].completion_tokens == 3
+    # The 60-token request stopped: far fewer rows were run than its 60 tokens would need.
+    assert sum(size * steps for size, steps in engine.step_sizes.items()) < 30
