@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from instructkit.errors import InputError
 from instructkit.generation import _decode, _left_pad, _stops
 
 DEFAULT_MAX_BATCH = 8
@@ -236,9 +237,9 @@ class Batcher:
 
     def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = 16) -> None:
         if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+            raise InputError(f"max_batch must be at least 1, got {max_batch}", field="max_batch")
         if max_queue < 0:
-            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+            raise InputError(f"max_queue must be at least 0, got {max_queue}", field="max_queue")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.device = next(model.parameters()).device

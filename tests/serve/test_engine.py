@@ -242,3 +242,12 @@ def test_a_cancelled_running_request_leaves_the_batch(model):
     assert stays[0].completion_tokens == 3
     # The 60-token request stopped: far fewer rows were run than its 60 tokens would need.
     assert sum(size * steps for size, steps in engine.step_sizes.items()) < 30
+
+
+def test_batch_and_queue_sizes_are_checked(model):
+    from instructkit.errors import InputError
+
+    with pytest.raises(InputError, match="max_batch"):
+        Batcher(model, real_tokenizer(), max_batch=0)
+    with pytest.raises(InputError, match="max_queue"):
+        Batcher(model, real_tokenizer(), max_queue=-1)
