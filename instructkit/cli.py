@@ -44,8 +44,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     words = list(args.recipe_and_overrides)
     recipe = words.pop(0) if words and "=" not in words[0] else None
-    summary = run(recipe, out=args.out, overrides=words, from_stage=args.from_stage)
-    print(json.dumps(summary.get("table", summary), indent=2))
+    run(recipe, out=args.out, overrides=words, from_stage=args.from_stage)  # prints its table and paths
     return 0
 
 

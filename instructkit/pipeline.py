@@ -227,12 +227,15 @@ def _print_table(summary: dict[str, Any]) -> None:
     table = summary.get("table") or {}
     if not table:
         return
-    metrics = sorted({k for row in table.values() for k in row if k not in ("k_shot", "n")})
+    from instructkit.report import HIDDEN_METRICS
+
+    metrics = list(dict.fromkeys(k for row in table.values() for k in row if k not in HIDDEN_METRICS))
     width = max(len(name) for name in table) + 2
-    print("\n" + "model".ljust(width) + "".join(m.rjust(14) for m in metrics))
+    widths = [max(10, len(m) + 2) for m in metrics]
+    print("\n" + "model".ljust(width) + "".join(m.rjust(w) for m, w in zip(metrics, widths)))
     for name, row in table.items():
-        cells = "".join((f"{row[m]:.3f}" if isinstance(row.get(m), float) else str(row.get(m, "-"))).rjust(14)
-                        for m in metrics)
+        cells = "".join((f"{row[m]:.3f}" if isinstance(row.get(m), float) else str(row.get(m, "-"))).rjust(w)
+                        for m, w in zip(metrics, widths))
         print(name.ljust(width) + cells)
     print(f"\nrun folder: {summary['out']}  (summary.json)")
     if summary.get("report"):

@@ -306,7 +306,8 @@ def dpo(config: DPOConfig | str | Path | dict | None = None, overrides: list[str
     result = engine.fit(
         loss_module=loss_module, model=model, examples=train_ex, collate=collate, weight=lambda e: 1,
         length=lambda e: sum(len(ids) for ids, _ in _rows(e)), train=cfg.train, optim=cfg.optim, run=run,
-        accelerator=accelerator, val_examples=val_ex, on_step=on_step,
+        # Held-out pairs go to the loop only for periodic evaluation: the final pass is step 7's.
+        accelerator=accelerator, val_examples=val_ex if cfg.train.eval_every else (), on_step=on_step,
         count_key="pairs" if spec.paired else "examples",
         extra_metrics=lambda batch: dict(loss_module.last), finish_metrics=finish_metrics)
 
