@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from instructkit.errors import InputError
+from instructkit.fileio import atomic_write_text
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 30_000
@@ -436,17 +437,7 @@ def export_rankings(store: str | Path, out: str | Path) -> dict[str, Any]:
                          "--label-store`)", file=str(store))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     annotators = sorted({r["annotator"] for r in records})
     return {"out": str(out), "rankings": len(records), "left_out": left_out,
             "prompts": len({r["prompt_id"] for r in records}), "annotators": annotators}
