@@ -43,38 +43,24 @@ def test_micro_batches_partition_the_step_across_ranks():
     assert sorted(i for p in parts for mb in p for i in mb) == indices
 
 
-def test_atomic_write_leaves_the_old_file_when_interrupted(tmp_path, monkeypatch):
-    path = tmp_path / "summary.json"
-    engine.atomic_write_json(path, {"a": 1})
-
-    def fail(*args):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(engine.os, "replace", fail)
-    with pytest.raises(KeyboardInterrupt):
-        engine.atomic_write_json(path, {"a": 2})
-    assert path.read_text().strip().startswith("{") and '"a": 1' in path.read_text()
-    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
-
-
-def test_atomic_dir_replaces_only_when_complete(tmp_path):
-    target = tmp_path / "final"
-    with engine.atomic_dir(target) as tmp:
-        (tmp / "x").write_text("1")
-    with pytest.raises(RuntimeError):
-        with engine.atomic_dir(target) as tmp:
-            (tmp / "x").write_text("2")
-            raise RuntimeError
-    assert (target / "x").read_text() == "1"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
-
-
 def test_metrics_truncate_after_resume_point(tmp_path):
     log = engine.MetricsLog(tmp_path / "m.jsonl")
     for step in range(1, 6):
         log.write({"step": step, "loss": 1.0 / step})
     log.truncate_after(3)
     assert [r["step"] for r in log.read()] == [1, 2, 3]
+
+
+def test_metrics_of_a_killed_run_drop_only_a_torn_last_line(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n{"step": 3, "lo')
+    log = engine.MetricsLog(path)
+    assert [r["step"] for r in log.read()] == [1, 2]
+    log.truncate_after(1)
+    assert path.read_text() == '{"step": 1, "loss": 1.0}\n'
+    path.write_text('{"step": 1, "lo\n{"step": 2, "loss": 0.5}\n')  # torn in the middle: not a kill
+    with pytest.raises(ValueError):
+        log.read()
 
 
 def test_early_stopping_keeps_the_best_weights(tmp_path):
