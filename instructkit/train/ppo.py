@@ -139,7 +139,7 @@ class Reference:
 
 def value_model_from_policy(causal_lm: nn.Module) -> nn.Module:
     """A one-label sequence classifier (the reward-model architecture) with a copy of the
-    policy's backbone weights and a fresh, small scalar head. Unlike
+    policy's backbone weights and a scalar head that starts at zero. Unlike
     :func:`instructkit.models.reward_model.reward_model_from_causal_lm`, it leaves the tokenizer,
     the policy's config and the global random seed alone."""
     from transformers import AutoModelForSequenceClassification
@@ -149,7 +149,10 @@ def value_model_from_policy(causal_lm: nn.Module) -> nn.Module:
     value = AutoModelForSequenceClassification.from_config(config, dtype=causal_lm.dtype)
     prefix = value.base_model_prefix
     getattr(value, prefix).load_state_dict(getattr(causal_lm, prefix).state_dict())
-    nn.init.normal_(value.score.weight, std=1.0 / (config.hidden_size + 1) ** 0.5)
+    # Zero, not random: a random head's values are noise of the size of the rewards, and GAE
+    # would turn that noise into the first advantages. From zero, the first advantages are the
+    # (discounted) returns, and the head learns from there (its gradient is the hidden state).
+    nn.init.zeros_(value.score.weight)
     return value
 
 

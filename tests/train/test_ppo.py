@@ -386,6 +386,23 @@ def test_reward_model_scores_and_starts_the_value_model(sft_model, prompts, tmp_
     assert summary["steps"] == 2
 
 
+def test_value_model_from_the_policy_starts_at_zero_with_the_policy_backbone(sft_model):
+    """Without a reward model, the value model is the policy's backbone and a zero head: every
+    first value is exactly 0 (so the first GAE advantages are the returns, not head noise),
+    while the head's gradient (the hidden state) is not zero, so it learns."""
+    from instructkit.models.loading import load_model
+    from instructkit.train.ppo import value_model_from_policy
+
+    policy = load_model(sft_model, device="cpu", dtype="fp32")
+    value = value_model_from_policy(policy)
+    assert torch.equal(value.model.embed_tokens.weight, policy.model.embed_tokens.weight)
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    scores = value(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert torch.equal(scores, torch.zeros_like(scores))
+    scores.sum().backward()
+    assert value.score.weight.grad.abs().sum() > 0
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input fails before training, naming the place
 
