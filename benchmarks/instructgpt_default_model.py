@@ -13,7 +13,8 @@
        541 IFEval prompts (greedy, ``--ifeval-max-new-tokens``).
 
 Not a speed benchmark: it reports what each stage changes. Sizes default to what a GPU does in
-minutes; ``--small`` shrinks them for this 2-core CPU. Results go to ``--out``/results.json and
+minutes; ``--small`` shrinks them for this 2-core CPU (``--ppo-cpu``: the ppo stage at CPU size
+with the full 100 held-out prompts). Results go to ``--out``/results.json and
 a table on stdout. Data files come from ``--data-dir`` (default: ../shared/data beside the repo).
 """
 
@@ -65,6 +66,9 @@ def main() -> None:
     p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     p.add_argument("--out", default="runs/instructgpt-default")
     p.add_argument("--small", action="store_true", help="CPU-sized runs")
+    p.add_argument("--ppo-cpu", action="store_true",
+                   help="ppo sized for a 2-core CPU: 16 prompts a step, 48 new tokens, 20 steps, lr 1e-4, "
+                        "still 400 train / 100 held-out prompts")
     p.add_argument("--ppo-steps", type=int, default=None)
     p.add_argument("--advantage", default="gae", help="gae (PPO with a value model), grpo or rloo")
     p.add_argument("--ppo-lr", type=float, default=None)
@@ -115,25 +119,30 @@ def main() -> None:
     if "ppo" in stages:
         from instructkit.train.ppo import ppo
 
+        cpu = args.ppo_cpu  # 100 held-out prompts as on a GPU, CPU-sized rollouts
         prompts, held = no_comma_prompts(data / "peers" / "llama-factory" / "alpaca_en_demo.json", out,
-                                         n=100 if small else 500)
-        new_tokens = args.ppo_new_tokens or (48 if small else 128)
-        results["ppo_before"] = pass_rate(args.model, held, new_tokens, 16 if small else 64)
+                                         n=100 if small and not cpu else 500)
+        new_tokens = args.ppo_new_tokens or (48 if small or cpu else 128)
+        eval_batch = 50 if cpu else 16 if small else 64
+        rollout = 16 if cpu else 8 if small else 64
+        results["ppo_before"] = pass_rate(args.model, held, new_tokens, eval_batch)
         save()
         t = time.time()
         s = ppo({"model": args.model, "out": str(out / "ppo"), "data": {"path": str(prompts)},
                  "reward": {"function": "instructkit.verifiers:ifeval_reward"},
                  "peft": {"method": "lora", "r": 16, "alpha": 32}, "advantage": args.advantage,
                  "group_size": 1 if args.advantage == "gae" else 4,
-                 "rollout_batch_size": (8 if small else 64) // (1 if args.advantage == "gae" else 4), "max_new_tokens": new_tokens, "temperature": 1.0,
+                 "rollout_batch_size": rollout // (1 if args.advantage == "gae" else 4),
+                 "max_new_tokens": new_tokens, "temperature": 1.0,
                  "ppo_epochs": 2, "kl_coef": 0.05, "missing_eos_penalty": None,
-                 "optim": {"lr": args.ppo_lr or 5e-5, "scheduler": "constant"},
-                 "train": {"max_steps": args.ppo_steps or (8 if small else 40), "batch_size": 8 if small else 32,
-                           "progress": False, "dtype": args.dtype}})
+                 "optim": {"lr": args.ppo_lr or (1e-4 if cpu else 5e-5), "scheduler": "constant"},
+                 "train": {"max_steps": args.ppo_steps or (20 if cpu else 8 if small else 40),
+                           "batch_size": 16 if cpu else 8 if small else 32, "progress": False, "dtype": args.dtype}})
         results["ppo_settings"] = {"advantage": args.advantage, "steps": args.ppo_steps, "lr": args.ppo_lr,
-                                   "max_new_tokens": new_tokens, "dtype": args.dtype}
+                                   "max_new_tokens": new_tokens, "dtype": args.dtype, "cpu_preset": cpu,
+                                   "prompts_per_step": rollout, "held_out": len(held)}
         results["ppo"] = {k: v for k, v in s.items() if isinstance(v, (int, float))} | {"seconds": time.time() - t}
-        results["ppo_after"] = pass_rate(str(out / "ppo"), held, new_tokens, 16 if small else 64)
+        results["ppo_after"] = pass_rate(str(out / "ppo"), held, new_tokens, eval_batch)
         metrics = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
         results["ppo_curve"] = [{k: m.get(k) for k in ("step", "reward_mean", "kl", "response_length")}
                                 for m in metrics]
