@@ -154,22 +154,15 @@ def run_worker(script: str | Path, name: str, args: list[str]) -> dict[str, Any]
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write JSON via a temporary file and a rename, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    from instructkit.fileio import atomic_write_json  # stdlib only: the parent stays light
+
+    atomic_write_json(path, data)
 
 
-# ----------------------------------------------------------------------------------------------
-# Machine and report
+def save_results(path: str | Path, benchmark: str, **fields: Any) -> None:
+    """A benchmark's results file: its name, the given fields and when it was made; says where."""
+    write_json_atomic(path, {"benchmark": benchmark, **fields, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    print(f"\nresults: {path}", file=sys.stderr)
 
 
 def _cpu_model() -> str:

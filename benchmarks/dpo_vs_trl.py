@@ -84,7 +84,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import (MemoryProbe, StepClock, machine_info, markdown_table, measure_callback, run_worker, trainable_hash,
-                     trl_fair_args, write_json_atomic)
+                     save_results, trl_fair_args, write_json_atomic)
 
 HERE = Path(__file__).resolve().parent
 FRAMEWORKS = ("instructkit", "trl")
@@ -538,10 +538,8 @@ def main(argv: list[str] | None = None) -> int:
 
     suffix = ("-adapter" if settings.reference == "adapter" else "") + ("-quick" if args.quick else "")
     out = args.out or HERE / "results" / f"dpo_vs_trl{suffix}.json"
-    write_json_atomic(out, {"benchmark": "dpo_vs_trl", "settings": dataclasses.asdict(settings), "data": data,
-                            "machine": machine, "checks": check, "results": results,
-                            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    print(f"\nresults: {out}", file=sys.stderr)
+    save_results(out, "dpo_vs_trl", settings=dataclasses.asdict(settings), data=data, machine=machine,
+                 checks=check, results=results)
     return 0
 
 

@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import machine_info, markdown_table, run_worker, write_json_atomic
+from _common import machine_info, markdown_table, run_worker, save_results, write_json_atomic
 
 HERE = Path(__file__).resolve().parent
 PACKAGES = ("instructkit", "torch", "transformers", "fastapi", "uvicorn", "httpx")
@@ -328,11 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report(results, machine, args, same_text))
 
     out = args.out or HERE / "results" / ("serve_load-quick.json" if args.quick else "serve_load.json")
-    write_json_atomic(out, {"benchmark": "serve_load", "settings": {k: v for k, v in vars(args).items()
-                                                                    if k not in ("worker", "result", "out")},
-                            "machine": machine, "same_text": same_text, "results": results,
-                            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    print(f"\nresults: {out}", file=sys.stderr)
+    settings = {k: v for k, v in vars(args).items() if k not in ("worker", "result", "out")}
+    save_results(out, "serve_load", settings=settings, machine=machine, same_text=same_text, results=results)
     return 0
 
 

@@ -67,12 +67,11 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from _common import (MemoryProbe, StepClock, machine_info, markdown_table, measure_callback, run_worker, trainable_hash,
-                     trl_fair_args, write_json_atomic)
+                     save_results, trl_fair_args, write_json_atomic)
 
 HERE = Path(__file__).resolve().parent
 FRAMEWORKS = ("instructkit", "trl")
@@ -416,10 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report(results, machine, check))
 
     out = args.out or HERE / "results" / ("sft_vs_trl-quick.json" if args.quick else "sft_vs_trl.json")
-    write_json_atomic(out, {"benchmark": "sft_vs_trl", "settings": dataclasses.asdict(settings), "machine": machine,
-                            "checks": check, "results": results,
-                            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    print(f"\nresults: {out}", file=sys.stderr)
+    save_results(out, "sft_vs_trl", settings=dataclasses.asdict(settings), machine=machine, checks=check,
+                 results=results)
     return 0
 
 
