@@ -90,13 +90,13 @@ def worker_hf(args: argparse.Namespace) -> dict[str, Any]:
     from transformers.generation.streamers import BaseStreamer
 
     from instructkit.data.templates import encode_prompt
-    from instructkit.generation import _stops
+    from instructkit.generation import stop_tokens
     from instructkit.models.loading import load_model_and_tokenizer
 
     set_threads(args.threads)
     model, tokenizer = load_model_and_tokenizer(args.model)
     model.eval()
-    stop_ids, _ = _stops(model, tokenizer, None, None)
+    stop_ids, _ = stop_tokens(model, tokenizer, None, None)
 
     class FirstToken(BaseStreamer):
         """Stamps the first ``put`` after the prompt's (the first generated token)."""

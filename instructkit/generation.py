@@ -62,7 +62,7 @@ def generate(
     for i, p in enumerate(ids):
         if not p:
             raise InputError("the prompt is empty", record=i)
-    stop_ids, stop_strings = _stops(model, tokenizer, stop, template)
+    stop_ids, stop_strings = stop_tokens(model, tokenizer, stop, template)
     # Added tokens (<|im_end|>) never hide inside another token, so their id is enough;
     # other strings can end mid-token and need the (slower) string criterion.
     added = set(tokenizer.get_added_vocab())
@@ -85,7 +85,7 @@ def generate(
             torch.manual_seed(seed)
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
-                input_ids, attention_mask = _left_pad([ids[i] for i in rows], pad_id, device)
+                input_ids, attention_mask = left_pad([ids[i] for i in rows], pad_id, device)
                 generated = model.generate(
                     input_ids=input_ids,  # (B, T)
                     attention_mask=attention_mask,  # (B, T), 0 on the left padding
@@ -99,7 +99,7 @@ def generate(
                 )  # (B, T + new)
                 new = generated[:, input_ids.shape[1] :].tolist()
                 for i, row in zip(rows, new):
-                    out[i] = _decode(tokenizer, row, stop_ids, stop_strings)
+                    out[i] = decode_response(tokenizer, row, stop_ids, stop_strings)
     finally:
         model.train(was_training)
     return out
@@ -121,7 +121,7 @@ def _single_token(tokenizer: Any, text: str) -> int | None:
     return ids[0] if len(ids) == 1 else None
 
 
-def _stops(model: Any, tokenizer: Any, stop: Sequence[str] | None, template: str | None):
+def stop_tokens(model: Any, tokenizer: Any, stop: Sequence[str] | None, template: str | None):
     """Token ids and strings that end a response.
 
     Ids: the tokenizer's and the model's eos, and every stop string (end-of-turn marker
@@ -144,7 +144,7 @@ def _stops(model: Any, tokenizer: Any, stop: Sequence[str] | None, template: str
     return ids, strings
 
 
-def _left_pad(rows: list[list[int]], pad_id: int, device: Any):
+def left_pad(rows: list[list[int]], pad_id: int, device: Any):
     import torch
 
     width = max(len(r) for r in rows)
@@ -156,7 +156,7 @@ def _left_pad(rows: list[list[int]], pad_id: int, device: Any):
     return input_ids.to(device), attention_mask.to(device)
 
 
-def _decode(tokenizer: Any, new_ids: list[int], stop_ids: list[int], stop_strings: list[str]) -> str:
+def decode_response(tokenizer: Any, new_ids: list[int], stop_ids: list[int], stop_strings: list[str]) -> str:
     """Text of the generated ids up to the first stop token, cut at the first stop string.
 
     A stop string that is one token can also begin in the token before it ("\n" then "\n\n"

@@ -9,7 +9,7 @@ import torch
 from instructkit.data.schema import Message
 from instructkit.data.templates import encode_prompt
 from instructkit.errors import InputError
-from instructkit.generation import _decode, generate
+from instructkit.generation import decode_response, generate
 from tests.tiny import real_tokenizer
 
 # Prompts of very different lengths, so a batch holds a lot of left padding.
@@ -108,9 +108,9 @@ def test_generation_stops_at_eos_and_drops_it(model, tokenizer):
 def test_decode_cuts_at_first_stop_id_and_first_stop_string(tokenizer):
     eos = tokenizer.eos_token_id
     hello = tokenizer("Hello world. Bye", add_special_tokens=False)["input_ids"]
-    assert _decode(tokenizer, hello + [eos] + hello, [eos], []) == "Hello world. Bye"
-    assert _decode(tokenizer, hello, [eos], [".", "Bye"]) == "Hello world"
-    assert _decode(tokenizer, [eos, *hello], [eos], []) == ""
+    assert decode_response(tokenizer, hello + [eos] + hello, [eos], []) == "Hello world. Bye"
+    assert decode_response(tokenizer, hello, [eos], [".", "Bye"]) == "Hello world"
+    assert decode_response(tokenizer, [eos, *hello], [eos], []) == ""
 
 
 def test_bad_arguments_are_input_errors(model, tokenizer):
@@ -133,7 +133,7 @@ def test_model_mode_is_restored(model, tokenizer):
 def test_a_one_token_stop_string_that_starts_in_the_previous_token_is_cut_there():
     """"\\n" then the single token "\\n\\n": the text "\\n\\n\\n" holds the stop "\\n\\n" from its
     first character, so nothing is returned (before the fix: "\\n")."""
-    from instructkit.generation import _decode
+    from instructkit.generation import decode_response
     from tests.tiny import real_tokenizer
 
     tok = real_tokenizer()
@@ -142,7 +142,7 @@ def test_a_one_token_stop_string_that_starts_in_the_previous_token_is_cut_there(
     hi = tok.encode("hi", add_special_tokens=False)
     eot = tok.convert_tokens_to_ids("<|im_end|>")
     stops = ["<|im_end|>", "\n\n"]
-    assert _decode(tok, nl + nlnl + hi, [eot, nlnl[0]], stops) == ""
-    assert _decode(tok, hi + nlnl + hi, [eot, nlnl[0]], stops) == "hi"
-    assert _decode(tok, hi + [eot] + hi, [eot, nlnl[0]], stops) == "hi"
-    assert _decode(tok, hi + hi, [eot, nlnl[0]], stops) == "hihi"
+    assert decode_response(tok, nl + nlnl + hi, [eot, nlnl[0]], stops) == ""
+    assert decode_response(tok, hi + nlnl + hi, [eot, nlnl[0]], stops) == "hi"
+    assert decode_response(tok, hi + [eot] + hi, [eot, nlnl[0]], stops) == "hi"
+    assert decode_response(tok, hi + hi, [eot, nlnl[0]], stops) == "hihi"

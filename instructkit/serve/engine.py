@@ -17,7 +17,7 @@ What it owns:
   anything (up to the float rounding of a differently shaped matmul, which could only matter
   when two tokens are exactly tied).
 * **Text.** The same stopping rules as :func:`instructkit.generation.generate` (eos, end-of-turn,
-  ``stop`` strings; its ``_decode`` makes the final text), so a greedy row gives the text
+  ``stop`` strings; its ``decode_response`` makes the final text), so a greedy row gives the text
   ``generate`` gives for that prompt alone. Streamed pieces hold back any tail that could still
   become a stop string or is half a UTF-8 character; they concatenate to the final text.
 """
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from instructkit.errors import InputError
-from instructkit.generation import _decode, _left_pad, _stops
+from instructkit.generation import decode_response, left_pad, stop_tokens
 
 DEFAULT_MAX_BATCH = 8
 
@@ -221,7 +221,7 @@ class _Row:
             self.sent = text
 
     def _finish(self, reason: str, tokenizer: Any) -> bool:
-        text = _decode(tokenizer, self.ids, self._stop_id_list, self.stop_strings)
+        text = decode_response(tokenizer, self.ids, self._stop_id_list, self.stop_strings)
         self._send(text)
         self.sub._put(Choice(self.index, text, reason, self.count))
         return True
@@ -269,7 +269,7 @@ class Batcher:
 
     def submit(self, prompt_ids: list[int], sampling: Sampling, n: int = 1) -> Submission:
         """Queue ``n`` choices of one prompt; raises :class:`QueueFull` when there is no room."""
-        stop_ids, stop_strings = _stops(self.model, self.tokenizer, list(sampling.stop), None)
+        stop_ids, stop_strings = stop_tokens(self.model, self.tokenizer, list(sampling.stop), None)
         sub = Submission(n, asyncio.get_running_loop(), self._forget)
         rows = [_Row(sub, i, list(prompt_ids), sampling, stop_ids, stop_strings, self.device) for i in range(n)]
         with self._wake:
@@ -415,7 +415,7 @@ class Batcher:
                 first[id(row.sub)] = len(prompts)
                 prompts.append(row.prompt_ids)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids, mask = _left_pad(prompts, pad_id, self.device)  # (P, T), 0 on the left padding
+        input_ids, mask = left_pad(prompts, pad_id, self.device)  # (P, T), 0 on the left padding
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # as generate() derives them
         cache = DynamicCache()
         logits = self._forward(input_ids, mask, position_ids, cache)  # (P, V)

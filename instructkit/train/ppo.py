@@ -293,7 +293,7 @@ def ppo(config: PPOConfig | str | Path | dict | None = None, overrides: list[str
         on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Run PPO(-ptx) / GRPO / RLOO; returns the run summary (also written to summary.json)."""
     from instructkit.datasets import resolve_data_path
-    from instructkit.generation import _decode, _stops
+    from instructkit.generation import decode_response, stop_tokens
     from instructkit.losses import rl
     from instructkit.models.lm import CausalLMLoss
     from instructkit.models.loading import load_tokenizer
@@ -363,7 +363,7 @@ def ppo(config: PPOConfig | str | Path | dict | None = None, overrides: list[str
     ptx = PtxTerm(CausalLMLoss(policy, cfg.train.loss_chunk_size), ptx_examples,
                   make_collate(tokenizer.pad_token_id, packed=False), cfg.data.ptx_batch_size, cfg.ptx_coef,
                   cfg.train.seed) if ptx_examples else None
-    stop_ids, stop_strings = _stops(policy, tokenizer, None, cfg.data.template)
+    stop_ids, stop_strings = stop_tokens(policy, tokenizer, None, cfg.data.template)
 
     # 5. Optimizer over policy + value, schedule, KL controller, EMA; resume from the last checkpoint.
     n_seq = cfg.rollout_batch_size * cfg.group_size
@@ -415,7 +415,7 @@ def ppo(config: PPOConfig | str | Path | dict | None = None, overrides: list[str
                                  pad_id=tokenizer.pad_token_id, max_new_tokens=cfg.max_new_tokens,
                                  temperature=cfg.temperature, top_p=cfg.top_p,
                                  batch_size=cfg.generation_batch_size, seed=_seed(cfg.train.seed, step))
-            texts = [_decode(tokenizer, row[:int(n)].tolist(), stop_ids, stop_strings)
+            texts = [decode_response(tokenizer, row[:int(n)].tolist(), stop_ids, stop_strings)
                      for row, n in zip(rollout.responses, rollout.lengths)]
             generate_s = time.perf_counter() - t0
 

@@ -96,7 +96,7 @@ def sample(model: nn.Module, prompts: Sequence[Sequence[int]], *, stop_ids: Sequ
     """
     from transformers import GenerationConfig
 
-    from instructkit.generation import _left_pad
+    from instructkit.generation import left_pad
 
     device = next(model.parameters()).device
     config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
@@ -113,7 +113,7 @@ def sample(model: nn.Module, prompts: Sequence[Sequence[int]], *, stop_ids: Sequ
             torch.manual_seed(seed)
             for start in range(0, len(prompts), batch_size):
                 chunk = [list(p) for p in prompts[start:start + batch_size]]
-                input_ids, attention_mask = _left_pad(chunk, pad_id, device)  # (B, P)
+                input_ids, attention_mask = left_pad(chunk, pad_id, device)  # (B, P)
                 out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
                 new = out.sequences[:, input_ids.size(1):]  # (B, R')
                 logprobs = torch.empty(new.shape, dtype=torch.float32, device=device)
