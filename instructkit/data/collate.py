@@ -27,7 +27,7 @@ default True (the model then makes an empty cache), silently lets attention cros
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -204,3 +204,54 @@ def collate_packed(
     else:
         batch["use_cache"] = False
     return batch
+
+
+# ----------------------------------------------------------------------------------------------
+# Collate functions of the stages: encoded examples (see instructkit.data.encoders) to tensors
+
+
+def lm_collate(pad_id: int, packed: bool = False) -> Callable[[list[Any]], dict[str, Any]]:
+    """LM examples (SFT, PPO-ptx, perplexity) as one right-padded batch, or packed rows."""
+    if packed:
+        return lambda batch: collate_packed(batch, pad_id=pad_id)
+    return lambda batch: pad_batch(batch, pad_id=pad_id, side="right")
+
+
+def ranking_collate(pad_id: int) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
+    """All responses of the batch's rankings as one right-padded (N, T) batch, with each
+    response's prompt index (``group``) and rank."""
+
+    def collate(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        rows = [ids for example in batch for ids in example["input_ids"]]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, :len(r)] = torch.tensor(r)
+            attention_mask[i, :len(r)] = 1
+        group = torch.tensor([g for g, example in enumerate(batch) for _ in example["input_ids"]])
+        rank = torch.tensor([r for example in batch for r in example["ranks"]])
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "group": group, "rank": rank}
+
+    return collate
+
+
+def preference_collate(pad_id: int) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
+    """Pairs: all chosen rows then all rejected rows, one right-padded (2B, T) batch, so both go
+    through the model in one forward pass. Unpaired: (B, T) plus a desirable/undesirable label.
+    Precomputed reference log-probs (``example["ref"]``) become ``ref_logps`` in the same order."""
+
+    def collate(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        paired = "chosen" in batch[0]
+        rows = ([e["chosen"] for e in batch] + [e["rejected"] for e in batch]) if paired \
+            else [e["completion"] for e in batch]
+        out = pad_batch([{"input_ids": ids, "labels": labels} for ids, labels in rows], pad_id=pad_id)
+        if "ref" in batch[0]:
+            refs = [e["ref"] for e in batch]
+            out["ref_logps"] = torch.tensor([r[0] for r in refs] + ([r[1] for r in refs] if paired else []),
+                                            dtype=torch.float64)
+        if not paired:
+            out["desirable"] = torch.tensor([bool(e["label"]) for e in batch])
+        return out
+
+    return collate

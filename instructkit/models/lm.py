@@ -9,10 +9,14 @@ logits (soft-capping, scaling) fall back to the full forward pass.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from instructkit.losses.token_ce import linear_cross_entropy, shifted_trained_positions, token_cross_entropy
+from instructkit.losses.token_ce import linear_cross_entropy, linear_log_probs, shifted_trained_positions
 
 
 def base_causal_lm(model: nn.Module) -> nn.Module:
@@ -36,6 +40,54 @@ def split_model(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     return (decoder, head) if decoder is not None and decoder is not lm else None
 
 
+@dataclass
+class PositionOutputs:
+    """What a causal LM computes at chosen positions: final hidden states and the LM head's weight
+    (projected later, a chunk at a time), or, for models whose head cannot be split off, the
+    logits there. Position t scores the token at t + 1."""
+
+    hidden: torch.Tensor | None  # (N, H)
+    weight: torch.Tensor | None  # (V, H)
+    logits: torch.Tensor | None  # (N, V)
+
+    def log_probs(self, targets: torch.Tensor, chunk_size: int = 1024, temperature: float = 1.0) -> torch.Tensor:
+        """(N,) ``log softmax(logits / temperature)[target]``, differentiable, fp32 or wider."""
+        if self.logits is None:
+            return linear_log_probs(self.hidden, self.weight, targets, chunk_size, temperature)
+        scores = self.logits.to(torch.promote_types(self.logits.dtype, torch.float32)) / temperature
+        return torch.log_softmax(scores, -1).gather(1, targets[:, None]).squeeze(1)
+
+    def cross_entropy(self, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+        """Summed cross-entropy of ``targets`` (the LM loss), with a lean chunked gradient."""
+        if self.logits is None:
+            return linear_cross_entropy(self.hidden, self.weight, targets, chunk_size)
+        scores = self.logits.to(torch.promote_types(self.logits.dtype, torch.float32))
+        return F.cross_entropy(scores, targets, reduction="sum")
+
+
+def outputs_at(model: nn.Module, positions: torch.Tensor, **inputs: Any) -> PositionOutputs:
+    """Run ``model`` on ``inputs`` (input_ids, attention_mask, position_ids, ...) and keep only the
+    positions where the (B, T) boolean ``positions`` is true, in row-major order.
+
+    The one place that decides between projecting only those positions (the backbone's hidden
+    states and the head's weight) and the full ``(B, T, V)`` logits of models that post-process
+    them (soft-capping, scaling).
+    """
+    parts = split_model(model)
+    if parts is None:
+        logits = model(**inputs, use_cache=False).logits  # (B, T, V)
+        return PositionOutputs(None, None, logits[positions])
+    decoder, head = parts
+    hidden = decoder(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+    return PositionOutputs(hidden[positions], head.weight, None)
+
+
+def next_token_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) mask of the positions whose next token is trained, and those targets (N,)."""
+    mask, targets = shifted_trained_positions(labels)  # (B, T-1), (N,)
+    return F.pad(mask, (0, 1), value=False), targets
+
+
 class CausalLMLoss(nn.Module):
     """Wraps a causal LM so that ``forward`` returns (summed token loss, trained-token count).
 
@@ -57,17 +109,10 @@ class CausalLMLoss(nn.Module):
             if torch.is_autocast_enabled("cuda"):
                 dtype = torch.get_autocast_dtype("cuda")
             attention_mask = attention_mask.to(dtype)
-        parts = split_model(self.model)
-        if parts is None:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                                position_ids=position_ids, use_cache=False).logits
-            return token_cross_entropy(logits, labels)
-        decoder, head = parts
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=False).last_hidden_state  # (B, T, H)
-        mask, targets = shifted_trained_positions(labels)  # (B, T-1), (N,)
-        loss = linear_cross_entropy(hidden[:, :-1][mask], head.weight, targets, self.chunk_size)
-        return loss, mask.sum()
+        positions, targets = next_token_positions(labels)
+        out = outputs_at(self.model, positions, input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids)
+        return out.cross_entropy(targets, self.chunk_size), positions.sum()
 
 
 def sequence_log_probs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -75,8 +120,9 @@ def sequence_log_probs(model: nn.Module, input_ids: torch.Tensor, attention_mask
                        temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probability of each row's trained tokens, and how many there are.
 
-    For preference losses (DPO, IPO, SimPO, ORPO, KTO), which score whole responses. Only the
-    trained (response) positions are projected onto the vocabulary, a chunk at a time.
+    For preference losses (DPO, IPO, SimPO, ORPO, KTO) and the `preference` eval suite, which
+    score whole responses. Only the trained (response) positions are projected onto the
+    vocabulary, a chunk at a time.
 
     Args:
         input_ids, attention_mask, labels: (B, T), right- or left-padded; labels -100 where
@@ -86,19 +132,9 @@ def sequence_log_probs(model: nn.Module, input_ids: torch.Tensor, attention_mask
         (logps, counts): (B,) sums of ``log p(labels[t+1] | ..t)`` over trained targets, and
         (B,) numbers of trained targets.
     """
-    from instructkit.losses.token_ce import linear_log_probs
-
-    mask, targets = shifted_trained_positions(labels)  # (B, T-1), (N,)
-    rows = torch.arange(labels.size(0), device=labels.device)[:, None].expand_as(mask)[mask]  # (N,)
-    parts = split_model(model)
-    if parts is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        scores = logits[:, :-1][mask].float() / temperature  # (N, V)
-        token_logps = torch.log_softmax(scores, -1).gather(1, targets[:, None]).squeeze(1)
-    else:
-        decoder, head = parts
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        token_logps = linear_log_probs(hidden[:, :-1][mask], head.weight, targets, chunk_size, temperature)
+    positions, targets = next_token_positions(labels)  # (B, T), (N,)
+    rows = torch.arange(labels.size(0), device=labels.device)[:, None].expand_as(positions)[positions]  # (N,)
+    out = outputs_at(model, positions, input_ids=input_ids, attention_mask=attention_mask)
+    token_logps = out.log_probs(targets, chunk_size, temperature)
     sums = torch.zeros(labels.size(0), dtype=token_logps.dtype, device=labels.device)
-    sums = sums.index_add(0, rows, token_logps)
-    return sums, mask.sum(-1)
+    return sums.index_add(0, rows, token_logps), positions.sum(-1)

@@ -158,27 +158,20 @@ def _collate(rows, pad_id: int, device) -> Rollout:
 def response_logprobs(model: nn.Module, batch: Rollout, temperature: float, chunk_size: int = 1024) -> torch.Tensor:
     """(N, R) log-probs of the response tokens under ``model`` at ``temperature``, 0 on padding.
 
-    One full forward pass over prompt + response; logits are formed for response positions only,
-    a chunk at a time (:func:`instructkit.losses.token_ce.linear_log_probs`). Differentiable.
+    One full forward pass over prompt + response; only response positions are projected onto
+    the vocabulary, a chunk at a time (:func:`instructkit.models.lm.outputs_at`). Differentiable.
     """
-    from instructkit.losses.token_ce import linear_log_probs
-    from instructkit.models.lm import split_model
+    from instructkit.models.lm import outputs_at
 
     p = batch.prompt_width
     mask = batch.response_mask.bool()  # (N, R)
-    targets = batch.responses[mask]  # (M,)
-    inputs = {"input_ids": batch.query_responses, "attention_mask": batch.attention_mask,
-              "position_ids": position_ids(batch.attention_mask), "use_cache": False}
-    parts = split_model(model)
-    if parts is None:
-        logits = model(**inputs).logits[:, p - 1:-1]  # (N, R, V): position t - 1 predicts token t
-        token_logps = torch.log_softmax(logits[mask].float() / temperature, -1).gather(1, targets[:, None]).squeeze(1)
-    else:
-        decoder, head = parts
-        hidden = decoder(**inputs).last_hidden_state[:, p - 1:-1]  # (N, R, H)
-        token_logps = linear_log_probs(hidden[mask], head.weight, targets, chunk_size, temperature)
-    out = torch.zeros(mask.shape, dtype=token_logps.dtype, device=token_logps.device)
-    return out.masked_scatter(mask, token_logps)
+    positions = torch.zeros_like(batch.attention_mask, dtype=torch.bool)  # (N, P + R)
+    positions[:, p - 1:-1] = mask  # position t - 1 predicts response token t
+    out = outputs_at(model, positions, input_ids=batch.query_responses, attention_mask=batch.attention_mask,
+                     position_ids=position_ids(batch.attention_mask))
+    token_logps = out.log_probs(batch.responses[mask], chunk_size, temperature)  # (M,)
+    scattered = torch.zeros(mask.shape, dtype=token_logps.dtype, device=token_logps.device)
+    return scattered.masked_scatter(mask, token_logps)
 
 
 def response_values(value_model: nn.Module, batch: Rollout) -> torch.Tensor:

@@ -1,0 +1,168 @@
+"""Run folders, and what a rerun into one may do.
+
+A stage's run folder holds ``config.yaml`` (the resolved config), ``metrics.jsonl``,
+``summary.json`` (written last: the stage finished), ``checkpoints/`` and ``final/``. A rerun
+compares its newly resolved config with the saved one before touching anything:
+
+* same config (up to :data:`RERUN_NEUTRAL` keys, which cannot change the result): a finished
+  stage is skipped, an interrupted one resumes from its last checkpoint;
+* a different config: an error listing the keys with their old and new values, unless the
+  caller asked to overwrite (then the folder is replaced);
+* a folder with neither a summary nor a checkpoint holds nothing to keep and is started over.
+
+Standard library and YAML only (no torch), so ``instructkit run`` checks every stage of a
+recipe against its folder before the first one starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from instructkit.config import to_dict
+from instructkit.errors import InputError
+
+RERUN_NEUTRAL = frozenset({"train.progress", "train.log_every", "train.save_every", "train.keep_checkpoints"})
+"""Dotted keys that may differ on a rerun: progress display, logging and checkpoint cadence
+(resume is exact whatever the cadence)."""
+
+
+@dataclasses.dataclass
+class RunDir:
+    """A run folder: config.yaml, metrics.jsonl, summary.json, checkpoints/, final/."""
+
+    path: Path
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def final(self) -> Path:
+        return self.path / "final"
+
+    def write_config(self, cfg: Any) -> None:
+        from instructkit.config import dump_yaml
+        from instructkit.fileio import atomic_write_text
+
+        atomic_write_text(self.config, dump_yaml(cfg))
+
+    def latest_checkpoint(self) -> Path | None:
+        steps = sorted(self.checkpoints.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+        return steps[-1] if steps else None
+
+    def is_finished(self) -> bool:
+        return self.summary.is_file()
+
+    def has_progress(self) -> bool:
+        """Anything a rerun could lose: a summary or a step checkpoint."""
+        return self.is_finished() or self.latest_checkpoint() is not None
+
+    def saved_summary(self) -> dict[str, Any]:
+        return json.loads(self.summary.read_text())
+
+
+class RunState(enum.Enum):
+    FRESH = "fresh"  # nothing there (or nothing worth keeping): start from step 0
+    RESUME = "resume"  # same config, a checkpoint: continue from it
+    FINISHED = "finished"  # same config, finished: nothing to do
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values."""
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(saved: dict[str, Any], new: dict[str, Any],
+                   neutral: frozenset[str] = RERUN_NEUTRAL) -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, new value) for every key whose value differs, neutral keys
+    left out. Both sides are plain YAML data (see :func:`instructkit.config.to_dict`)."""
+    a, b = flatten(saved), flatten(new)
+    missing = object()
+    changes = []
+    for key in sorted(set(a) | set(b)):
+        old, value = a.get(key, missing), b.get(key, missing)
+        if key in neutral or old == value:
+            continue
+        changes.append((key, None if old is missing else old, None if value is missing else value))
+    return changes
+
+
+def describe_changes(changes: list[tuple[str, Any, Any]]) -> str:
+    return "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)
+
+
+def rerun_state(path: str | Path, cfg: Any, *, overwrite: bool = False, stage: str | None = None) -> RunState:
+    """What a run of ``cfg`` into ``path`` will do; raises :class:`InputError` (touching
+    nothing) when the folder holds a run of a different config and ``overwrite`` is false."""
+    run = RunDir(Path(path))
+    if not run.has_progress():
+        return RunState.FRESH
+    if overwrite:
+        return RunState.FRESH
+    saved = _read_saved_config(run)
+    new = yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    changes = config_changes(saved, new)
+    if changes:
+        how = ("rerun the recipe from this stage (instructkit run ... --from "
+               f"{stage})" if stage else "")
+        raise InputError(
+            f"the run there was made with another config ({describe_changes(changes)}); nothing was changed. "
+            f"To keep it, write elsewhere (a new out=... or --out); to replace it, pass --overwrite"
+            + (f"; or {how}" if how else ""),
+            file=str(run.path))
+    return RunState.FINISHED if run.is_finished() else RunState.RESUME
+
+
+def _read_saved_config(run: RunDir) -> dict[str, Any]:
+    if not run.config.is_file():
+        raise InputError("the folder holds a run without its config.yaml, so a rerun cannot tell whether it "
+                         "matches; use a new out=... or --overwrite", file=str(run.path))
+    try:
+        data = yaml.safe_load(run.config.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise InputError(f"unreadable config.yaml ({exc}); use a new out=... or --overwrite",
+                         file=str(run.config)) from None
+    return data if isinstance(data, dict) else {}
+
+
+def remove_run(path: str | Path) -> None:
+    """Delete a run folder (``--overwrite``, or a stage that failed before its first step)."""
+    shutil.rmtree(Path(path), ignore_errors=True)
+
+
+def remove_stale_temporaries(parent: str | Path) -> None:
+    """Remove ``NAME.tmp-*`` and ``NAME.old`` folders an interrupted atomic write left in
+    ``parent`` (see :func:`instructkit.fileio.atomic_dir`); they are never a result."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return
+    for child in parent.iterdir():
+        if child.is_dir() and (".tmp-" in child.name or child.name.endswith(".old")):
+            shutil.rmtree(child, ignore_errors=True)
