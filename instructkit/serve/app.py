@@ -1,9 +1,11 @@
 """The HTTP server: an OpenAI-compatible FastAPI app over one loaded model.
 
-Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions`` and
-``POST /v1/completions`` (both optionally streamed as server-sent events). Every error body has
-OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``. Concurrent requests are
-generated together in one batch (see :class:`instructkit.serve.engine.Batcher`).
+Endpoints: ``GET /health``, ``GET /v1/models``, ``GET /v1/models/{model}``,
+``POST /v1/chat/completions`` and ``POST /v1/completions`` (both optionally streamed as
+server-sent events); their documentation at ``/docs`` and ``/redoc`` works offline. Every error
+body has OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``; what does not exist
+(another model, a path no endpoint has) is a 404 of type ``not_found_error``. Concurrent requests
+are generated together in one batch (see :class:`instructkit.serve.engine.Batcher`).
 """
 
 from __future__ import annotations
@@ -20,20 +22,23 @@ import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from instructkit.data.templates import encode_prompt
 from instructkit.errors import InputError
 from instructkit.serve.engine import DEFAULT_MAX_BATCH, Batcher, Choice, EngineError, QueueFull, Sampling, Submission
 from instructkit.serve.schema import (STREAM_DESCRIPTION, ChatCompletion, ChatCompletionRequest, Completion,
-                                      CompletionRequest, ErrorResponse, Health, ModelList, _Sampling)
+                                      CompletionRequest, ErrorResponse, Health, ModelCard, ModelList,
+                                      NotFoundResponse, _Sampling)
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_MAX_QUEUE = 16
 ERROR_STATUSES = {
     400: "malformed body, unknown field, value out of range, or prompt + max_tokens past the context",
     401: "an API key is set and the request lacks it or has another",
-    404: "`model` names a model this server does not serve",
+    404: "`model` names a model this server does not serve (type not_found_error, code model_not_found, "
+         "param model; the `openai` client raises NotFoundError)",
     500: "generation failed (the message says why)",
     503: "the batch is full and max_queue requests already wait",
 }
@@ -43,13 +48,14 @@ class APIError(Exception):
     """An error answered in OpenAI's shape."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = dict(headers or {})
 
     def response(self) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        headers = {**self.headers, **({"WWW-Authenticate": "Bearer"} if self.status == 401 else {})}
         return JSONResponse(body, status_code=self.status, headers=headers)
 
 
@@ -81,9 +87,11 @@ def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | No
         yield
         await anyio.to_thread.run_sync(engine.close)
 
-    app = FastAPI(title="instructkit", description=f"OpenAI-compatible API serving {model_name}", lifespan=lifespan)
+    # /docs and /redoc come from pages.docs_router: FastAPI's own load their scripts from a CDN.
+    app = FastAPI(title="instructkit", description=f"OpenAI-compatible API serving {model_name}", lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
     app.state.engine = engine
-    created = int(time.time())
+    card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "instructkit"}
     context = context_length(model)
 
     # 1. Errors, all in OpenAI's shape.
@@ -108,8 +116,26 @@ def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | No
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        where = f"{request.method} {request.url.path}"
+        # The router's own 404 and 405 (no route matched) come without an endpoint in the scope.
+        if "endpoint" not in request.scope and exc.status_code == 404:
+            return APIError(404, f"there is no endpoint {where}; the API has {api_endpoints()} (see /docs)",
+                            type="not_found_error", code="unknown_url").response()
+        if exc.status_code == 405:
+            allowed = {k.lower(): v for k, v in (exc.headers or {}).items()}.get("allow", "")
+            return APIError(405, f"{where} is not allowed; this path answers {allowed}", code="method_not_allowed",
+                            headers=exc.headers).response()
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return APIError(exc.status_code, str(exc.detail), type=kind).response()
+        return APIError(exc.status_code, str(exc.detail), type=kind, headers=exc.headers).response()
+
+    def api_endpoints() -> str:
+        return ", ".join(f"{method} {route.path_format}" for route in app.routes
+                         if isinstance(route, APIRoute) and route.path_format.startswith("/v1/")
+                         for method in sorted(route.methods))
+
+    def unknown_model(name: str) -> APIError:
+        return APIError(404, f"model '{name}' is not served here (this server serves '{model_name}')",
+                        type="not_found_error", param="model", code="model_not_found")
 
     # 2. Authentication: a constant-time comparison against the one key.
     def authorized(request: Request) -> None:
@@ -122,7 +148,8 @@ def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | No
 
     # 3. Endpoints, with every status they answer documented in /openapi.json.
     def errors(*statuses: int) -> dict:
-        return {status: {"model": ErrorResponse, "description": ERROR_STATUSES[status]} for status in statuses}
+        return {status: {"model": NotFoundResponse if status == 404 else ErrorResponse,
+                         "description": ERROR_STATUSES[status]} for status in statuses}
 
     def answers(model: type) -> dict:
         event = {"type": "object", "required": ["data"], "description": STREAM_DESCRIPTION,
@@ -137,8 +164,16 @@ def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | No
 
     @app.get("/v1/models", dependencies=[Depends(authorized)], response_model=ModelList, responses=errors(401))
     async def models() -> dict:
-        return {"object": "list",
-                "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "instructkit"}]}
+        return {"object": "list", "data": [card]}
+
+    # `:path`: a model's id is its --model spec, which may hold slashes (runs/quickstart/sft)
+    @app.get("/v1/models/{model:path}", dependencies=[Depends(authorized)], response_model=ModelCard,
+             responses={**errors(401), 404: {"model": NotFoundResponse,
+                                             "description": "no model with this id is served here"}})
+    async def model_card(model: str) -> dict:
+        if model != model_name:
+            raise unknown_model(model)
+        return card
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)], response_model=ChatCompletion,
               responses=answers(ChatCompletion))
@@ -153,8 +188,7 @@ def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | No
 
     async def _answer(body: _Sampling, messages: list[dict], *, chat: bool):
         if body.model is not None and body.model != model_name:
-            raise APIError(404, f"model '{body.model}' is not served here (this server serves '{model_name}')",
-                           param="model", code="model_not_found")
+            raise unknown_model(body.model)
         prompt_ids = encode_prompt(tokenizer, messages)
         sampling = Sampling(max_new_tokens=_max_tokens(body, len(prompt_ids)), temperature=body.temperature,
                             top_p=body.top_p, seed=body.seed if body.seed is not None else secrets.randbits(31),
@@ -238,10 +272,11 @@ def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | No
 
     app.openapi = openapi
 
-    # 4. Web pages: chat, ranking (with a label store), runs.
-    from instructkit.serve.pages import make_router
+    # 4. Web pages: chat, ranking (with a label store), runs, and the API's documentation.
+    from instructkit.serve.pages import docs_router, make_router
 
     app.include_router(make_router(label_store=label_store, runs_dir=runs_dir, api_key=api_key))
+    app.include_router(docs_router(app.title, app.openapi_url))
     return app
 
 

@@ -7,7 +7,10 @@ served with a Content-Security-Policy that allows this origin only. Routes:
 * ``GET /rank``, ``GET /label/next``, ``POST /label/rank``, ``GET /label/progress``: ranking
   page over a :class:`~instructkit.serve.labels.LabelStore` (404 without ``--label-store``);
 * ``GET /runs``, ``GET /runs/list``, ``GET /runs/file/{path}``: run folders under ``--runs``,
-  their summary numbers, and their files (read-only, inside the folder, a few types only).
+  their summary numbers, and their files (read-only, inside the folder, a few types only);
+* ``GET /docs`` and ``GET /redoc`` (from :func:`docs_router`): the API's documentation, Swagger UI
+  and ReDoc, with their scripts from the ``fastapi-offline`` package rather than FastAPI's CDN, so
+  the pages work on a machine without internet.
 
 With an API key the JSON routes need ``Authorization: Bearer KEY`` like ``/v1/*``; run files
 (opened by links, which cannot send headers) also accept the key in the cookie the pages set.
@@ -16,13 +19,16 @@ With an API key the JSON routes need ``Authorization: Bearer KEY`` like ``/v1/*`
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+import fastapi_offline
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
@@ -44,8 +50,21 @@ RUN_FILE_TYPES = {".html": "text/html", ".json": "application/json", ".jsonl": "
                   ".png": "image/png", ".svg": "image/svg+xml", ".jpg": "image/jpeg"}
 RUN_SKIP_DIRS = {"checkpoints", "final", "__pycache__"}
 RUN_DEPTH = 3
+STEP_CHECKPOINT = re.compile(r"step-\d+")
 MAX_RUNS = 500
 KEY_COOKIE = "instructkit_api_key"
+# Swagger UI and ReDoc run an inline start-up script and set inline styles; everything they load
+# must still come from this origin, so a future asset that reaches for a CDN fails here, visibly.
+DOCS_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self' 'unsafe-inline'; "
+                               "style-src 'self' 'unsafe-inline'; img-src 'self' data:; worker-src 'self' blob:; "
+                               "frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
+DOCS_STATIC = Path(fastapi_offline.__file__).parent / "static"  # Swagger UI 5 and ReDoc 2, as FastAPI's CDN has
+DOCS_ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css",
+               "redoc.standalone.js": "text/javascript", "favicon.png": "image/png"}
 
 
 class RankSubmission(BaseModel):
@@ -134,6 +153,43 @@ def make_router(*, label_store: str | Path | None = None, runs_dir: str | Path |
     return router
 
 
+def docs_router(title: str, openapi_url: str) -> APIRouter:
+    """``/docs`` (Swagger UI) and ``/redoc`` over the schema at ``openapi_url``, their assets under
+    ``/static/docs/``; the app must be made with ``docs_url=None, redoc_url=None``."""
+    router = APIRouter()
+
+    def url(request: Request, path: str) -> str:
+        return request.scope.get("root_path", "") + path  # behind a proxy that mounts the app under a prefix
+
+    @router.get("/docs", include_in_schema=False)
+    def swagger_ui(request: Request) -> HTMLResponse:
+        page = get_swagger_ui_html(
+            openapi_url=url(request, openapi_url), title=f"{title} - Swagger UI",
+            swagger_js_url=url(request, "/static/docs/swagger-ui-bundle.js"),
+            swagger_css_url=url(request, "/static/docs/swagger-ui.css"),
+            swagger_favicon_url=url(request, "/static/docs/favicon.png"),
+            # Swagger UI's default sends the schema's URL to validator.swagger.io for a badge.
+            swagger_ui_parameters={"validatorUrl": None})
+        page.headers.update(DOCS_HEADERS)
+        return page
+
+    @router.get("/redoc", include_in_schema=False)
+    def redoc(request: Request) -> HTMLResponse:
+        page = get_redoc_html(openapi_url=url(request, openapi_url), title=f"{title} - ReDoc",
+                              redoc_js_url=url(request, "/static/docs/redoc.standalone.js"),
+                              redoc_favicon_url=url(request, "/static/docs/favicon.png"), with_google_fonts=False)
+        page.headers.update(DOCS_HEADERS)
+        return page
+
+    @router.get("/static/docs/{name}", include_in_schema=False)
+    def docs_asset(name: str) -> FileResponse:
+        if name not in DOCS_ASSETS:
+            raise HTTPException(404, f"no documentation asset {name!r}")
+        return FileResponse(DOCS_STATIC / name, media_type=DOCS_ASSETS[name], headers=PAGE_HEADERS)
+
+    return router
+
+
 def _page_route(name: str):
     def page() -> FileResponse:
         return FileResponse(STATIC / name, media_type="text/html", headers=PAGE_HEADERS)
@@ -156,8 +212,13 @@ def _key_matches(given: str | None, api_key: str) -> bool:
 
 
 def list_runs(root: Path) -> list[dict[str, Any]]:
-    """Folders under ``root`` (up to 3 deep) with a ``summary.json`` or ``config.yaml``, newest
-    first: relative path, status, the summary's top-level numbers, and which files can be opened."""
+    """Runs under ``root`` (up to 3 deep), newest first: relative path, status, the summary's
+    top-level numbers, and which files can be opened.
+
+    A run is a folder with a ``summary.json`` (finished) or a ``checkpoints/step-N`` checkpoint
+    (under way, or stopped where it can resume). A stage that failed before its first checkpoint
+    leaves only ``config.yaml``, and ``atomic_dir`` leaves ``NAME.tmp-*`` folders while it writes
+    (or after a crash): neither has results to show, so neither is listed."""
     if not root.is_dir():
         return []
     runs = []
@@ -189,12 +250,26 @@ def _run_folders(folder: Path, depth: int):
     except OSError:
         return
     for child in children:
-        if child.name.startswith(".") or child.name in RUN_SKIP_DIRS or ".tmp" in child.name:
+        if child.name.startswith(".") or child.name in RUN_SKIP_DIRS or _is_temporary(child.name):
             continue
-        if (child / "summary.json").is_file() or (child / "config.yaml").is_file():
+        if (child / "summary.json").is_file() or _has_checkpoint(child / "checkpoints"):
             yield child
         if depth > 1:
             yield from _run_folders(child, depth - 1)
+
+
+def _is_temporary(name: str) -> bool:
+    """A folder ``instructkit.fileio.atomic_dir`` is writing (``NAME.tmp-XXXX``), or left by a crash."""
+    return ".tmp-" in name
+
+
+def _has_checkpoint(checkpoints: Path) -> bool:
+    # instructkit.runs.RunDir.has_progress asks the same, but parses every step-* name as a
+    # number and so raises on a step-000010.tmp-XXXX (a checkpoint still being written, or cut off).
+    try:
+        return any(p.is_dir() and STEP_CHECKPOINT.fullmatch(p.name) for p in checkpoints.iterdir())
+    except OSError:
+        return False
 
 
 def safe_run_file(root: Path, path: str) -> Path | None:

@@ -145,6 +145,19 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class NotFoundDetail(ErrorDetail):
+    type: Literal["not_found_error"]
+    param: str | None = Field(..., description="`model` when the model is unknown, else null")
+    code: Literal["model_not_found", "unknown_url"]
+
+
+class NotFoundResponse(BaseModel):
+    """A 404, as OpenAI's API answers for what does not exist (the `openai` client raises
+    `openai.NotFoundError`): an unknown `model` (code model_not_found) or path (unknown_url)."""
+
+    error: NotFoundDetail
+
+
 STREAM_DESCRIPTION = ("one server-sent event of a `stream: true` answer: `data` is a JSON chunk "
                       "(`object` chat.completion.chunk with `choices[].delta`, or text_completion with "
                       "`choices[].text`; `index` says which choice), or `[DONE]` at the end")

@@ -173,10 +173,30 @@ def test_missing_or_wrong_key_raises_authentication_error(live):
         assert caught.value.status_code == 401 and caught.value.code == "invalid_api_key"
 
 
-def test_unknown_model_raises_not_found_error(client):
+@pytest.mark.parametrize("call", [
+    lambda client: client.chat.completions.create(model="gpt-4o", messages=HELLO, max_tokens=2),
+    lambda client: client.completions.create(model="gpt-4o", prompt="Hello", max_tokens=2),
+    lambda client: client.models.retrieve("gpt-4o"),
+], ids=["chat", "completions", "models.retrieve"])
+def test_unknown_model_raises_not_found_error(client, call):
     with pytest.raises(openai.NotFoundError) as caught:
-        client.chat.completions.create(model="gpt-4o", messages=HELLO, max_tokens=2)
-    assert caught.value.code == "model_not_found"
+        call(client)
+    error = caught.value
+    assert error.status_code == 404 and error.type == "not_found_error"
+    assert error.code == "model_not_found" and error.param == "model" and "gpt-4o" in error.message
+
+
+def test_known_model_retrieved_by_id(client):
+    card = client.models.retrieve(NAME)
+    assert card.id == NAME and card == client.models.list().data[0]
+
+
+def test_unknown_endpoint_raises_not_found_error(client):
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.embeddings.create(model=NAME, input="Hello")  # an OpenAI endpoint this server does not have
+    error = caught.value
+    assert error.status_code == 404 and error.type == "not_found_error" and error.code == "unknown_url"
+    assert "POST /v1/embeddings" in error.message
 
 
 def test_full_queue_answers_503(model):

@@ -158,6 +158,64 @@ def test_malformed_json_is_400(client):
     assert "JSON" in assert_openai_error(r, 400)["message"]
 
 
+@pytest.mark.parametrize("method, path, body", [
+    ("POST", "/v1/chat/completions", {"model": "gpt-4o", "messages": HELLO}),
+    ("POST", "/v1/completions", {"model": "gpt-4o", "prompt": "Hello"}),
+    ("GET", "/v1/models/gpt-4o", None),
+])
+def test_unknown_model_is_404_not_found_error(client, method, path, body):
+    error = assert_openai_error(client.request(method, path, json=body), 404, param="model")
+    assert error["type"] == "not_found_error" and error["code"] == "model_not_found"
+    assert "gpt-4o" in error["message"] and f"'{NAME}'" in error["message"]  # what was asked, what is served
+
+
+@pytest.mark.parametrize("method, path", [("POST", "/v1/embeddings"), ("GET", "/v1/chat"), ("GET", "/v1")])
+def test_unknown_route_is_404_not_found_error_naming_the_api(client, method, path):
+    error = assert_openai_error(client.request(method, path, json={}), 404, param=None)
+    assert error["type"] == "not_found_error" and error["code"] == "unknown_url"
+    assert f"{method} {path}" in error["message"] and "POST /v1/chat/completions" in error["message"]
+
+
+def test_wrong_method_is_405_with_allow(client):
+    r = client.get("/v1/chat/completions")
+    error = assert_openai_error(r, 405, param=None)
+    assert r.headers["allow"] == "POST" and "answers POST" in error["message"]
+
+
+def test_model_card_by_id(model):
+    name = "runs/quickstart/sft"  # ids are --model specs: slashes included
+    with TestClient(create_app(model, real_tokenizer(), name)) as c:
+        (listed,) = c.get("/v1/models").json()["data"]
+        assert c.get(f"/v1/models/{name}").json() == listed
+        assert c.get("/v1/models/runs%2Fquickstart%2Fsft").json() == listed  # as clients that quote it send it
+        assert_openai_error(c.get("/v1/models/runs/quickstart"), 404, param="model")
+
+
+def test_openapi_documents_404_as_not_found_error(client):
+    schema = client.get("/openapi.json").json()
+    for path, method in [("/v1/chat/completions", "post"), ("/v1/completions", "post"), ("/v1/models/{model}", "get")]:
+        ref = schema["paths"][path][method]["responses"]["404"]["content"]["application/json"]["schema"]["$ref"]
+        assert ref == "#/components/schemas/NotFoundResponse", (path, ref)
+    detail = schema["components"]["schemas"]["NotFoundDetail"]["properties"]
+    assert detail["type"]["const"] == "not_found_error"
+    assert set(detail["code"]["enum"]) == {"model_not_found", "unknown_url"}
+
+
+def test_docs_pages_load_nothing_from_other_hosts(client):
+    import re
+
+    for page in ("/docs", "/redoc"):
+        r = client.get(page)
+        assert r.status_code == 200 and "default-src 'self'" in r.headers["content-security-policy"]
+        urls = re.findall(r'(?:src|href)="([^"]+)"', r.text)
+        assert urls and all(u.startswith("/") and not u.startswith("//") for u in urls), (page, urls)
+        for url in urls:
+            asset = client.get(url)
+            assert asset.status_code == 200 and len(asset.content) > 1000, url
+    assert client.get("/static/docs/../app.py").status_code == 404
+    assert client.get("/static/docs/index.html").status_code == 404
+
+
 def test_api_key(model):
     with make_client(model, api_key="sekret") as c:
         assert_openai_error(c.get("/v1/models"), 401)
@@ -222,3 +280,34 @@ def test_cli_serve_defaults_are_local():
 
     args = build_parser().parse_args(["serve", "--model", "m"])
     assert (args.host, args.port, args.api_key, args.max_queue, args.max_batch) == ("127.0.0.1", 8000, None, 16, 8)
+
+
+# ----------------------------------------------------------------------------------------------
+# The runs page's list
+
+
+def test_runs_list_holds_only_folders_with_results(model, tmp_path):
+    """A run has a summary.json (done) or a checkpoints/step-N (under way); a stage that failed
+    before its first checkpoint (config.yaml only), an atomic_dir temporary and a checkpoint
+    still being written are not runs."""
+    runs = tmp_path / "runs"
+    for folder, files in {
+        "done": ["config.yaml", "summary.json"],
+        "going": ["config.yaml", "metrics.jsonl", "checkpoints/step-000010/state.json"],
+        "pipe/sft": ["summary.json"],
+        "pipe/dpo": ["config.yaml"],  # failed at once
+        "pipe/eval.tmp-k2j3": ["summary.json"],  # atomic_dir writing it
+        "half": ["config.yaml", "checkpoints/step-000010.tmp-x9/state.json", "checkpoints/best/state.json"],
+    }.items():
+        for name in files:
+            (runs / folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (runs / folder / name).write_text("{}" if name.endswith(".json") else "")
+    (runs / "done" / "summary.json").write_text(json.dumps({"stage": "sft", "loss": 0.5}))
+
+    with make_client(model, runs_dir=str(runs)) as c:
+        r = c.get("/runs/list")
+    assert r.status_code == 200, r.text
+    listed = {run["path"]: run for run in r.json()["runs"]}
+    assert set(listed) == {"done", "going", "pipe/sft"}
+    assert listed["done"]["finished"] and listed["done"]["numbers"] == {"loss": 0.5}
+    assert not listed["going"]["finished"] and listed["going"]["files"] == ["config.yaml", "metrics.jsonl"]
