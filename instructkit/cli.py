@@ -40,57 +40,49 @@ def _quiet_libraries() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.list:
+        from instructkit.pipeline import list_recipes
+
+        print(list_recipes())
+        return 0
     from instructkit.pipeline import run
 
     words = list(args.recipe_and_overrides)
     recipe = words.pop(0) if words and "=" not in words[0] else None
-    run(recipe, out=args.out, overrides=words, from_stage=args.from_stage)  # prints its table and paths
-    return 0
+    run(recipe, out=args.out, overrides=words, from_stage=args.from_stage, overwrite=args.overwrite)
+    return 0  # run prints its table and paths
 
 
-def _stage_command(module: str, name: str):
-    """``instructkit sft|rm|dpo|ppo``: the Python function of the same name, summary printed."""
+def _stage_command(name: str):
+    """``instructkit sft|rm|dpo|ppo``: the stage's Python function, its summary printed."""
 
     def command(args: argparse.Namespace) -> int:
-        import importlib
+        from instructkit.stages import STAGES
 
-        function = getattr(importlib.import_module(module), name)
-        print(json.dumps(function(args.config, args.overrides), indent=2))
+        function = STAGES[name].load()
+        print(json.dumps(function(args.config, args.overrides, overwrite=args.overwrite), indent=2))
         return 0
 
     return command
 
 
-STAGE_COMMANDS = {
-    "sft": ("instructkit.train.sft", "supervised fine-tuning on demonstrations",
-            "Supervised fine-tuning: full, frozen layers, or LoRA/DoRA/IA3, on demonstrations (assistant "
-            "turns trained) or plain text. See docs/sft.md."),
-    "rm": ("instructkit.train.reward", "train a reward model on ranked comparisons",
-           "Reward model: a scalar head on a causal-LM backbone (usually the SFT run), trained on preference "
-           "pairs or K-wise rankings with the InstructGPT loss (all C(K,2) comparisons of a prompt together). "
-           "Reports held-out pairwise accuracy; final/ is a plain sequence classifier. See docs/rm.md."),
-    "dpo": ("instructkit.train.dpo", "preference tuning: DPO, IPO, hinge, SimPO, ORPO, KTO",
-            "Direct preference optimisation and its relatives on preference pairs (loss=sigmoid|ipo|hinge|"
-            "simpo|orpo|kto). Logs implicit rewards, margins and accuracies. See docs/dpo.md."),
-    "ppo": ("instructkit.train.ppo", "RL from a reward model or a reward function: PPO-ptx, GRPO, RLOO",
-            "PPO with a per-token KL penalty against the SFT reference and the pretraining mix (PPO-ptx), or "
-            "group-relative GRPO/RLOO, with rewards from a reward model or a Python function "
-            "(module:function). See docs/ppo.md."),
-}
-
-
 def cmd_data_inspect(args: argparse.Namespace) -> int:
-    from instructkit.data.inspect import inspect_data
+    from instructkit.inspect import inspect_data, parse_columns
 
-    print(inspect_data(args.file, format=args.format, model=args.model, template=args.template,
-                       max_length=args.max_length, color=not args.no_color and sys.stdout.isatty()))
+    columns = parse_columns(args.columns) if args.columns is not None else None
+    print(inspect_data(args.file, format=args.format, columns=columns, dataset_info=args.dataset_info,
+                       model=args.model, template=args.template, max_length=args.max_length,
+                       color=not args.no_color and sys.stdout.isatty()))
     return 0
 
 
 EVAL_DESCRIPTION = """\
 Evaluate a model on held-out conversations (prompt turns, then the reference answer).
+Give --model (e.g. --model smollm2-135m-instruct, the embedded default) or --responses.
 Responses are generated once, greedily (--temperature/--seed to sample), and shared by every
-suite; --responses FILE.jsonl scores responses made elsewhere instead (no model is loaded).
+suite; --responses FILE.jsonl scores responses made elsewhere instead (no model is loaded):
+every row is scored, several per prompt included; rows that answer no held-out record are
+counted (unmatched_rows) and warned about.
 
 suites (comma-separated):
   exact_match  response equals the reference (surrounding whitespace ignored)
@@ -223,24 +215,40 @@ def build_parser() -> argparse.ArgumentParser:
                         "quickstart), then overrides such as sft.optim.lr=1e-4 or eval.limit=20")
     p.add_argument("--out", default=None, help="run folder (default: runs/<recipe name>)")
     p.add_argument("--from", dest="from_stage", default=None, help="rerun from this stage on")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rerun from the first stage whose folder holds a run of another config "
+                        "(default: stop and list the changes)")
+    p.add_argument("--list", action="store_true", help="list the shipped recipes and exit")
     p.set_defaults(func=cmd_run)
 
-    for name, (module, help_text, description) in STAGE_COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=description + " Writes a run folder with "
+    from instructkit.stages import STAGES
+
+    for name, entry in STAGES.items():
+        if not entry.command:
+            continue
+        p = sub.add_parser(name, help=entry.help, description=entry.description + " Writes a run folder with "
                            "config.yaml, metrics.jsonl, summary.json, checkpoints/ and final/; rerunning the "
-                           "same command resumes from the last checkpoint.")
+                           "same command resumes from the last checkpoint (or does nothing when finished); a "
+                           "rerun with a changed config stops and lists the changes.")
         p.add_argument("--config", required=True,
                        help=f"stage config YAML, or a recipe YAML (its {name} section runs)")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace a run folder made with another config (default: stop and list the changes)")
         p.add_argument("overrides", nargs="*", default=[], help=OVERRIDES_HELP)
-        p.set_defaults(func=_stage_command(module, name))
+        p.set_defaults(func=_stage_command(name))
 
     p = sub.add_parser("data", help="look at a data file before training on it")
     dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
     q = dsub.add_parser("inspect", help="format, counts, token lengths, one rendered example",
                         description="Print the detected format, record counts, token-length statistics "
                                     "under a model's tokenizer, and one example with its trained tokens marked.")
-    q.add_argument("file", help="data file (json, jsonl, csv, parquet)")
+    q.add_argument("file", help="data file (json, jsonl, csv, parquet, txt), shipped:NAME/SPLIT, or with "
+                                "--dataset-info the name of a dataset in it")
     q.add_argument("--format", default=None, help="force a format instead of detecting it")
+    q.add_argument("--columns", default=None, metavar="KEY=COLUMN[,KEY=COLUMN...]",
+                   help="map keys to your columns, as data.columns does, e.g. prompt=question,response=answer")
+    q.add_argument("--dataset-info", default=None, metavar="PATH",
+                   help="a LLaMA-Factory dataset_info.json; FILE is then the name of a dataset in it")
     q.add_argument("--model", default=DEFAULT_MODEL, help=f"whose tokenizer and template (default {DEFAULT_MODEL})")
     q.add_argument("--template", default=None, help="chat template: chatml, llama-3, alpaca (default: the tokenizer's)")
     q.add_argument("--max-length", type=int, default=512, help="length limit to report against (default 512)")
@@ -249,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a model on held-out data", description=EVAL_DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model or run folder (model A for winrate)")
+    p.add_argument("--model", default=None,
+                   help=f"model or run folder that generates the responses (model A for winrate), "
+                        f"e.g. {DEFAULT_MODEL}; required unless --responses")
     p.add_argument("--suite", default="exact_match", help="comma-separated suites (default exact_match)")
     p.add_argument("--data", default=None, help="held-out file (default: the shipped extraction test split)")
     p.add_argument("--out", default=None, help="write metrics JSON here, and per-example JSONL beside it")
@@ -260,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="conversations to take k-shot examples from (default: the shipped extraction train split)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
     p.add_argument("--responses", default=None,
-                   help="score responses made elsewhere (JSONL with key or prompt, and response); no model loaded")
+                   help="score responses made elsewhere (JSONL with key or prompt, and response; every row is "
+                        "scored); instead of --model")
     p.add_argument("--reward-model", default=None, help="reward-model folder that judges the reward and winrate suites")
     p.add_argument("--baseline", default=None, help="winrate: model B, whose responses A is compared with")
     p.add_argument("--baseline-responses", default=None,

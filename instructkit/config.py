@@ -19,6 +19,56 @@ from instructkit.errors import InputError, did_you_mean
 
 T = TypeVar("T")
 
+# ----------------------------------------------------------------------------------------------
+# Enumerated values. The registries that implement them live in modules that import torch
+# (losses/, models/, data/formats); these Literals let a config be rejected before anything
+# heavy is imported, and tests/test_config.py checks each against its registry.
+
+PeftMethod = Literal["full", "freeze", "lora", "dora", "ia3"]
+PreferenceLoss = Literal["sigmoid", "ipo", "hinge", "simpo", "orpo", "kto"]
+Advantage = Literal["gae", "grpo", "rloo"]
+GROUP_RELATIVE = ("grpo", "rloo")  # advantages compare the responses within a prompt's group
+KLEstimator = Literal["k1", "k3"]
+DType = Literal["fp32", "bf16", "fp16"]
+DataFormat = Literal["alpaca", "messages", "sharegpt", "preference", "ranking", "kto", "text", "classification",
+                     "prompts"]
+Suite = Literal["exact_match", "accuracy", "bleu", "rouge", "reward", "winrate", "perplexity", "ifeval",
+                "preference", "loss", "f1"]
+NAMED_TEMPLATES = ("tokenizer", "chatml", "llama-3", "alpaca")
+PEFT_ADAPTERS = ("lora", "dora", "ia3")  # methods that leave the base weights untouched
+
+
+class FieldError(ValueError):
+    """A bad value found by a config's ``__post_init__``: ``key`` is relative to its section."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(problem)
+        self.key = key
+
+
+def require(ok: bool, key: str, problem: str) -> None:
+    if not ok:
+        raise FieldError(key, problem)
+
+
+def _check_template(template: str | None, key: str = "template") -> None:
+    """A named template, a ``.jinja`` file or an inline Jinja string (see data/templates.py)."""
+    if template is None or template in NAMED_TEMPLATES or template.endswith(".jinja"):
+        return
+    if "{{" in template or "{%" in template:
+        return
+    raise FieldError(key, f"unknown chat template '{template}'{did_you_mean(template, NAMED_TEMPLATES)}; "
+                          f"expected one of {', '.join(NAMED_TEMPLATES)}, a .jinja file or a Jinja string")
+
+
+def _check_device(device: str | None) -> None:
+    if device is None or device in ("cpu", "cuda", "mps"):
+        return
+    if device.startswith("cuda:") and device[5:].isdigit():
+        return
+    raise FieldError("device", f"unknown device '{device}'{did_you_mean(device, ('cpu', 'cuda', 'mps'))}; "
+                               "expected cpu, cuda, cuda:N or mps")
+
 
 # ----------------------------------------------------------------------------------------------
 # Stage config dataclasses
@@ -26,8 +76,9 @@ T = TypeVar("T")
 
 @dataclasses.dataclass
 class DataConfig:
-    path: str = ""  # training file (json, jsonl, csv, parquet) or cached Hub dataset id
-    format: str | None = None  # alpaca, messages, sharegpt, text, ...; detected when omitted
+    path: str = ""  # training file (json, jsonl, csv, parquet), cached Hub dataset id, or shipped:NAME/SPLIT
+    dataset_info: str | None = None  # a LLaMA-Factory dataset_info.json; `path` then names a dataset in it
+    format: DataFormat | None = None  # alpaca, messages, sharegpt, text, ...; detected when omitted
     columns: dict[str, str] | None = None  # LLaMA-Factory-style column mapping
     val_path: str | None = None  # a separate validation file; else val_fraction of path
     val_fraction: float = 0.05
@@ -38,15 +89,15 @@ class DataConfig:
     limit: int | None = None  # use only the first N training records (quick trials)
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError("must be in [0, 1)")
-        if self.max_length < 8:
-            raise ValueError("max_length must be at least 8")
+        require(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
+        require(self.max_length >= 8, "max_length", "must be at least 8")
+        require(self.limit is None or self.limit >= 1, "limit", "must be at least 1 (or null for all records)")
+        _check_template(self.template)
 
 
 @dataclasses.dataclass
 class PeftConfig:
-    method: str = "lora"  # full | freeze | lora | dora | ia3
+    method: PeftMethod = "lora"  # full | freeze | lora | dora | ia3
     r: int = 16  # LoRA rank
     alpha: int = 32  # LoRA alpha (scale = alpha / r)
     dropout: float = 0.0  # LoRA dropout
@@ -54,6 +105,13 @@ class PeftConfig:
     trainable_layers: int = 0  # freeze: train only the top N decoder layers (0 = all)
     ffn_only: bool = False  # freeze: train only the feed-forward (MLP) blocks
     freeze_embeddings: bool = True  # freeze: keep input/output embeddings frozen
+
+    def __post_init__(self) -> None:
+        require(self.r >= 1, "r", "the LoRA rank must be at least 1")
+        require(self.alpha > 0, "alpha", "must be positive")
+        require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        require(self.trainable_layers >= 0, "trainable_layers", "must be >= 0 (0 trains every layer)")
+        require(bool(self.target_modules), "target_modules", "name at least one module, or all-linear")
 
 
 @dataclasses.dataclass
@@ -69,6 +127,17 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # the decay ends at lr * min_lr_ratio
     max_grad_norm: float | None = 1.0  # gradient clipping; null disables
 
+    def __post_init__(self) -> None:
+        require(self.lr > 0, "lr", f"the learning rate must be positive, got {self.lr}")
+        require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        require(all(0 <= b < 1 for b in self.betas), "betas", "each must be in [0, 1)")
+        require(self.momentum >= 0, "momentum", "must be >= 0")
+        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        require(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+        require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+        require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm",
+                "must be positive (null disables clipping)")
+
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -83,16 +152,22 @@ class TrainConfig:
     save_every: int = 0  # checkpoint every N steps (0: only at the end)
     keep_checkpoints: int = 2  # most recent step checkpoints kept
     log_every: int = 1
-    dtype: str | None = None  # fp32 | bf16 | fp16; default fp32 on CPU, bf16 on a GPU
-    device: str | None = None  # cpu | cuda; default: cuda when available
+    dtype: DType | None = None  # fp32 | bf16 | fp16; default fp32 on CPU, bf16 on a GPU
+    device: str | None = None  # cpu | cuda | cuda:N | mps; default: cuda when available
     gradient_checkpointing: bool = False
     loss_chunk_size: int = 1024  # tokens per chunk of the vocabulary projection in the loss
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
+        for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints", "loss_chunk_size"):
+            require(getattr(self, name) >= 1, name, "must be at least 1")
+        for name in ("eval_every", "early_stopping_patience", "save_every"):
+            require(getattr(self, name) >= 0, name, "must be >= 0 (0 turns it off)")
+        require(self.epochs > 0, "epochs", "must be positive")
+        require(self.max_steps is None or self.max_steps >= 1, "max_steps",
+                "must be at least 1 (or null to train train.epochs epochs)")
+        require(self.dropout is None or 0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+        _check_device(self.device)
 
 
 @dataclasses.dataclass
@@ -135,13 +210,20 @@ class DPOConfig:
     peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
     optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=5e-6))
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    loss: str = "sigmoid"  # sigmoid | ipo | hinge | simpo | orpo | kto (see docs/losses.md)
+    loss: PreferenceLoss = "sigmoid"  # sigmoid | ipo | hinge | simpo | orpo | kto (see docs/dpo.md)
     beta: float = 0.1
     label_smoothing: float = 0.0  # conservative DPO
     simpo_gamma: float = 0.5  # SimPO target margin
     orpo_lambda: float = 1.0  # weight of ORPO's odds-ratio term beside its SFT term
     reference: Literal["auto", "precompute", "adapter"] = "auto"  # how reference log-probs are made
     trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        require(self.beta > 0, "beta", "must be positive")
+        require(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
+        require(self.orpo_lambda >= 0, "orpo_lambda", "must be >= 0")
+        require(self.reference != "adapter" or self.peft.method in PEFT_ADAPTERS, "reference",
+                f"reference: adapter needs a peft method ({', '.join(PEFT_ADAPTERS)}); use precompute")
 
 
 @dataclasses.dataclass
@@ -151,13 +233,17 @@ class PromptDataConfig:
     max_prompt_length: int = 256  # tokens; longer prompts are left out (and counted)
     limit: int | None = None  # use only the first N prompts
     ptx_path: str | None = None  # PPO-ptx data: demonstrations (assistant tokens train) or plain text
-    ptx_format: str | None = None  # format of ptx_path; detected when omitted
     ptx_max_length: int = 512  # tokens per ptx example
     ptx_batch_size: int = 8  # ptx examples per optimizer step
 
+    ptx_format: DataFormat | None = None  # format of ptx_path; detected when omitted
+
     def __post_init__(self) -> None:
-        if self.max_prompt_length < 1 or self.ptx_batch_size < 1:
-            raise ValueError("max_prompt_length and ptx_batch_size must be at least 1")
+        require(self.max_prompt_length >= 1, "max_prompt_length", "must be at least 1")
+        require(self.ptx_batch_size >= 1, "ptx_batch_size", "must be at least 1")
+        require(self.ptx_max_length >= 8, "ptx_max_length", "must be at least 8")
+        require(self.limit is None or self.limit >= 1, "limit", "must be at least 1 (or null for all prompts)")
+        _check_template(self.template)
 
 
 @dataclasses.dataclass
@@ -168,8 +254,9 @@ class RewardSourceConfig:
     batch_size: int = 16  # responses scored per reward-model forward pass
 
     def __post_init__(self) -> None:
-        if self.model and self.function:
-            raise ValueError("set reward.model or reward.function, not both")
+        require(not (self.model and self.function), "function", "set reward.model or reward.function, not both")
+        require(self.batch_size >= 1, "batch_size", "must be at least 1")
+        _check_template(self.template)
 
 
 @dataclasses.dataclass
@@ -178,10 +265,8 @@ class AdaptiveKLConfig:
     horizon: int = 10000  # samples over which the coefficient corrects the error (Ziegler et al. 2019)
 
     def __post_init__(self) -> None:
-        if self.target is not None and self.target <= 0:
-            raise ValueError("target must be positive")
-        if self.horizon < 1:
-            raise ValueError("horizon must be at least 1")
+        require(self.target is None or self.target > 0, "target", "must be positive")
+        require(self.horizon >= 1, "horizon", "must be at least 1")
 
 
 @dataclasses.dataclass
@@ -202,7 +287,7 @@ class PPOConfig:
     optim: OptimConfig = dataclasses.field(
         default_factory=lambda: OptimConfig(lr=1e-5, scheduler="constant"))
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(max_steps=100))
-    advantage: str = "gae"  # gae | grpo | rloo (group-relative, no value model)
+    advantage: Advantage = "gae"  # gae | grpo | rloo (group-relative, no value model)
     rollout_batch_size: int = 16  # prompts per PPO step
     group_size: int = 1  # responses per prompt (at least 2 for grpo and rloo)
     generation_batch_size: int = 32  # sequences sampled per generate call
@@ -216,7 +301,7 @@ class PPOConfig:
     value_clip_range: float = 0.2  # value clip, in reward units
     vf_coef: float = 0.1  # weight of the value loss
     kl_coef: float = 0.05  # beta: per-token KL penalty in the reward (initial value if adaptive)
-    kl_estimator: str = "k1"  # k1 | k3 (Schulman, "Approximating KL Divergence")
+    kl_estimator: KLEstimator = "k1"  # k1 | k3 (Schulman, "Approximating KL Divergence")
     adaptive_kl: AdaptiveKLConfig = dataclasses.field(default_factory=AdaptiveKLConfig)
     whiten_advantages: bool = True
     whiten_rewards: bool = False  # rescale per-token rewards to unit variance (mean kept)
@@ -227,18 +312,49 @@ class PPOConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
-        positive = ("rollout_batch_size", "group_size", "generation_batch_size", "max_new_tokens", "ppo_epochs")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-        if self.temperature <= 0:
-            raise ValueError("temperature must be > 0 (PPO samples; log-probs are taken at it)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            raise ValueError("ema_decay must be in (0, 1)")
-        if self.ptx_coef < 0 or self.kl_coef < 0 or self.vf_coef < 0:
-            raise ValueError("ptx_coef, kl_coef and vf_coef must be >= 0")
+        for name in ("rollout_batch_size", "group_size", "generation_batch_size", "max_new_tokens", "ppo_epochs"):
+            require(getattr(self, name) >= 1, name, "must be at least 1")
+        require(self.temperature > 0, "temperature", "must be > 0 (PPO samples; log-probs are taken at it)")
+        require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        require(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", "must be in (0, 1)")
+        for name in ("ptx_coef", "kl_coef", "vf_coef"):
+            require(getattr(self, name) >= 0, name, "must be >= 0")
+        require(self.advantage not in GROUP_RELATIVE or self.group_size >= 2, "group_size",
+                f"{self.advantage} compares responses within a group: set group_size >= 2")
+        n_seq, mini = self.rollout_batch_size * self.group_size, self.train.batch_size * self.train.grad_accum
+        require(n_seq % mini == 0, "train.batch_size",
+                f"rollout_batch_size x group_size = {n_seq} responses do not split into mini-batches of "
+                f"train.batch_size x train.grad_accum = {mini}")
+        require(not self.train.eval_every, "train.eval_every", "PPO has no validation loss to evaluate or stop on")
+        require(not self.train.early_stopping_patience, "train.early_stopping_patience",
+                "PPO has no validation loss to evaluate or stop on")
+        require(not self.train.dropout, "train.dropout",
+                "PPO runs with dropout off (log-probs must match between sampling and training)")
+        require(self.train.epochs == 1.0, "train.epochs", "PPO runs train.max_steps steps; epochs over the "
+                                                           "prompts do not apply")
+        require(self.train.max_steps is not None, "train.max_steps", "set the number of PPO steps")
+
+
+@dataclasses.dataclass
+class EvalStageConfig:
+    """The `eval` stage of a recipe: every model of the recipe on the same held-out data."""
+
+    suites: list[Suite] = dataclasses.field(default_factory=lambda: ["exact_match"])
+    data: str = "shipped:extract/test"  # held-out conversations
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    k_shot: int = 0  # also report k-shot prompting of the untuned model when > 0
+    limit: int | None = None
+    # Held-out preference pairs for the `preference` suite (does each model itself prefer the
+    # chosen response?); used when `preference` is among the suites.
+    preference_data: str = "shipped:extract_prefs/val"
+
+    def __post_init__(self) -> None:
+        require(bool(self.suites), "suites", "name at least one suite")
+        require(self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1")
+        require(self.batch_size >= 1, "batch_size", "must be at least 1")
+        require(self.k_shot >= 0, "k_shot", "must be >= 0")
+        require(self.limit is None or self.limit >= 1, "limit", "must be at least 1 (or null for all records)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,21 +464,48 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+@dataclasses.dataclass
+class Origin:
+    """Where the keys of a config came from, so an error names the place the user can fix: a
+    YAML file and line, or the ``key=value`` override that set the key."""
+
+    file: str | None = None
+    lines: dict[str, int] = dataclasses.field(default_factory=dict)  # dotted key -> 1-based line
+    overrides: dict[str, str] = dataclasses.field(default_factory=dict)  # dotted key -> "key=value" as typed
+
+    def error(self, problem: str, dotted: str, *, section: bool = False) -> InputError:
+        """An InputError at ``dotted``; for a whole ``section``, at the override inside it if any."""
+        text = self.overrides.get(dotted)
+        if text is None and section:
+            text = next((t for k, t in self.overrides.items() if k.startswith(dotted + ".") or not dotted), None)
+        if text is not None:
+            return InputError(problem, file=f"override '{text}'")
+        line = self.lines.get(dotted)
+        key = dotted
+        while line is None and "." in key:  # a key the file does not spell out: its section's line
+            key = key.rsplit(".", 1)[0]
+            line = self.lines.get(key)
+        return InputError(problem, file=self.file, line=line, field=dotted or None)
+
+
 def from_dict(cls: type[T], data: dict[str, Any], *, file: str | None = None,
-              lines: dict[str, int] | None = None, prefix: str = "") -> T:
-    """Build dataclass ``cls`` from a nested mapping, rejecting unknown keys and bad values."""
-    lines = lines or {}
+              lines: dict[str, int] | None = None, prefix: str = "", origin: Origin | None = None) -> T:
+    """Build dataclass ``cls`` from a nested mapping, rejecting unknown keys and bad values.
+
+    ``prefix`` is the dotted path of this section in the whole config (``sft.`` in a recipe);
+    errors are located through ``origin`` (or ``file`` and ``lines``).
+    """
+    origin = origin or Origin(file, lines or {})
+    here = prefix.rstrip(".")
     if not isinstance(data, dict):
-        raise InputError("expected a mapping of keys to values", file=file,
-                         line=lines.get(prefix.rstrip(".")), field=prefix.rstrip(".") or None)
+        raise origin.error("expected a mapping of keys to values", here)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in fields:
-            raise InputError(f"unknown key{did_you_mean(str(key), fields)}", file=file,
-                             line=lines.get(dotted), field=dotted)
+            raise origin.error(f"unknown key{did_you_mean(str(key), fields)}", dotted)
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             section = value if value is not None else {}
@@ -371,21 +514,23 @@ def from_dict(cls: type[T], data: dict[str, Any], *, file: str | None = None,
                 # Keys given override this stage's own defaults (DPO's lr is not SFT's), not the
                 # section class's generic ones.
                 section = merge(to_dict(factory()), section)
-            kwargs[key] = from_dict(tp, section, file=file, lines=lines, prefix=dotted + ".")
+            kwargs[key] = from_dict(tp, section, prefix=dotted + ".", origin=origin)
             continue
         try:
             kwargs[key] = _coerce(value, tp, dotted)
         except (TypeError, ValueError) as exc:
-            raise InputError(str(exc), file=file, line=lines.get(dotted), field=dotted) from None
+            raise origin.error(str(exc), dotted) from None
     try:
         return cls(**kwargs)
+    except FieldError as exc:
+        raise origin.error(str(exc), f"{prefix}{exc.key}") from None
     except ValueError as exc:
-        raise InputError(str(exc), file=file, line=lines.get(prefix.rstrip(".")),
-                         field=prefix.rstrip(".") or cls.__name__) from None
+        raise origin.error(str(exc), here or cls.__name__, section=True) from None
 
 
-def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
-    """``["train.lr=1e-4", "peft.method=full"]`` -> nested dict of YAML-parsed values."""
+def parse_overrides(overrides: list[str] | None, prefix: str = "") -> dict[str, Any]:
+    """``["train.lr=1e-4", "peft.method=full"]`` -> nested dict of YAML-parsed values, each under
+    ``prefix`` (``"sft."`` applies stage overrides to a recipe's section)."""
     tree: dict[str, Any] = {}
     for item in overrides or []:
         if "=" not in item:
@@ -396,13 +541,18 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
         except yaml.YAMLError:
             value = raw
         node = tree
-        parts = key.strip().split(".")
+        parts = (prefix + key.strip()).split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise InputError(f"override '{item}' sets inside a non-section", field=key)
         node[parts[-1]] = value
     return tree
+
+
+def override_origins(overrides: list[str] | None, prefix: str = "") -> dict[str, str]:
+    """Dotted key (with ``prefix``) -> the override that set it, as typed."""
+    return {prefix + item.split("=", 1)[0].strip(): item for item in overrides or [] if "=" in item}
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -438,14 +588,12 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
                 base: dict[str, Any] | None = None) -> T:
-    """Load stage config ``cls`` from an optional YAML file, then apply ``key=value`` overrides."""
+    """Load stage config ``cls``: ``base``, then an optional YAML file, then ``key=value``
+    overrides, validated once as a whole (so an override may supply what the file lacks)."""
     data, lines = (read_yaml(path) if path else ({}, {}))
-    data = merge(base or {}, data)
-    file = str(path) if path else None
-    cfg = from_dict(cls, data, file=file, lines=lines)
-    if overrides:
-        cfg = from_dict(cls, merge(to_dict(cfg), parse_overrides(overrides)), file="command line")
-    return cfg
+    data = merge(merge(base or {}, data), parse_overrides(overrides))
+    origin = Origin(str(path) if path else None, lines, override_origins(overrides))
+    return from_dict(cls, data, origin=origin)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -465,26 +613,3 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def resolve_stage_config(cls: type[T], stage: str, config: Any = None, overrides: list[str] | None = None) -> T:
-    """A stage's config from an instance, a dict, a stage YAML, or a recipe YAML (its ``stage``
-    section, started from the recipe's model), then ``key=value`` overrides.
-
-    What ``instructkit sft|rm|dpo|ppo --config FILE`` and the Python functions of the same
-    names accept.
-    """
-    if isinstance(config, cls):
-        return load_config(cls, None, overrides, base=to_dict(config)) if overrides else config
-    if isinstance(config, dict):
-        return load_config(cls, None, overrides, base=config)
-    if config is not None:
-        data, _ = read_yaml(config)
-        if "stages" in data:  # a recipe: run its section for this stage
-            from instructkit.pipeline import load_recipe
-
-            recipe = load_recipe(config)
-            stage_cfg = recipe.stage_config(stage)
-            base = {**to_dict(stage_cfg), "out": str(Path("runs") / recipe.config.name / stage)}
-            return load_config(cls, None, overrides, base=base)
-    return load_config(cls, config, overrides)

@@ -1,156 +1,77 @@
 """`instructkit run`: a recipe's stages in order, each stage's output feeding the next.
 
-A recipe is one YAML with a ``stages`` list and a section per stage. Each stage writes its own
-run folder under the recipe's folder; a stage whose ``summary.json`` exists is finished and is
-skipped on a rerun, an interrupted stage resumes from its last checkpoint, and ``--from STAGE``
-reruns from that stage on.
+A recipe (see :mod:`instructkit.stages`) is validated whole before anything runs: every
+stage's config, every data file it names (read and parsed as the stage will read it), and
+every stage folder already there (a folder made by another config is an error, see
+:mod:`instructkit.runs`). Then each stage writes its own run folder under the recipe's folder:
+a finished stage is skipped on a rerun, an interrupted one resumes from its last checkpoint,
+and ``--from STAGE`` reruns from that stage on.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from instructkit.config import from_dict, merge, parse_overrides, read_yaml, to_dict
+from instructkit.config import dump_yaml
 from instructkit.errors import InputError, did_you_mean
+from instructkit.fileio import atomic_write_json, atomic_write_text
+from instructkit.runs import RunDir, remove_run, remove_stale_temporaries, rerun_state
+from instructkit.stages import RECIPES_DIR, STAGES, LoadedRecipe, Stage, load_recipe, shipped_recipes
 
-RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
-
-
-@dataclasses.dataclass
-class EvalStageConfig:
-    suites: list[str] = dataclasses.field(default_factory=lambda: ["exact_match"])
-    data: str = "shipped:extract/test"  # held-out conversations
-    max_new_tokens: int = 64
-    batch_size: int = 16
-    k_shot: int = 0  # also report k-shot prompting of the untuned model when > 0
-    limit: int | None = None
-    # Held-out preference pairs for the `preference` suite (does each model itself prefer the
-    # chosen response?); used when `preference` is among the suites.
-    preference_data: str = "shipped:extract_prefs/val"
+__all__ = ["RECIPES_DIR", "load_recipe", "run", "list_recipes", "plan_stages"]
 
 
 @dataclasses.dataclass
-class RecipeConfig:
-    name: str = "recipe"
-    model: str = "smollm2-135m-instruct"  # the model the first stage starts from
-    stages: list[str] = dataclasses.field(default_factory=lambda: ["sft", "eval"])
-    sft: dict[str, Any] = dataclasses.field(default_factory=dict)  # SFT stage config (docs/sft.md)
-    rm: dict[str, Any] = dataclasses.field(default_factory=dict)  # reward-model stage (docs/rm.md)
-    dpo: dict[str, Any] = dataclasses.field(default_factory=dict)  # DPO-family stage (docs/dpo.md)
-    ppo: dict[str, Any] = dataclasses.field(default_factory=dict)  # PPO/GRPO stage (docs/ppo.md)
-    eval: EvalStageConfig = dataclasses.field(default_factory=EvalStageConfig)
+class PlannedStage:
+    """One stage of a recipe run: its registry entry, resolved config and run folder."""
 
-
-# Stage name -> name of its config class in instructkit.config (looked up lazily).
-STAGE_CONFIGS = {"sft": "SFTConfig", "rm": "RewardConfig", "dpo": "DPOConfig", "ppo": "PPOConfig"}
-STAGES = (*STAGE_CONFIGS, "eval")
-
-
-@dataclasses.dataclass
-class LoadedRecipe:
-    config: RecipeConfig
+    entry: Stage
+    config: Any
     path: Path
-    stages: dict[str, Any]  # stage name -> its validated, typed config
 
-    def stage_config(self, stage: str) -> Any:
-        return self.stages[stage]
-
-
-def _stage_class(stage: str) -> type:
-    import instructkit.config as config_module
-
-    return getattr(config_module, STAGE_CONFIGS[stage])
+    @property
+    def name(self) -> str:
+        return self.entry.name
 
 
-def recipe_path(recipe: str | Path | None) -> Path:
-    """A recipe file, or the name of a shipped one (``quickstart``)."""
-    if recipe is None:
-        return RECIPES_DIR / "quickstart.yaml"
-    path = Path(recipe)
-    if path.is_file():
-        return path
-    shipped = RECIPES_DIR / f"{recipe}.yaml"
-    if shipped.is_file():
-        return shipped
-    names = [p.stem for p in RECIPES_DIR.glob("*.yaml")]
-    raise InputError(f"no such recipe file or shipped recipe{did_you_mean(str(recipe), names)}; "
-                     f"shipped: {', '.join(sorted(names))}", file=str(recipe))
+def list_recipes() -> str:
+    """The shipped recipes, one line each: name, stages, path (``instructkit run --list``)."""
+    from instructkit.config import read_yaml
 
-
-def load_recipe(recipe: str | Path | None, overrides: list[str] | None = None) -> LoadedRecipe:
-    """Load and validate a recipe, including the config of every stage it has a section for."""
-    path = recipe_path(recipe)
-    data, lines = read_yaml(path)
-    cfg = from_dict(RecipeConfig, data, file=str(path), lines=lines)
-    if overrides:
-        cfg = from_dict(RecipeConfig, merge(to_dict(cfg), parse_overrides(overrides)), file="command line")
-    for i, stage in enumerate(cfg.stages):
-        if stage not in STAGES:
-            raise InputError(f"unknown stage '{stage}' (one of {', '.join(STAGES)}){did_you_mean(stage, STAGES)}",
-                             file=str(path), line=lines.get("stages"), field=f"stages[{i}]")
-    stages = {}
-    for stage in STAGE_CONFIGS:
-        section = getattr(cfg, stage)
-        if stage in cfg.stages or section:
-            stages[stage] = from_dict(_stage_class(stage), {"model": cfg.model, **section}, file=str(path),
-                                      lines=lines, prefix=f"{stage}.")
-    stages["eval"] = cfg.eval
-    return LoadedRecipe(cfg, path, stages)
+    lines = []
+    for name, path in shipped_recipes().items():
+        data, _ = read_yaml(path)
+        lines.append(f"{name:12s} {' -> '.join(data.get('stages', []))}  ({path})")
+    return "\n".join(lines)
 
 
 def run(recipe: str | Path | None = None, *, out: str | Path | None = None, overrides: list[str] | None = None,
-        from_stage: str | None = None) -> dict[str, Any]:
+        from_stage: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Run a recipe's stages in order; returns (and writes) the recipe summary."""
-    from instructkit.train.engine import atomic_write_json, atomic_write_text
-    from instructkit.config import dump_yaml
-
+    # 1. Load and validate the whole recipe: every stage's config, errors at file:line or override.
     loaded = load_recipe(recipe, overrides)
-    cfg = loaded.config
-    root = Path(out or Path("runs") / cfg.name)
-    if from_stage is not None and from_stage not in cfg.stages:
-        raise InputError(f"--from: '{from_stage}' is not a stage of this recipe ({', '.join(cfg.stages)})"
-                         f"{did_you_mean(from_stage, cfg.stages)}", field="from")
+    root = Path(out or Path("runs") / loaded.config.name)
+    plan = plan_stages(loaded, root)
+    # 2. Every data file of every stage exists and parses; every stage folder matches its config.
+    check_data(plan, loaded)
+    first_rerun = check_stage_folders(plan, from_stage, overwrite)
+    # 3. Only now write anything: the recipe's config, and clear the stages that rerun.
     root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(root / "config.yaml", dump_yaml(cfg))
-    if from_stage is not None:
-        for stage in cfg.stages[cfg.stages.index(from_stage):]:
-            shutil.rmtree(root / stage, ignore_errors=True)
-
+    remove_stale_temporaries(root)  # what an interrupted stage's atomic write left behind
+    atomic_write_text(root / "config.yaml", dump_yaml(loaded.config))
+    for planned in plan[first_rerun:]:
+        remove_run(planned.path)
+    # 4. The stages, in order.
     started = time.time()
-    current_model, reward_model = cfg.model, None
-    trained: list[tuple[str, str]] = [("base", cfg.model)]
-    summaries: dict[str, Any] = {}
-    for stage in cfg.stages:
-        stage_dir = root / stage
-        done = (stage_dir / "summary.json").is_file()
-        print(f"== stage {stage}: {'already finished, skipped' if done else 'running'} ({stage_dir})", flush=True)
-        if stage == "eval":
-            if not done:
-                _eval_stage(cfg.eval, trained, stage_dir, reward_model=reward_model)
-        else:
-            # A stage starts from the previous stage's model unless its section names one.
-            explicit = getattr(cfg, stage)
-            stage_cfg = dataclasses.replace(loaded.stage_config(stage), out=str(stage_dir),
-                                            model=explicit.get("model", current_model))
-            if stage == "ppo" and reward_model is not None:
-                stage_cfg = _with_reward_model(stage_cfg, explicit, reward_model)
-            if not done:
-                STAGE_FUNCTIONS[stage]()(stage_cfg)
-            if stage == "rm":
-                reward_model = str(stage_dir)
-            else:
-                current_model = str(stage_dir)
-                trained.append((stage, current_model))
-        summaries[stage] = _read_json(stage_dir / "summary.json")
-
+    summaries = run_stages(plan, loaded.config.model)
+    # 5. The recipe's summary and report.
     from instructkit.report import write_report
 
-    summary = {"recipe": cfg.name, "out": str(root), "final_model": current_model,
+    final_model = next((str(p.path) for p in reversed(plan) if p.entry.output == "policy"), loaded.config.model)
+    summary = {"recipe": loaded.config.name, "out": str(root), "final_model": final_model,
                "seconds": round(time.time() - started, 1), "stages": summaries,
                "table": summaries.get("eval", {}).get("table", {}), "report": str(root / "report.html")}
     write_report(root, summary)
@@ -159,68 +80,82 @@ def run(recipe: str | Path | None = None, *, out: str | Path | None = None, over
     return summary
 
 
-def _stage_function(module: str, name: str):
-    def load():
-        import importlib
-
-        return getattr(importlib.import_module(module), name)
-
-    return load
-
-
-STAGE_FUNCTIONS = {
-    "sft": _stage_function("instructkit.train.sft", "sft"),
-    "rm": _stage_function("instructkit.train.reward", "rm"),
-    "dpo": _stage_function("instructkit.train.dpo", "dpo"),
-    "ppo": _stage_function("instructkit.train.ppo", "ppo"),
-}
-
-
-def _with_reward_model(stage_cfg: Any, explicit: dict[str, Any], reward_model: str) -> Any:
-    """PPO scores with the recipe's reward model unless its section names another reward."""
-    reward = getattr(stage_cfg, "reward", None)
-    if reward is None or explicit.get("reward"):
-        return stage_cfg
-    return dataclasses.replace(stage_cfg, reward=dataclasses.replace(reward, model=reward_model))
+def plan_stages(loaded: LoadedRecipe, root: Path) -> list[PlannedStage]:
+    """Each stage's config with its run folder (``root/<stage>``) and the model it starts from: the
+    previous policy stage's output unless its section names a model; PPO scores with the recipe's
+    reward model unless its section names a reward."""
+    current, reward_model = loaded.config.model, None
+    plan = []
+    for name in loaded.config.stages:
+        entry, cfg, path = STAGES[name], loaded.stage_config(name), root / name
+        section = loaded.sections[name]
+        if entry.output != "evaluation":
+            cfg = dataclasses.replace(cfg, out=str(path), model=section.get("model", current))
+        if hasattr(cfg, "reward") and reward_model is not None and not section.get("reward"):
+            cfg = dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, model=reward_model))
+        if entry.output == "policy":
+            current = str(path)
+        elif entry.output == "reward_model":
+            reward_model = str(path)
+        plan.append(PlannedStage(entry, cfg, path))
+    return plan
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+def check_data(plan: list[PlannedStage], loaded: LoadedRecipe) -> None:
+    """Read every data file of every stage as the stage will (nothing tokenized)."""
+    from instructkit.data.check import check_data_file
+
+    for planned in plan:
+        for f in planned.entry.data_files(planned.config):
+            dotted = f"{planned.name}.{f.key}"
+            try:
+                check_data_file(f.path, f.kind, format=f.format, columns=f.columns, dataset_info=f.dataset_info)
+            except InputError as exc:
+                inner = exc.problem if exc.file is None and exc.line is None else exc.format()
+                raise loaded.origin.error(inner, dotted) from None
 
 
-def _eval_stage(cfg: EvalStageConfig, models: list[tuple[str, str]], out: Path, *,
-                reward_model: str | None = None) -> None:
-    """Evaluate the starting model (zero-shot, and k-shot if asked) and every trained stage."""
-    from instructkit.eval.preference import evaluate_preferences
-    from instructkit.eval.run import evaluate
-    from instructkit.models.loading import load_model_and_tokenizer
-    from instructkit.train.engine import atomic_dir, atomic_write_json
+def check_stage_folders(plan: list[PlannedStage], from_stage: str | None, overwrite: bool) -> int:
+    """The index of the first stage that reruns from scratch: ``--from``'s, else (with
+    ``overwrite``) the first whose folder holds another config's run, else none (len(plan)).
+    Raises InputError when a folder holds another config's run and neither option says what to do."""
+    names = [p.name for p in plan]
+    if from_stage is not None and from_stage not in names:
+        raise InputError(f"--from: '{from_stage}' is not a stage of this recipe ({', '.join(names)})"
+                         f"{did_you_mean(from_stage, names)}", field="from")
+    first = names.index(from_stage) if from_stage is not None else len(plan)
+    for i, planned in enumerate(plan[:first]):
+        try:
+            rerun_state(planned.path, planned.config, stage=planned.name)
+        except InputError:
+            if not overwrite:
+                raise
+            return i
+    return first
 
-    table: dict[str, dict[str, Any]] = {}
-    suites = [s for s in cfg.suites if s != "preference"]
-    with atomic_dir(out) as tmp:
-        runs = [(name, spec, 0) for name, spec in models]
-        if cfg.k_shot:
-            runs.insert(1, (f"base {cfg.k_shot}-shot", models[0][1], cfg.k_shot))
-        for name, spec, k in runs:
-            print(f"   evaluating {name}", flush=True)
-            stem = name.replace(" ", "_")
-            loaded = load_model_and_tokenizer(spec)
-            metrics: dict[str, Any] = {}
-            if suites:
-                result = evaluate(model=spec, suites=suites, data=cfg.data, max_new_tokens=cfg.max_new_tokens,
-                                  batch_size=cfg.batch_size, k_shot=k, limit=cfg.limit, loaded=loaded,
-                                  out=str(tmp / f"{stem}.json"))
-                metrics.update(result["metrics"])
-            if "preference" in cfg.suites and k == 0:  # prompting does not change log-likelihoods
-                result = evaluate_preferences(*loaded, data=cfg.preference_data, batch_size=cfg.batch_size,
-                                              limit=cfg.limit)
-                samples = result.pop("samples")
-                atomic_write_json(tmp / f"{stem}.preference.json", result)
-                (tmp / f"{stem}.preference.samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples))
-                metrics.update(result)
-            table[name] = {k2: v for k2, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        atomic_write_json(tmp / "summary.json", {"stage": "eval", "data": cfg.data, "table": table})
+
+def run_stages(plan: list[PlannedStage], start_model: str) -> dict[str, Any]:
+    """Run (or skip, when finished) each stage; returns each stage's summary."""
+    trained: list[tuple[str, str]] = [("base", start_model)]
+    reward_model = None
+    summaries: dict[str, Any] = {}
+    for planned in plan:
+        run_dir = RunDir(planned.path)
+        done = run_dir.is_finished()
+        print(f"== stage {planned.name}: {'already finished, skipped' if done else 'running'} ({planned.path})",
+              flush=True)
+        if planned.entry.output == "evaluation":
+            if not done:
+                planned.entry.load()(planned.config, trained, planned.path, reward_model=reward_model)
+                run_dir.write_config(planned.config)
+        elif not done:
+            planned.entry.load()(planned.config)
+        if planned.entry.output == "policy":
+            trained.append((planned.name, str(planned.path)))
+        elif planned.entry.output == "reward_model":
+            reward_model = str(planned.path)
+        summaries[planned.name] = run_dir.saved_summary() if run_dir.is_finished() else {}
+    return summaries
 
 
 def _print_table(summary: dict[str, Any]) -> None:

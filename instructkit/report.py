@@ -205,7 +205,7 @@ brackets (green: better).</p>{results_tables(table)}</section>
 
 def write_report(root: str | Path, summary: dict[str, Any] | None = None) -> Path:
     """Write ``root/report.html`` (atomically) for a recipe folder; returns its path."""
-    from instructkit.train.engine import atomic_write_text
+    from instructkit.fileio import atomic_write_text
 
     root = Path(root)
     summary = summary if summary is not None else json.loads((root / "summary.json").read_text())

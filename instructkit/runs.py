@@ -66,8 +66,9 @@ class RunDir:
         atomic_write_text(self.config, dump_yaml(cfg))
 
     def latest_checkpoint(self) -> Path | None:
-        steps = sorted(self.checkpoints.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-        return steps[-1] if steps else None
+        """The newest finished ``step-N`` checkpoint (a ``step-N.tmp-*`` being written is not one)."""
+        steps = [p for p in self.checkpoints.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+        return max(steps, key=lambda p: int(p.name[5:])) if steps else None
 
     def is_finished(self) -> bool:
         return self.summary.is_file()

@@ -35,6 +35,22 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str, field: str = "device") -> None:
+    """A located InputError when ``device`` names an accelerator this machine does not have."""
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(f"device '{device}' asked for, but this machine has no CUDA GPU "
+                             "(torch.cuda.is_available() is False); use cpu", field=field)
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise InputError(f"device '{device}' asked for, but there are {torch.cuda.device_count()} GPUs",
+                             field=field)
+    elif device == "mps" and not torch.backends.mps.is_available():
+        raise InputError("device 'mps' asked for, but MPS is not available here; use cpu", field=field)
+
+
 def default_dtype(device: str) -> Any:
     """fp32 on CPU (bf16 matmuls are slow there), bf16 on a GPU that has it, else fp16."""
     import torch
@@ -135,6 +151,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     device = device or default_device()
+    check_device(device)
     dtype = parse_dtype(dtype) or default_dtype(device)
     resolved = resolve(spec)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}

@@ -83,6 +83,14 @@ def apply_method(model: nn.Module, cfg: PeftConfig, task: str = "CAUSAL_LM") -> 
     if cfg.method not in METHODS:
         raise InputError(f"unknown method '{cfg.method}' (one of {', '.join(METHODS)})"
                          f"{did_you_mean(cfg.method, METHODS)}", field="peft.method")
+    if isinstance(cfg.target_modules, list) and cfg.method in ("lora", "dora", "ia3"):
+        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [t for t in cfg.target_modules if t not in names]
+        if missing:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+            raise InputError(f"no module named {missing[0]!r} in the model{did_you_mean(missing[0], linear)}; "
+                             f"its linear layers are {', '.join(linear)} (or use all-linear)",
+                             field="peft.target_modules")
     return METHODS[cfg.method](model, cfg, task)
 
 

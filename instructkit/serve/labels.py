@@ -400,7 +400,7 @@ def create_label_store(prompts: str | Path, model: str, *, k: int = 4, out: str 
     """``instructkit label create``: sample ``k`` responses to each prompt of ``prompts`` (records
     with a ``prompt``, a string or a message list, as PPO reads them) into a new store."""
     from instructkit.datasets import resolve_data_path
-    from instructkit.train.ppo import read_prompts
+    from instructkit.data.prompts import read_prompts
 
     if k < 2:
         raise InputError(f"k must be at least 2 (a ranking compares responses), got {k}", field="k")

@@ -4,7 +4,8 @@ InstructGPT (Ouyang et al. 2022, sec. 3.5): labelers rank K responses to a promp
 the C(K, 2) comparisons of that prompt goes into the same batch element, and the loss of a
 prompt is the mean over its comparisons, so prompts with many responses do not dominate and
 the backbone runs once per response rather than once per comparison. Preference pairs are the
-K = 2 case. Reads top to bottom: config -> data -> model -> encode -> train -> bias -> save.
+K = 2 case. Reads top to bottom: config -> data -> model -> encode -> train -> bias -> save; the set-up shared
+with other recipes lives in :mod:`instructkit.train.setup`, the encoders in :mod:`instructkit.data.encoders`.
 """
 
 from __future__ import annotations
@@ -17,66 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from instructkit.config import RewardConfig, resolve_stage_config
-from instructkit.data.schema import Conversation, Preference, Ranking
+from instructkit.config import RewardConfig
+from instructkit.data.schema import Conversation
 from instructkit.errors import InputError
-
-
-def as_rankings(records: Sequence[Any], where: str) -> list[Ranking]:
-    """Rankings from preference pairs (chosen ranks 0, rejected 1) or rankings as they are."""
-    out = []
-    for i, record in enumerate(records):
-        if isinstance(record, Ranking):
-            ranks = record.ranks or list(range(len(record.responses)))
-            out.append(Ranking(record.prompt, record.responses, ranks))
-        elif isinstance(record, Preference):
-            out.append(Ranking(record.prompt, [record.chosen, record.rejected], [0, 1]))
-        else:
-            raise InputError(f"a reward model trains on preference pairs or rankings, not "
-                             f"{type(record).__name__} records", file=where, record=i)
-    return out
-
-
-def encode_rankings(tokenizer, rankings: Sequence[Ranking], *, template: str | None,
-                    max_length: int) -> tuple[list[dict[str, Any]], int]:
-    """Each ranking as {"input_ids": [K sequences], "ranks": [K]}; responses that do not fit are
-    cut (never their end-of-turn, where the score is read); a ranking left without an untied
-    pair is dropped and counted."""
-    from instructkit.data.templates import Truncation, encode_prompt_response
-
-    encoded, dropped = [], 0
-    for ranking in rankings:
-        ids, ranks = [], []
-        for response, rank in zip(ranking.responses, ranking.ranks):
-            enc = encode_prompt_response(tokenizer, ranking.prompt, response, template=template,
-                                         max_length=max_length, truncation=Truncation.CUT_RESPONSE)
-            if enc is not None:
-                ids.append(list(enc.input_ids))
-                ranks.append(rank)
-        if len(set(ranks)) < 2:
-            dropped += 1
-            continue
-        encoded.append({"input_ids": ids, "ranks": ranks})
-    return encoded, dropped
-
-
-def make_collate(pad_id: int) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
-    """All responses of the batch's prompts as one right-padded (N, T) batch, with each
-    response's prompt index (``group``) and rank."""
-
-    def collate(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        rows = [ids for example in batch for ids in example["input_ids"]]
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, :len(r)] = torch.tensor(r)
-            attention_mask[i, :len(r)] = 1
-        group = torch.tensor([g for g, example in enumerate(batch) for _ in example["input_ids"]])
-        rank = torch.tensor([r for example in batch for r in example["ranks"]])
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "group": group, "rank": rank}
-
-    return collate
+from instructkit.stages import resolve_stage_config
 
 
 class RankingLoss(nn.Module):
@@ -99,37 +44,30 @@ class RankingLoss(nn.Module):
         return out.loss_sum, out.prompts
 
 
-@torch.no_grad()
 def pairwise_accuracy(loss_module: RankingLoss, examples: Sequence[dict[str, Any]], collate,
                       batch_size: int) -> dict[str, float]:
     """Accuracy over every untied comparison of ``examples``, and the mean per-prompt loss."""
-    was_training = loss_module.training
-    loss_module.eval()
+    from instructkit.models.passes import no_grad_batches
+
     loss = prompts = pairs = correct = 0.0
-    for start in range(0, len(examples), batch_size):
-        batch = collate(list(examples[start:start + batch_size]))
-        batch = {k: v.to(next(loss_module.parameters()).device) for k, v in batch.items()}
+    for _, batch in no_grad_batches(loss_module, examples, collate, batch_size):
         loss_sum, n = loss_module(**batch)
         loss, prompts = loss + float(loss_sum), prompts + float(n)
         pairs, correct = pairs + loss_module.last["pairs"], correct + loss_module.last["correct"]
-    loss_module.train(was_training)
     return {"accuracy": correct / max(pairs, 1), "loss": loss / max(prompts, 1), "pairs": int(pairs)}
 
 
-@torch.no_grad()
 def mean_score(model: nn.Module, sequences: Sequence[Sequence[int]], pad_id: int, batch_size: int) -> float:
+    """Mean reward-model score of token sequences (each scored at its last token)."""
+    from instructkit.data.collate import ranking_collate
+    from instructkit.models.passes import no_grad_batches
     from instructkit.models.reward_model import sequence_scores
 
-    was_training = model.training
-    model.eval()
-    collate = make_collate(pad_id)
+    collate = ranking_collate(pad_id)
+    rows = [{"input_ids": [s], "ranks": [0]} for s in sequences]
     total = 0.0
-    device = next(model.parameters()).device
-    for start in range(0, len(sequences), batch_size):
-        batch = collate([{"input_ids": [s], "ranks": [0]} for s in sequences[start:start + batch_size]])
-        total += float(sequence_scores(model, batch["input_ids"].to(device),
-                                       batch["attention_mask"].to(device)).sum())
-    model.train(was_training)
+    for _, batch in no_grad_batches(model, rows, collate, batch_size):
+        total += float(sequence_scores(model, batch["input_ids"], batch["attention_mask"]).sum())
     return total / max(len(sequences), 1)
 
 
@@ -159,113 +97,70 @@ def reference_sequences(cfg: RewardConfig, tokenizer, train_ex: list[dict[str, A
 
 
 def rm(config: RewardConfig | str | Path | dict | None = None, overrides: list[str] | None = None, *,
-       on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+       on_step: Callable[[int], None] | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Train a reward model; returns the run summary (also written to summary.json)."""
-    from instructkit.data.formats import load_records
-    from instructkit.data.split import split_records
-    from instructkit.datasets import resolve_data_path
-    from instructkit.models.loading import load_model, load_tokenizer
-    from instructkit.models.peft_methods import apply_method, count_parameters
+    from instructkit.data.collate import ranking_collate
+    from instructkit.data.encoders import as_rankings, encode_rankings
     from instructkit.models.reward_model import reward_model_from_causal_lm
-    from instructkit.train import engine
+    from instructkit.train import engine, setup
 
-    # 1. Config and run folder.
+    # 1. Config and run folder (a finished run with this config is returned as is).
     cfg = resolve_stage_config(RewardConfig, "rm", config, overrides)
-    if not cfg.data.path:
-        raise InputError("no training data: set data.path (preference pairs or rankings)", field="data.path")
-    run = engine.RunDir(Path(cfg.out))
-    accelerator = engine.make_accelerator(cfg.train)
-    if accelerator.is_main_process:
-        run.path.mkdir(parents=True, exist_ok=True)
-        run.write_config(cfg)
+    stage = setup.open_run(cfg, stage="rm", overwrite=overwrite)
+    if stage.finished:
+        return stage.run.saved_summary()
+    with stage.cleanup_on_failure():
+        # 2. Data: pairs or K-wise rankings, validated before any model loads; held-out split.
+        splits = setup.load_splits(cfg.data, as_rankings, what="preference pairs or rankings")
 
-    # 2. Data: pairs or K-wise rankings, validated before any model loads; held-out split.
-    loaded = load_records(resolve_data_path(cfg.data.path), format=cfg.data.format, columns=cfg.data.columns)
-    records = loaded.records[: cfg.data.limit] if cfg.data.limit else loaded.records
-    if cfg.data.val_path:
-        val_records = as_rankings(load_records(resolve_data_path(cfg.data.val_path), format=cfg.data.format,
-                                               columns=cfg.data.columns).records, cfg.data.val_path)
-        train_records = as_rankings(records, cfg.data.path)
-    else:  # split the records as read, so DPO with the same seed holds out the same prompts
-        train_part, val_part, _ = split_records(records, val_fraction=cfg.data.val_fraction, test_fraction=0.0,
-                                                seed=cfg.data.seed)
-        train_records, val_records = as_rankings(train_part, cfg.data.path), as_rankings(val_part, cfg.data.path)
+        # 3. Model: the causal LM's backbone with a fresh scalar head, a pad token that is not the
+        #    end-of-turn token (the score is read at the last real token), then what trains.
+        parts = setup.load_trainable(cfg, device=stage.accelerator.device, task="SEQ_CLS", merge_adapter=True,
+                                     build=reward_model_from_causal_lm)
 
-    # 3. Model: the causal LM's backbone with a fresh scalar head, a pad token that is not the
-    #    end-of-turn token (the score is read at the last real token), then what trains.
-    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    engine.set_seed(cfg.train.seed)
-    causal_lm = load_model(cfg.model, dtype="fp32", device="cpu", merge_adapter=True,
-                           trust_remote_code=cfg.trust_remote_code)
-    model = reward_model_from_causal_lm(causal_lm, tokenizer)
-    del causal_lm
-    if cfg.train.dropout is not None:
-        engine.set_dropout(model, cfg.train.dropout)
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model = apply_method(model, cfg.peft, task="SEQ_CLS")
-    trainable, total = count_parameters(model)
-    model.to(accelerator.device)
+        # 4. Encode every response of every ranking with the chat template.
+        d = cfg.data
+        train_ex, dropped = encode_rankings(parts.tokenizer, splits.train, template=d.template,
+                                            max_length=d.max_length)
+        val_ex, val_dropped = encode_rankings(parts.tokenizer, splits.val, template=d.template,
+                                              max_length=d.max_length)
+        setup.check_encoded(train_ex, d, "no ranking has two responses of different rank left to compare")
+        collate = ranking_collate(parts.tokenizer.pad_token_id)
+        loss_module = RankingLoss(parts.model, cfg.center_rewards_coefficient)
+        with stage.accelerator.autocast():
+            before = pairwise_accuracy(loss_module, val_ex, collate, cfg.train.batch_size) if val_ex else None
 
-    # 4. Encode every response of every ranking with the chat template.
-    train_ex, dropped = encode_rankings(tokenizer, train_records, template=cfg.data.template,
-                                        max_length=cfg.data.max_length)
-    val_ex, val_dropped = encode_rankings(tokenizer, val_records, template=cfg.data.template,
-                                          max_length=cfg.data.max_length)
-    if not train_ex:
-        raise InputError("no ranking has two responses of different rank left to compare", file=cfg.data.path)
-    collate = make_collate(tokenizer.pad_token_id)
-    loss_module = RankingLoss(model, cfg.center_rewards_coefficient)
-    with accelerator.autocast():
-        before = pairwise_accuracy(loss_module, val_ex, collate, cfg.train.batch_size) if val_ex else None
-
-    # 5. Train: each prompt weighs 1 in the loss, however many responses it has.
-    started = time.time()
-    result = engine.fit(
-        loss_module=loss_module, model=model, examples=train_ex, collate=collate, weight=lambda e: 1,
-        length=lambda e: sum(len(s) for s in e["input_ids"]), train=cfg.train, optim=cfg.optim, run=run,
-        accelerator=accelerator, val_examples=val_ex, on_step=on_step, count_key="prompts",
-        extra_metrics=lambda batch: dict(loss_module.last),
-        finish_metrics=lambda s: {"accuracy": s["correct"] / max(s["pairs"], 1), "pairs": s["pairs"]})
+        # 5. Train: each prompt weighs 1 in the loss, however many responses it has.
+        started = time.time()
+        result = engine.fit(
+            loss_module=loss_module, model=parts.model, examples=train_ex, collate=collate, weight=lambda e: 1,
+            length=lambda e: sum(len(s) for s in e["input_ids"]), train=cfg.train, optim=cfg.optim,
+            run=stage.run, accelerator=stage.accelerator, val_examples=val_ex, on_step=on_step,
+            count_key="prompts", extra_metrics=lambda batch: dict(loss_module.last),
+            finish_metrics=lambda s: {"accuracy": s["correct"] / max(s["pairs"], 1), "pairs": s["pairs"]})
 
     # 6. Held-out accuracy, then the bias that centres reference responses on 0.
-    with accelerator.autocast():
+    with stage.accelerator.autocast():
         after = pairwise_accuracy(loss_module, val_ex, collate, cfg.train.batch_size) if val_ex else None
         bias = 0.0
         if cfg.normalize:
-            bias = -mean_score(model, reference_sequences(cfg, tokenizer, train_ex), tokenizer.pad_token_id,
-                               cfg.train.batch_size)
+            bias = -mean_score(parts.model, reference_sequences(cfg, parts.tokenizer, train_ex),
+                               parts.tokenizer.pad_token_id, cfg.train.batch_size)
 
-    summary = {
-        "stage": "rm",
-        "model": cfg.model,
-        "method": cfg.peft.method,
-        **result.summary(started),
-        "val_loss": after["loss"] if after else None,
-        "val_accuracy": after["accuracy"] if after else None,
-        "val_accuracy_before": before["accuracy"] if before else None,
-        "val_pairs": after["pairs"] if after else 0,
-        "bias": bias,
-        "train_prompts": len(train_ex),
-        "val_prompts": len(val_ex),
-        "dropped_without_pairs": dropped + val_dropped,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "final": str(run.final),
-    }
     # 7. Save final/ as a plain sequence classifier (adapters merged) that anything can load.
-    if accelerator.is_main_process:
-        save_reward_model(model, tokenizer, run.final, bias=bias)
-        engine.atomic_write_json(run.summary, summary)
-    accelerator.wait_for_everyone()
-    return summary
+    summary = setup.stage_summary(
+        "rm", cfg, parts, stage.run, **result.summary(started), val_loss=after["loss"] if after else None,
+        val_accuracy=after["accuracy"] if after else None, val_accuracy_before=before["accuracy"] if before else None,
+        val_pairs=after["pairs"] if after else 0, bias=bias, train_prompts=len(train_ex), val_prompts=len(val_ex),
+        dropped_without_pairs=dropped + val_dropped)
+    return stage.finish(summary, lambda: save_reward_model(parts.model, parts.tokenizer, stage.run.final,
+                                                           bias=bias))
 
 
 def save_reward_model(model: nn.Module, tokenizer, path: Path, *, bias: float) -> None:
+    from instructkit.fileio import atomic_dir
     from instructkit.models.peft_methods import is_peft
     from instructkit.models.reward_model import BIAS_KEY
-    from instructkit.train.engine import atomic_dir
 
     plain = model.merge_and_unload() if is_peft(model) else model
     setattr(plain.config, BIAS_KEY, bias)

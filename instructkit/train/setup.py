@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,11 +69,15 @@ def open_run(cfg: Any, *, stage: str, overwrite: bool = False, train: TrainConfi
     """Check ``cfg.out`` against the run already there (see :mod:`instructkit.runs`), make the
     accelerator, and write ``config.yaml`` unless the stage is finished. ``train`` replaces
     ``cfg.train`` for the accelerator (PPO's fp32 default)."""
+    from instructkit.models.loading import check_device
     from instructkit.train.engine import make_accelerator
 
     run = RunDir(Path(cfg.out))
     state = rerun_state(run.path, cfg, overwrite=overwrite, stage=stage)
-    accelerator = make_accelerator(train or cfg.train)
+    train = train or cfg.train
+    if train.device:
+        check_device(train.device, field="train.device")
+    accelerator = make_accelerator(train)
     created = state is RunState.FRESH
     if accelerator.is_main_process and state is not RunState.FINISHED:
         if created and run.path.exists():
@@ -205,6 +209,3 @@ def stage_summary(stage: str, cfg: Any, parameters: Trainable, run: RunDir, **fi
             "trainable_parameters": parameters.trainable_parameters,
             "total_parameters": parameters.total_parameters, "final": str(run.final)}
 
-
-__all__ = ["StageRun", "open_run", "Splits", "read_records", "load_splits", "check_encoded", "Trainable",
-           "load_trainable", "enable_gradient_checkpointing", "save_final", "stage_summary", "replace"]

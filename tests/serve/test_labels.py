@@ -207,7 +207,7 @@ def test_concurrent_annotators_lose_and_duplicate_nothing(tmp_path):
 
 def test_export_is_what_the_reward_model_reads(tmp_path):
     from instructkit.data.formats import load_records
-    from instructkit.train.reward import as_rankings
+    from instructkit.data.encoders import as_rankings
 
     prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
     path = write_store(tmp_path / "s.sqlite", [prompt, [{"role": "user", "content": "Hi"}],

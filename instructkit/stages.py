@@ -1,0 +1,236 @@
+"""The one stage registry, and recipes: which stages exist, what configures each, what runs it.
+
+``STAGES`` maps a stage name to its typed config class, the function that runs it (named as
+``module:function``, imported only when the stage runs, so ``instructkit --help`` imports no
+torch), its help text and what it hands to the stages after it. The CLI's stage commands,
+``instructkit run`` and config loading all read this table; adding a stage is one entry here,
+its config class in :mod:`instructkit.config` and its recipe module.
+
+A recipe is one YAML file with a ``stages`` list and a section per stage; :func:`load_recipe`
+validates all of it (every stage's config, with errors located at the file's line or at the
+``key=value`` override that set the key) before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from instructkit.config import (
+    DPOConfig,
+    EvalStageConfig,
+    Origin,
+    PPOConfig,
+    RewardConfig,
+    SFTConfig,
+    from_dict,
+    load_config,
+    merge,
+    override_origins,
+    parse_overrides,
+    read_yaml,
+    to_dict,
+)
+from instructkit.errors import InputError, did_you_mean
+
+T = TypeVar("T")
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataFile:
+    """A data file a stage reads: its dotted key in the stage config, path and record kind."""
+
+    key: str
+    path: str | None
+    kind: Literal["demonstrations", "comparisons", "pairs", "unpaired", "prompts", "conversations", "any"]
+    format: str | None = None
+    columns: dict[str, str] | None = None
+    dataset_info: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One entry of the registry."""
+
+    name: str
+    config: type
+    function: str  # "module:function"
+    help: str  # one line, for `instructkit --help`
+    description: str  # the stage command's --help
+    output: Literal["policy", "reward_model", "evaluation"]  # what later stages of a recipe receive
+    data_files: Callable[[Any], list[DataFile]]
+    command: bool = True  # has an `instructkit NAME --config FILE` command
+
+    def load(self) -> Callable[..., Any]:
+        module, name = self.function.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+def _training_data(kind: str) -> Callable[[Any], list[DataFile]]:
+    def files(cfg: Any) -> list[DataFile]:
+        d = cfg.data
+        out = [DataFile("data.path", d.path, kind, d.format, d.columns, d.dataset_info)]
+        if d.val_path:
+            out.append(DataFile("data.val_path", d.val_path, kind, d.format, d.columns))
+        return out
+
+    return files
+
+
+def _dpo_data(cfg: DPOConfig) -> list[DataFile]:
+    return _training_data("unpaired" if cfg.loss == "kto" else "pairs")(cfg)
+
+
+def _ppo_data(cfg: PPOConfig) -> list[DataFile]:
+    out = [DataFile("data.path", cfg.data.path, "prompts")]
+    if cfg.data.ptx_path:
+        out.append(DataFile("data.ptx_path", cfg.data.ptx_path, "demonstrations", cfg.data.ptx_format))
+    return out
+
+
+def _eval_data(cfg: EvalStageConfig) -> list[DataFile]:
+    suites = set(cfg.suites)
+    out = []
+    if suites - {"preference", "ifeval"}:
+        out.append(DataFile("data", cfg.data, "conversations"))
+    if "ifeval" in suites:
+        out.append(DataFile("data", cfg.data, "any"))
+    if "preference" in suites:
+        out.append(DataFile("preference_data", cfg.preference_data, "pairs"))
+    return out
+
+
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("sft", SFTConfig, "instructkit.train.sft:sft", "supervised fine-tuning on demonstrations",
+          "Supervised fine-tuning: full, frozen layers, or LoRA/DoRA/IA3, on demonstrations (assistant "
+          "turns trained) or plain text. See docs/sft.md.", "policy", _training_data("demonstrations")),
+    Stage("rm", RewardConfig, "instructkit.train.reward:rm", "train a reward model on ranked comparisons",
+          "Reward model: a scalar head on a causal-LM backbone (usually the SFT run), trained on preference "
+          "pairs or K-wise rankings with the InstructGPT loss (all C(K,2) comparisons of a prompt together). "
+          "Reports held-out pairwise accuracy; final/ is a plain sequence classifier. See docs/rm.md.",
+          "reward_model", _training_data("comparisons")),
+    Stage("dpo", DPOConfig, "instructkit.train.dpo:dpo", "preference tuning: DPO, IPO, hinge, SimPO, ORPO, KTO",
+          "Direct preference optimisation and its relatives on preference pairs (loss=sigmoid|ipo|hinge|"
+          "simpo|orpo|kto). Logs implicit rewards, margins and accuracies. See docs/dpo.md.", "policy", _dpo_data),
+    Stage("ppo", PPOConfig, "instructkit.train.ppo:ppo",
+          "RL from a reward model or a reward function: PPO-ptx, GRPO, RLOO",
+          "PPO with a per-token KL penalty against the SFT reference and the pretraining mix (PPO-ptx), or "
+          "group-relative GRPO/RLOO, with rewards from a reward model or a Python function "
+          "(module:function). See docs/ppo.md.", "policy", _ppo_data),
+    Stage("eval", EvalStageConfig, "instructkit.eval.stage:eval_stage",
+          "evaluate every model of a recipe on held-out data",
+          "The recipe's evaluation: the starting model and every trained stage on the same held-out data "
+          "with the configured suites. See docs/run.md.", "evaluation", _eval_data, command=False),
+)}
+
+
+def stage(name: str, *, field: str = "stage") -> Stage:
+    if name not in STAGES:
+        raise InputError(f"unknown stage '{name}' (one of {', '.join(STAGES)}){did_you_mean(name, STAGES)}",
+                         field=field)
+    return STAGES[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipes
+
+
+@dataclasses.dataclass
+class RecipeConfig:
+    name: str = "recipe"
+    model: str = DEFAULT_MODEL  # the model the first stage starts from
+    stages: list[str] = dataclasses.field(default_factory=lambda: ["sft", "eval"])
+    sft: dict[str, Any] = dataclasses.field(default_factory=dict)  # SFT stage config (docs/sft.md)
+    rm: dict[str, Any] = dataclasses.field(default_factory=dict)  # reward-model stage (docs/rm.md)
+    dpo: dict[str, Any] = dataclasses.field(default_factory=dict)  # DPO-family stage (docs/dpo.md)
+    ppo: dict[str, Any] = dataclasses.field(default_factory=dict)  # PPO/GRPO stage (docs/ppo.md)
+    eval: dict[str, Any] = dataclasses.field(default_factory=dict)  # evaluation stage (docs/run.md)
+
+
+@dataclasses.dataclass
+class LoadedRecipe:
+    config: RecipeConfig
+    path: Path
+    stages: dict[str, Any]  # stage name -> its validated, typed config
+    origin: Origin  # where each dotted key came from (file:line or an override)
+    sections: dict[str, dict[str, Any]]  # stage name -> its section as written (plus overrides)
+
+    def stage_config(self, name: str) -> Any:
+        return self.stages[name]
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Name -> path of the recipes shipped in the package (``instructkit run --list``)."""
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+def recipe_path(recipe: str | Path | None) -> Path:
+    """A recipe file, or the name of a shipped one (``quickstart``)."""
+    if recipe is None:
+        return RECIPES_DIR / "quickstart.yaml"
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    shipped = shipped_recipes()
+    if str(recipe) in shipped:
+        return shipped[str(recipe)]
+    raise InputError(f"no such recipe file or shipped recipe{did_you_mean(str(recipe), shipped)}; "
+                     f"shipped: {', '.join(shipped)}", file=str(recipe))
+
+
+def load_recipe(recipe: str | Path | None, overrides: list[str] | None = None, *,
+                override_prefix: str = "") -> LoadedRecipe:
+    """Load and validate a recipe, including the config of every stage it has a section for.
+
+    ``overrides`` are dotted ``key=value`` from the recipe's root (``sft.optim.lr=1e-4``), or
+    from one stage's section with ``override_prefix="sft."``."""
+    path = recipe_path(recipe)
+    data, lines = read_yaml(path)
+    origin = Origin(str(path), lines, override_origins(overrides, override_prefix))
+    cfg = from_dict(RecipeConfig, merge(data, parse_overrides(overrides, override_prefix)), origin=origin)
+    for i, name in enumerate(cfg.stages):
+        if name not in STAGES:
+            raise origin.error(f"unknown stage '{name}' (one of {', '.join(STAGES)}){did_you_mean(name, STAGES)}",
+                               "stages")
+    if len(set(cfg.stages)) != len(cfg.stages):
+        raise origin.error("a stage may appear only once", "stages")
+    stages, sections = {}, {}
+    for name, entry in STAGES.items():
+        section = getattr(cfg, name)
+        if name not in cfg.stages and not section:
+            continue
+        base = {} if entry.output == "evaluation" else {"model": cfg.model}
+        stages[name] = from_dict(entry.config, {**base, **section}, prefix=f"{name}.", origin=origin)
+        sections[name] = section
+    return LoadedRecipe(cfg, path, stages, origin, sections)
+
+
+def resolve_stage_config(cls: type[T], name: str, config: Any = None, overrides: list[str] | None = None) -> T:
+    """A stage's config from an instance, a dict, a stage YAML, or a recipe YAML (its ``name``
+    section, started from the recipe's model, written to ``runs/<recipe>/<name>`` unless the
+    section or an override sets ``out``), then ``key=value`` overrides.
+
+    What ``instructkit sft|rm|dpo|ppo --config FILE`` and the Python functions of the same
+    names accept.
+    """
+    if isinstance(config, cls):
+        return load_config(cls, None, overrides, base=to_dict(config)) if overrides else config
+    if isinstance(config, dict):
+        return load_config(cls, None, overrides, base=config)
+    if config is not None:
+        data, _ = read_yaml(config)
+        if "stages" in data:  # a recipe: run its section for this stage
+            recipe = load_recipe(config, overrides, override_prefix=f"{name}.")
+            if name not in recipe.stages:
+                raise InputError(f"the recipe has no {name} section", file=str(config))
+            cfg = recipe.stage_config(name)
+            if "out" not in recipe.sections[name]:
+                cfg = dataclasses.replace(cfg, out=str(Path("runs") / recipe.config.name / name))
+            return cfg
+    return load_config(cls, config, overrides)
