@@ -4,7 +4,8 @@ Endpoints: ``GET /health``, ``GET /v1/models``, ``GET /v1/models/{model}``,
 ``POST /v1/chat/completions`` and ``POST /v1/completions`` (both optionally streamed as
 server-sent events); their documentation at ``/docs`` and ``/redoc`` works offline. Every error
 body has OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``; what does not exist
-(another model, a path no endpoint has) is a 404 of type ``not_found_error``. Concurrent requests
+(another model, a path no endpoint has) is a 404 with the body OpenAI's API sends for it: type
+``invalid_request_error``, code ``model_not_found`` for a model, no code for a path. Concurrent requests
 are generated together in one batch (see :class:`instructkit.serve.engine.Batcher`).
 """
 
@@ -37,8 +38,8 @@ DEFAULT_MAX_QUEUE = 16
 ERROR_STATUSES = {
     400: "malformed body, unknown field, value out of range, or prompt + max_tokens past the context",
     401: "an API key is set and the request lacks it or has another",
-    404: "`model` names a model this server does not serve (type not_found_error, code model_not_found, "
-         "param model; the `openai` client raises NotFoundError)",
+    404: "`model` names a model this server does not serve (type invalid_request_error, code model_not_found, "
+         "as OpenAI's API answers; the `openai` client raises NotFoundError), or the path has no endpoint",
     500: "generation failed (the message says why)",
     503: "the batch is full and max_queue requests already wait",
 }
@@ -119,14 +120,13 @@ def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | No
         where = f"{request.method} {request.url.path}"
         # The router's own 404 and 405 (no route matched) come without an endpoint in the scope.
         if "endpoint" not in request.scope and exc.status_code == 404:
-            return APIError(404, f"there is no endpoint {where}; the API has {api_endpoints()} (see /docs)",
-                            type="not_found_error", code="unknown_url").response()
+            return APIError(404, f"Invalid URL ({where}): there is no such endpoint; the API has "
+                                 f"{api_endpoints()} (see /docs)").response()
         if exc.status_code == 405:
             allowed = {k.lower(): v for k, v in (exc.headers or {}).items()}.get("allow", "")
             return APIError(405, f"{where} is not allowed; this path answers {allowed}", code="method_not_allowed",
                             headers=exc.headers).response()
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return APIError(exc.status_code, str(exc.detail), type=kind, headers=exc.headers).response()
+        return APIError(exc.status_code, str(exc.detail), headers=exc.headers).response()
 
     def api_endpoints() -> str:
         return ", ".join(f"{method} {route.path_format}" for route in app.routes
@@ -134,8 +134,8 @@ def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | No
                          for method in sorted(route.methods))
 
     def unknown_model(name: str) -> APIError:
-        return APIError(404, f"model '{name}' is not served here (this server serves '{model_name}')",
-                        type="not_found_error", param="model", code="model_not_found")
+        return APIError(404, f"The model `{name}` does not exist: this server serves '{model_name}'",
+                        code="model_not_found")
 
     # 2. Authentication: a constant-time comparison against the one key.
     def authorized(request: Request) -> None:

@@ -134,7 +134,7 @@ class Health(BaseModel):
 
 class ErrorDetail(BaseModel):
     message: str
-    type: str = Field(..., description="invalid_request_error, not_found_error or server_error")
+    type: str = Field(..., description="invalid_request_error or server_error")
     param: str | None = Field(..., description="the request field at fault, when there is one")
     code: str | None
 
@@ -146,14 +146,14 @@ class ErrorResponse(BaseModel):
 
 
 class NotFoundDetail(ErrorDetail):
-    type: Literal["not_found_error"]
-    param: str | None = Field(..., description="`model` when the model is unknown, else null")
-    code: Literal["model_not_found", "unknown_url"]
+    type: Literal["invalid_request_error"]
+    param: None = Field(..., description="null, as OpenAI's API sends")
+    code: Literal["model_not_found"] | None = Field(..., description="model_not_found for a model, null for a path")
 
 
 class NotFoundResponse(BaseModel):
     """A 404, as OpenAI's API answers for what does not exist (the `openai` client raises
-    `openai.NotFoundError`): an unknown `model` (code model_not_found) or path (unknown_url)."""
+    `openai.NotFoundError`): an unknown `model` (code model_not_found) or path (code null)."""
 
     error: NotFoundDetail
 

@@ -182,8 +182,8 @@ def test_unknown_model_raises_not_found_error(client, call):
     with pytest.raises(openai.NotFoundError) as caught:
         call(client)
     error = caught.value
-    assert error.status_code == 404 and error.type == "not_found_error"
-    assert error.code == "model_not_found" and error.param == "model" and "gpt-4o" in error.message
+    assert error.status_code == 404 and error.type == "invalid_request_error"
+    assert error.code == "model_not_found" and error.param is None and "gpt-4o" in error.message
 
 
 def test_known_model_retrieved_by_id(client):
@@ -195,7 +195,7 @@ def test_unknown_endpoint_raises_not_found_error(client):
     with pytest.raises(openai.NotFoundError) as caught:
         client.embeddings.create(model=NAME, input="Hello")  # an OpenAI endpoint this server does not have
     error = caught.value
-    assert error.status_code == 404 and error.type == "not_found_error" and error.code == "unknown_url"
+    assert error.status_code == 404 and error.type == "invalid_request_error" and error.code is None
     assert "POST /v1/embeddings" in error.message
 
 

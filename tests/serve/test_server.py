@@ -163,16 +163,17 @@ def test_malformed_json_is_400(client):
     ("POST", "/v1/completions", {"model": "gpt-4o", "prompt": "Hello"}),
     ("GET", "/v1/models/gpt-4o", None),
 ])
-def test_unknown_model_is_404_not_found_error(client, method, path, body):
-    error = assert_openai_error(client.request(method, path, json=body), 404, param="model")
-    assert error["type"] == "not_found_error" and error["code"] == "model_not_found"
+def test_unknown_model_is_404_as_openai_answers_it(client, method, path, body):
+    """OpenAI's API: HTTP 404, type invalid_request_error, code model_not_found, param null."""
+    error = assert_openai_error(client.request(method, path, json=body), 404, param=None)
+    assert error["type"] == "invalid_request_error" and error["code"] == "model_not_found"
     assert "gpt-4o" in error["message"] and f"'{NAME}'" in error["message"]  # what was asked, what is served
 
 
 @pytest.mark.parametrize("method, path", [("POST", "/v1/embeddings"), ("GET", "/v1/chat"), ("GET", "/v1")])
 def test_unknown_route_is_404_not_found_error_naming_the_api(client, method, path):
     error = assert_openai_error(client.request(method, path, json={}), 404, param=None)
-    assert error["type"] == "not_found_error" and error["code"] == "unknown_url"
+    assert error["type"] == "invalid_request_error" and error["code"] is None
     assert f"{method} {path}" in error["message"] and "POST /v1/chat/completions" in error["message"]
 
 
@@ -188,7 +189,7 @@ def test_model_card_by_id(model):
         (listed,) = c.get("/v1/models").json()["data"]
         assert c.get(f"/v1/models/{name}").json() == listed
         assert c.get("/v1/models/runs%2Fquickstart%2Fsft").json() == listed  # as clients that quote it send it
-        assert_openai_error(c.get("/v1/models/runs/quickstart"), 404, param="model")
+        assert_openai_error(c.get("/v1/models/runs/quickstart"), 404, param=None)
 
 
 def test_openapi_documents_404_as_not_found_error(client):
@@ -197,8 +198,7 @@ def test_openapi_documents_404_as_not_found_error(client):
         ref = schema["paths"][path][method]["responses"]["404"]["content"]["application/json"]["schema"]["$ref"]
         assert ref == "#/components/schemas/NotFoundResponse", (path, ref)
     detail = schema["components"]["schemas"]["NotFoundDetail"]["properties"]
-    assert detail["type"]["const"] == "not_found_error"
-    assert set(detail["code"]["enum"]) == {"model_not_found", "unknown_url"}
+    assert detail["type"]["const"] == "invalid_request_error"
 
 
 def test_docs_pages_load_nothing_from_other_hosts(client):
