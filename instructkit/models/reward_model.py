@@ -79,21 +79,17 @@ def load_reward_model(spec: str | os.PathLike, device: str | None = None):
     return model, tokenizer, float(getattr(model.config, BIAS_KEY, 0.0) or 0.0)
 
 
-@torch.inference_mode()
 def score(model: nn.Module, tokenizer, prompts: Sequence[Sequence[Any]], responses: Sequence[Sequence[Any]],
           *, bias: float = 0.0, batch_size: int = 16, template: str | None = None) -> list[float]:
     """Reward of each (prompt messages, response messages) pair, shifted by ``bias``."""
     from instructkit.data.collate import pad_batch
     from instructkit.data.templates import encode_prompt_response
+    from instructkit.models.passes import no_grad_batches
 
-    encoded = []
-    for prompt, response in zip(prompts, responses):
-        enc = encode_prompt_response(tokenizer, prompt, response, template=template)
-        encoded.append(enc)
+    encoded = [encode_prompt_response(tokenizer, prompt, response, template=template)
+               for prompt, response in zip(prompts, responses)]
     out: list[float] = []
-    device = next(model.parameters()).device
-    for start in range(0, len(encoded), batch_size):
-        batch = pad_batch(encoded[start:start + batch_size], pad_id=tokenizer.pad_token_id)
-        scores = sequence_scores(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        out += [float(s) + bias for s in scores]
+    collate = lambda chunk: pad_batch(chunk, pad_id=tokenizer.pad_token_id)
+    for _, batch in no_grad_batches(model, encoded, collate, batch_size):
+        out += [float(s) + bias for s in sequence_scores(model, batch["input_ids"], batch["attention_mask"])]
     return out
