@@ -170,3 +170,58 @@ def test_killed_recipe_reruns_skipping_finished_stages_and_matches_an_uninterrup
         for metric, value in row.items():
             assert resumed["table"][name][metric] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, metric)
     assert (killed / "report.html").is_file()
+
+
+def _tiny_recipe(tmp_path: Path) -> Path:
+    model = tiny_model_dir(tmp_path / "tiny")
+    rows = toy_conversations(16)
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({
+        "name": "tiny", "model": str(model), "stages": ["sft", "eval"],
+        "sft": {"data": {"path": str(data), "val_fraction": 0.0, "max_length": 64}, "peft": {"method": "full"},
+                "train": {"batch_size": 4, "max_steps": 2, "progress": False}},
+        "eval": {"suites": ["loss"], "data": str(data), "limit": 4},
+    }))
+    return recipe
+
+
+def _checksums(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_changed_stage_config_on_rerun_is_an_error_that_touches_nothing(tmp_path):
+    """`run ... sft.train.max_steps=50` after a finished run: not a skip of the 2-step SFT with 50
+    written into the recipe's config.yaml, but exit 2 naming the key, old and new value."""
+    recipe, out = _tiny_recipe(tmp_path), tmp_path / "run"
+    run(recipe, out=out)
+    before = _checksums(out)
+    with pytest.raises(InputError, match=r"train.max_steps: 2 -> 50") as err:
+        run(recipe, out=out, overrides=["sft.train.max_steps=50"])
+    assert "--from sft" in str(err.value) and "--overwrite" in str(err.value)
+    assert _checksums(out) == before
+    with pytest.raises(InputError, match=r"limit: 4 -> 2"):
+        run(recipe, out=out, overrides=["eval.limit=2"])
+    assert _checksums(out) == before
+
+
+def test_from_overwrite_and_a_new_out_rerun_what_changed(tmp_path):
+    recipe, out = _tiny_recipe(tmp_path), tmp_path / "run"
+    run(recipe, out=out)
+    sft_stamp = (out / "sft" / "summary.json").stat().st_mtime_ns
+    run(recipe, out=out, overrides=["eval.limit=2"], from_stage="eval")  # sft kept, eval redone
+    assert (out / "sft" / "summary.json").stat().st_mtime_ns == sft_stamp
+    assert "limit: 2" in (out / "eval" / "config.yaml").read_text()
+    summary = run(recipe, out=out, overrides=["eval.limit=2", "sft.train.max_steps=3"], overwrite=True)
+    assert summary["stages"]["sft"]["steps"] == 3  # the first changed stage and all after it reran
+    other = run(recipe, out=tmp_path / "other", overrides=["sft.train.max_steps=1"])
+    assert other["stages"]["sft"]["steps"] == 1
+
+
+def test_temporary_folders_of_an_interrupted_stage_are_removed_on_the_next_run(tmp_path):
+    recipe, out = _tiny_recipe(tmp_path), tmp_path / "run"
+    stale = out / "eval.tmp-x1y2z3"
+    stale.mkdir(parents=True)
+    (stale / "base.json").write_text("{}")
+    run(recipe, out=out)
+    assert not stale.exists() and (out / "eval" / "summary.json").is_file()
