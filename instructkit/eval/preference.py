@@ -15,9 +15,14 @@ DPO model are measured on one scale: this is the held-out number a preference st
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from instructkit.errors import InputError
+
+if TYPE_CHECKING:
+    from instructkit.eval.request import EvalRequest, SuiteRun
+    from instructkit.eval.run import Suite
 
 DEFAULT_PAIRS = "shipped:extract_prefs/val"
 
@@ -26,31 +31,22 @@ def log_prob_pairs(model: Any, tokenizer: Any, pairs: list[Any], *, batch_size: 
                    max_length: int = 512, template: str | None = None) -> list[dict[str, float]]:
     """Summed log-probs and token counts of chosen and rejected, one dict per pair that fits
     ``max_length`` (``index`` says which)."""
-    import torch
-
+    from instructkit.data.collate import preference_collate
+    from instructkit.data.encoders import encode_preferences
     from instructkit.models.lm import sequence_log_probs
-    from instructkit.train.dpo import encode_examples, make_collate
+    from instructkit.models.passes import no_grad_batches
 
     examples = []
     for index, pair in enumerate(pairs):  # one at a time, to know which pairs did not fit
-        encoded, _ = encode_examples(tokenizer, [pair], template=template, max_length=max_length, paired=True)
+        encoded, _ = encode_preferences(tokenizer, [pair], template=template, max_length=max_length, paired=True)
         examples += [{**e, "index": index} for e in encoded]
-    collate = make_collate(tokenizer.pad_token_id)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     out: list[dict[str, float]] = []
-    with torch.inference_mode():
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start:start + batch_size]
-            batch = collate([{k: v for k, v in e.items() if k != "index"} for e in chunk])
-            logps, counts = sequence_log_probs(model, batch["input_ids"].to(device),
-                                               batch["attention_mask"].to(device), batch["labels"].to(device))
-            logps, counts = logps.double().cpu().tolist(), counts.cpu().tolist()
-            n = len(logps) // 2
-            out += [{"index": chunk[i]["index"], "chosen_logp": logps[i], "rejected_logp": logps[n + i],
-                     "chosen_tokens": counts[i], "rejected_tokens": counts[n + i]} for i in range(n)]
-    model.train(was_training)
+    for chunk, batch in no_grad_batches(model, examples, preference_collate(tokenizer.pad_token_id), batch_size):
+        logps, counts = sequence_log_probs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        logps, counts = logps.double().cpu().tolist(), counts.cpu().tolist()
+        n = len(chunk)  # the batch is all chosen rows, then all rejected rows
+        out += [{"index": chunk[i]["index"], "chosen_logp": logps[i], "rejected_logp": logps[n + i],
+                 "chosen_tokens": counts[i], "rejected_tokens": counts[n + i]} for i in range(n)]
     return out
 
 
@@ -66,22 +62,43 @@ def summarize(scored: list[dict[str, float]]) -> dict[str, float]:
             "pref_accuracy_per_token": sum(m > 0 for m in per_token) / n, "pref_pairs": n}
 
 
+def read_pairs(data: str | None, limit: int | None = None) -> tuple[str, list[Any]]:
+    """The resolved path of ``data`` (default: the shipped extraction pairs) and its pairs, from
+    any pair or ranking format ``instructkit dpo`` reads (a ranking gives every untied pair)."""
+    from instructkit.data.encoders import as_pairs
+    from instructkit.data.formats import load_records
+    from instructkit.datasets import resolve_data_path
+
+    path = resolve_data_path(data or DEFAULT_PAIRS)
+    records = load_records(path).records
+    return path, as_pairs(records[:limit] if limit else records, path)
+
+
+def pair_samples(pairs: Sequence[Any], scored: Sequence[dict[str, float]]) -> list[dict[str, Any]]:
+    """One samples-file line per scored pair: its texts, log-probs and verdict."""
+    return [{"prompt": _text(pairs[s["index"]].prompt), "chosen": _text(pairs[s["index"]].chosen),
+             "rejected": _text(pairs[s["index"]].rejected), **s,
+             "prefers_chosen": s["chosen_logp"] > s["rejected_logp"]} for s in scored]
+
+
 def evaluate_preferences(model: Any, tokenizer: Any, *, data: str | None = None, batch_size: int = 16,
                          limit: int | None = None, max_length: int = 512) -> dict[str, Any]:
     """Metrics and per-pair samples of the model's own preference on held-out pairs in ``data``
     (any pair or ranking format ``instructkit dpo`` reads; default: the shipped extraction pairs)."""
-    from instructkit.data.formats import load_records
-    from instructkit.datasets import resolve_data_path
-    from instructkit.train.dpo import as_pairs
-
-    path = resolve_data_path(data or DEFAULT_PAIRS)
-    records = load_records(path).records
-    pairs = as_pairs(records[:limit] if limit else records, path)
+    path, pairs = read_pairs(data, limit)
     scored = log_prob_pairs(model, tokenizer, pairs, batch_size=batch_size, max_length=max_length)
-    samples = [{"prompt": _text(pairs[s["index"]].prompt), "chosen": _text(pairs[s["index"]].chosen),
-                "rejected": _text(pairs[s["index"]].rejected), **s,
-                "prefers_chosen": s["chosen_logp"] > s["rejected_logp"]} for s in scored]
-    return {**summarize(scored), "pref_data": str(path), "samples": samples}
+    return {**summarize(scored), "pref_data": str(path), "samples": pair_samples(pairs, scored)}
+
+
+def run_preference(request: EvalRequest, suites: Sequence[Suite]) -> SuiteRun:
+    """The suite's runner: the model's own preference on the pairs in ``request.data``; ``n`` is
+    the pairs read, ``pref_pairs`` those that fit and were scored."""
+    from instructkit.eval.request import SuiteRun
+
+    model, tokenizer = request.model_and_tokenizer()
+    path, pairs = read_pairs(request.data, request.limit)
+    scored = log_prob_pairs(model, tokenizer, pairs, batch_size=request.batch_size)
+    return SuiteRun({**summarize(scored), "pref_data": str(path)}, pair_samples(pairs, scored), str(path), len(pairs))
 
 
 def _text(messages: Any) -> str:

@@ -37,8 +37,8 @@ def _unbatched_logp(model, ids, labels) -> float:
 
 
 def test_batched_log_probs_match_one_row_at_a_time_and_skip_what_does_not_fit():
+    from instructkit.data.encoders import encode_preferences as encode_examples
     from instructkit.data.schema import Message, Preference
-    from instructkit.train.dpo import encode_examples
 
     tokenizer = real_tokenizer()
     model = tiny_llama(len(tokenizer)).eval()
