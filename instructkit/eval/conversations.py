@@ -20,8 +20,7 @@ from instructkit.errors import InputError
 from instructkit.eval.responses import Answers, HeldOut, match_responses, with_source
 
 if TYPE_CHECKING:
-    from instructkit.eval.request import EvalRequest, SuiteRun
-    from instructkit.eval.run import Suite
+    from instructkit.eval.request import EvalRequest, Suite, SuiteRun
 
 DEFAULT_DATA = "shipped:extract/test"
 DEFAULT_SHOTS = "shipped:extract/train"

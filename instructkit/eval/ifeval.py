@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING
 from instructkit.eval.responses import Answers, HeldOut, match_responses, with_source
 
 if TYPE_CHECKING:
-    from instructkit.eval.request import EvalRequest, SuiteRun
-    from instructkit.eval.run import Suite
+    from instructkit.eval.request import EvalRequest, Suite, SuiteRun
 
 
 def run_ifeval(request: EvalRequest, suites: Sequence[Suite]) -> SuiteRun:

@@ -21,8 +21,7 @@ from typing import TYPE_CHECKING, Any
 from instructkit.errors import InputError
 
 if TYPE_CHECKING:
-    from instructkit.eval.request import EvalRequest, SuiteRun
-    from instructkit.eval.run import Suite
+    from instructkit.eval.request import EvalRequest, Suite, SuiteRun
 
 DEFAULT_PAIRS = "shipped:extract_prefs/val"
 

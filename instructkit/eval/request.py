@@ -1,11 +1,14 @@
 """What a suite runner is given (:class:`EvalRequest`, one `instructkit eval` call's options)
 and what it gives back (:class:`SuiteRun`), with the two things every runner that needs a model
-does the same way: load it once, and generate with the call's decoding settings.
+does the same way: load it once, and generate with the call's decoding settings. Also what a
+suite declares (:class:`Suite`, :class:`Reader`, :class:`Needs`), so the runners can name it
+without importing the registry that imports them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import enum
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,3 +80,44 @@ def load(spec: str | None) -> tuple[Any, Any]:
     if spec is None:
         raise InputError("a model is needed here: give --model", field="model")
     return load_model_and_tokenizer(spec)
+
+
+# ----------------------------------------------------------------------------------------------
+# What a suite declares (the registry itself is instructkit.eval.run.SUITES)
+
+
+class Needs(enum.Enum):
+    """What a suite scores: responses to its prompts, or the model itself (log-likelihoods)."""
+
+    RESPONSES = "responses"
+    MODEL = "model"
+
+
+@dataclass(frozen=True)
+class Reader:
+    """The data a group of suites reads, and the runner that scores them on it.
+
+    ``alone``: the format is the suite's own, so it runs as the only suite of its call.
+    ``takes_shots``: k-shot demonstrations apply (they are conversations of the same task).
+    """
+
+    what: str
+    default_data: str | None
+    run: Callable[[EvalRequest, Sequence[Suite]], SuiteRun]
+    alone: bool
+    takes_shots: bool
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    needs: Needs
+    reads: Reader
+    score: Callable[..., Any] | None  # what the conversations runner calls; own-format runners score themselves
+    metrics: str  # what it reports, for --help and docs
+    judged: bool = False  # scored by --reward-model
+    compares: bool = False  # against --baseline or --baseline-responses
+
+    @property
+    def scores_responses(self) -> bool:
+        return self.needs is Needs.RESPONSES

@@ -12,11 +12,9 @@ anything slow happens, calls the runner, and writes every metrics file with the 
 
 from __future__ import annotations
 
-import enum
 import json
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,7 @@ from instructkit.eval import conversations
 from instructkit.eval.conversations import Responses  # noqa: F401  (the scorers' argument, public)
 from instructkit.eval.ifeval import run_ifeval
 from instructkit.eval.preference import DEFAULT_PAIRS, run_preference
-from instructkit.eval.request import EvalRequest, SuiteRun
+from instructkit.eval.request import EvalRequest, Needs, Reader, Suite, SuiteRun  # noqa: F401 (public here)
 from instructkit.eval.responses import match_responses, read_responses  # noqa: F401  (public here too)
 
 #: Keys every metrics file starts with, whatever the suite (None where one does not apply:
@@ -34,48 +32,11 @@ from instructkit.eval.responses import match_responses, read_responses  # noqa: 
 HEADER_KEYS = ("model", "responses", "data", "suites", "k_shot", "n", "decoding", "generation", "coverage")
 
 
-class Needs(enum.Enum):
-    """What a suite scores: responses to its prompts, or the model itself (log-likelihoods)."""
-
-    RESPONSES = "responses"
-    MODEL = "model"
-
-
-@dataclass(frozen=True)
-class Reader:
-    """The data a group of suites reads, and the runner that scores them on it.
-
-    ``alone``: the format is the suite's own, so it runs as the only suite of its call.
-    ``takes_shots``: k-shot demonstrations apply (they are conversations of the same task).
-    """
-
-    what: str
-    default_data: str | None
-    run: Callable[[EvalRequest, Sequence[Suite]], SuiteRun]
-    alone: bool
-    takes_shots: bool
-
-
 CONVERSATIONS = Reader("held-out conversations (prompt turns, then the reference answer)", conversations.DEFAULT_DATA,
                        conversations.run_conversations, alone=False, takes_shots=True)
 IFEVAL = Reader("the IFEval format (key, prompt, instruction_id_list, kwargs)", None,
                 run_ifeval, alone=True, takes_shots=False)
 PAIRS = Reader("preference pairs (or rankings)", DEFAULT_PAIRS, run_preference, alone=True, takes_shots=False)
-
-
-@dataclass(frozen=True)
-class Suite:
-    name: str
-    needs: Needs
-    reads: Reader
-    score: Callable[..., Any] | None  # what the conversations runner calls; own-format runners score themselves
-    metrics: str  # what it reports, for --help and docs
-    judged: bool = False  # scored by --reward-model
-    compares: bool = False  # against --baseline or --baseline-responses
-
-    @property
-    def scores_responses(self) -> bool:
-        return self.needs is Needs.RESPONSES
 
 
 SUITES: dict[str, Suite] = {s.name: s for s in (
