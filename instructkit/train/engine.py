@@ -1,8 +1,16 @@
-"""The shared training plumbing every recipe calls: run folders, the accelerate loop with exact
-gradient accumulation, optimizers and schedules, checkpoints with exact resume, and logging.
+"""The shared training plumbing every recipe calls: the pieces of a training loop, and ``fit``,
+the loop that composes them for recipes whose step is "forward and backward some examples".
 
-Recipes (``sft.py``, later ``reward.py``, ``dpo.py``) build a loss module and a list of encoded
-examples, then call :func:`fit`. The loop is method-agnostic: a loss module returns
+The pieces, which a recipe with a loop of its own (PPO's rollout phase) uses directly:
+
+* :func:`plan_steps` / :class:`StepPlan`: which examples make up each optimizer step;
+* :func:`optimizer_and_schedule` (:func:`build_optimizer`, :func:`build_scheduler`), :func:`optimizer_step`;
+* :class:`Checkpointer`: atomic step checkpoints (trainable weights, optimizer, schedule, RNG,
+  loop state, and any :class:`ExtraState` a recipe registers) and exact resume;
+* :class:`MetricsLog`, :class:`Progress` and :class:`StopSignal` (the one Ctrl-C / SIGTERM handler);
+* :class:`TrainingLoop`: the end of every step, in one order (log, show, checkpoint, stop, call back).
+
+``fit`` adds :class:`Validation` (held-out loss, early stopping). Its loss module returns
 ``(loss_sum, count)`` for a micro-batch, and the engine divides by the count of the *whole*
 optimizer step (all micro-batches, all processes), known before the step starts. So batch 8 x
 accumulation 1, batch 2 x accumulation 4 and 2 processes x batch 4 take the same step.
@@ -14,57 +22,28 @@ import contextlib
 import json
 import math
 import random
+import re
 import shutil
 import signal
+import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from instructkit.config import OptimConfig, TrainConfig, dump_yaml
+from instructkit.config import OptimConfig, TrainConfig
 from instructkit.errors import InputError
-from instructkit.fileio import atomic_dir, atomic_write_json, atomic_write_text  # noqa: F401 (re-exported)
+from instructkit.fileio import atomic_dir, atomic_write_json, atomic_write_text
+from instructkit.models.passes import no_grad_batches
+from instructkit.runs import RunDir
 
 # ----------------------------------------------------------------------------------------------
-# Files: the run folder (atomic writes live in instructkit.fileio)
-
-
-@dataclass
-class RunDir:
-    """A run folder: config.yaml, metrics.jsonl, summary.json, checkpoints/, final/."""
-
-    path: Path
-
-    @property
-    def config(self) -> Path:
-        return self.path / "config.yaml"
-
-    @property
-    def metrics(self) -> Path:
-        return self.path / "metrics.jsonl"
-
-    @property
-    def summary(self) -> Path:
-        return self.path / "summary.json"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
-
-    @property
-    def final(self) -> Path:
-        return self.path / "final"
-
-    def write_config(self, cfg: Any) -> None:
-        atomic_write_text(self.config, dump_yaml(cfg))
-
-    def latest_checkpoint(self) -> Path | None:
-        steps = sorted(self.checkpoints.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-        return steps[-1] if steps else None
+# Metrics
 
 
 class MetricsLog:
@@ -135,6 +114,30 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg))
 
 
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def optimizer_and_schedule(model: nn.Module, cfg: OptimConfig, total_steps: int) -> tuple[list[nn.Parameter], Any, Any]:
+    """``model``'s trainable parameters, the optimizer over them, and the lr schedule of a run of
+    ``total_steps`` optimizer steps."""
+    params = trainable_parameters(model)
+    optimizer = build_optimizer(params, cfg)
+    return params, optimizer, build_scheduler(optimizer, cfg, total_steps)
+
+
+def optimizer_step(optimizer, scheduler, params: list[nn.Parameter], max_grad_norm: float | None,
+                   clip: Callable[..., Any] = torch.nn.utils.clip_grad_norm_) -> float | None:
+    """Clip the gradients to ``max_grad_norm`` (if set), step, advance the schedule, clear the
+    gradients; returns the norm before clipping. ``clip`` is ``accelerator.clip_grad_norm_``
+    where gradients may be scaled (fp16) or sharded."""
+    grad_norm = float(clip(params, max_grad_norm)) if max_grad_norm else None
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 # ----------------------------------------------------------------------------------------------
 # Data order: which examples make up each optimizer step
 
@@ -163,6 +166,19 @@ class StepPlan:
         return perm[pos * self.global_batch:(pos + 1) * self.global_batch].tolist()
 
 
+def plan_steps(n_examples: int, train: TrainConfig, world: int) -> tuple[StepPlan, int]:
+    """The data order over ``n_examples`` and the number of optimizer steps: ``train.max_steps``,
+    else ``train.epochs`` epochs."""
+    global_batch = train.batch_size * train.grad_accum * world
+    if n_examples < global_batch:
+        raise InputError(
+            f"{n_examples} training examples is fewer than one optimizer step needs "
+            f"(batch_size {train.batch_size} x grad_accum {train.grad_accum} x {world} processes)",
+            field="train.batch_size")
+    plan = StepPlan(n_examples, global_batch, train.seed)
+    return plan, train.max_steps or max(1, math.ceil(train.epochs * plan.steps_per_epoch))
+
+
 def micro_batches(indices: Sequence[int], batch_size: int, grad_accum: int, rank: int,
                   world: int) -> list[list[int]]:
     """This process's micro-batches of one optimizer step's ``indices``.
@@ -178,13 +194,38 @@ def micro_batches(indices: Sequence[int], batch_size: int, grad_accum: int, rank
 # Checkpoints
 
 
+class ExtraState(Protocol):
+    """State a recipe keeps beside the trainable weights and that resume must restore (PPO's EMA
+    weights and KL coefficient; a distillation teacher's, an EWC Fisher). ``state_dict`` returns
+    a JSON-able dict (saved in the checkpoint's state.json) and named tensors (a safetensors
+    file); ``load_state_dict`` receives both back, the tensors on the CPU."""
+
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]: ...
+
+    def load_state_dict(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None: ...
+
+
+class JSONState:
+    """An object whose own ``state_dict()`` is a JSON-able dict (a KL controller) as extra state."""
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        return self.obj.state_dict(), {}
+
+    def load_state_dict(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        self.obj.load_state_dict(meta)
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def save_checkpoint(path: Path, *, model: nn.Module, optimizer, scheduler, state: dict[str, Any],
-                    rank: int = 0, world: int = 1) -> None:
-    """Trainable weights (safetensors), optimizer, schedule, RNG and loop state, atomically."""
+                    rank: int = 0, world: int = 1, extra_state: Mapping[str, ExtraState] | None = None) -> None:
+    """Trainable weights (safetensors), optimizer, schedule, RNG, loop state and each extra state
+    (``extra-NAME.safetensors`` and state.json's ``extra.NAME``), atomically."""
     from safetensors.torch import save_file
 
     with atomic_dir(path) as tmp:
@@ -192,29 +233,87 @@ def save_checkpoint(path: Path, *, model: nn.Module, optimizer, scheduler, state
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / f"rng-{rank}.pt")
-        atomic_write_json(tmp / "state.json", {**state, "world_size": world})
+        extra = {}
+        for name, holder in (extra_state or {}).items():
+            extra[name], tensors = holder.state_dict()
+            if tensors:
+                save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                          str(tmp / f"extra-{name}.safetensors"))
+        atomic_write_json(tmp / "state.json", {**state, "world_size": world, **({"extra": extra} if extra else {})})
 
 
-def load_checkpoint(path: Path, *, model: nn.Module, optimizer, scheduler, rank: int = 0) -> dict[str, Any]:
+def load_checkpoint(path: Path, *, model: nn.Module, optimizer, scheduler, rank: int = 0,
+                    extra_state: Mapping[str, ExtraState] | None = None) -> dict[str, Any]:
+    """Restore what :func:`save_checkpoint` wrote; returns the loop state."""
     from safetensors.torch import load_file
 
     weights = load_file(str(path / "trainable.safetensors"))
     missing = set(weights) - {n for n, _ in model.named_parameters()}
     if missing:
         raise InputError(f"checkpoint does not match the model (e.g. {sorted(missing)[0]})", file=str(path))
+    state = json.loads((path / "state.json").read_text())
+    saved_extra = state.get("extra", {})
+    for name in extra_state or {}:
+        if name not in saved_extra:
+            raise InputError(f"the checkpoint has no '{name}' state to restore", file=str(path))
     model.load_state_dict(weights, strict=False)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng_file = path / f"rng-{rank}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=True))
-    return json.loads((path / "state.json").read_text())
+    for name, holder in (extra_state or {}).items():
+        tensor_file = path / f"extra-{name}.safetensors"
+        holder.load_state_dict(saved_extra[name], load_file(str(tensor_file)) if tensor_file.is_file() else {})
+    return state
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:
     steps = sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
     for old in steps[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+
+
+class Checkpointer:
+    """A run's step checkpoints, ``checkpoints/step-NNNNNN``: each written atomically after a
+    finished step (the oldest beyond ``keep`` pruned), the newest restored by :meth:`resume`.
+
+    The main process writes the shared files; every process keeps its own RNG stream.
+    """
+
+    def __init__(self, run: RunDir, accelerator, *, model: nn.Module, optimizer, scheduler, keep: int,
+                 extra_state: Mapping[str, ExtraState] | None = None) -> None:
+        for name in extra_state or {}:
+            if not re.fullmatch(r"[a-z0-9_]+", name):  # it names a file
+                raise ValueError(f"extra state name {name!r}: use lower-case letters, digits and _")
+        self.run, self.accelerator, self.keep = run, accelerator, keep
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.extra_state = dict(extra_state or {})
+
+    def resume(self) -> tuple[Path, dict[str, Any]] | None:
+        """Load the latest checkpoint, if any: its path and loop state."""
+        path = self.run.latest_checkpoint()
+        if path is None:
+            return None
+        acc = self.accelerator
+        state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                rank=acc.process_index, extra_state=self.extra_state)
+        if state.get("world_size", acc.num_processes) != acc.num_processes:
+            acc.print(f"note: resuming a {state['world_size']}-process run on {acc.num_processes} processes")
+        return path, state
+
+    def save(self, step: int, state: dict[str, Any]) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        path = self.run.checkpoints / f"step-{step:06d}"
+        if acc.is_main_process:
+            save_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                            state={"step": step, **state}, rank=acc.process_index, world=acc.num_processes,
+                            extra_state=self.extra_state)
+            prune_checkpoints(self.run.checkpoints, self.keep)
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            torch.save(rng_state(), path / f"rng-{acc.process_index}.pt")
 
 
 def rng_state() -> dict[str, Any]:
@@ -252,6 +351,158 @@ def set_dropout(model: nn.Module, p: float) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Around the steps: stop signals, the progress bar, the end of each step
+
+
+class StopTraining(Exception):
+    """Raised by a callback to end training cleanly (tests use it to simulate a crash)."""
+
+
+class StopSignal:
+    """The one Ctrl-C / SIGTERM handler of a training loop (a context manager around it).
+
+    The first signal asks the loop to stop after the step in progress, once that step is
+    checkpointed: a checkpoint taken mid-step would not resume onto the same curve (the RNG has
+    moved, a PPO step's optimizer steps are half done). A second signal stops at once, with
+    ``KeyboardInterrupt`` and no checkpoint. Handlers can only be installed from the main
+    thread; elsewhere the loop keeps whatever the process has.
+    """
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self, announce: bool = True) -> None:
+        self.asked = False
+        self.announce = announce
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (getattr(signal, n) for n in self.SIGNALS if hasattr(signal, n)):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+        if self.announce:
+            print("\nstopping after this step (again to stop now)", file=sys.stderr, flush=True)
+
+    def agreed(self, accelerator) -> bool:
+        """Whether any process was asked to stop: all stop after the same step, or none does."""
+        if accelerator.num_processes == 1:
+            return self.asked
+        flag = torch.tensor([float(self.asked)], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+class Progress:
+    """A tqdm bar when ``enabled`` (``train.progress``, main process); otherwise nothing."""
+
+    def __init__(self, enabled: bool, *, total: int, initial: int, desc: str) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+
+    def advance(self, postfix: Mapping[str, str] | None = None) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if postfix:
+                self.bar.set_postfix(**postfix)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class TrainingLoop:
+    """What every training loop does around its steps, written once: resume, then at the end of
+    each step log the record, advance the bar, checkpoint when due (``train.save_every``, the
+    last step, or a stop request), stop if asked (``KeyboardInterrupt``; a request during the
+    last step lets the run finish instead), and call ``on_step``, in that order.
+
+    ``with loop:`` installs the :class:`StopSignal` handler and shows the bar (with the record's
+    ``show`` keys, e.g. ``{"loss": ".4f"}``); time spent inside :meth:`paused` (evaluation) and in
+    checkpoints is left out of :attr:`train_seconds`.
+    """
+
+    def __init__(self, run: RunDir, accelerator, train: TrainConfig, checkpointer: Checkpointer, *,
+                 total_steps: int, desc: str = "train", show: Mapping[str, str] | None = None,
+                 on_step: Callable[[int], None] | None = None) -> None:
+        self.accelerator, self.train, self.checkpointer = accelerator, train, checkpointer
+        self.total_steps, self.desc, self.on_step = total_steps, desc, on_step
+        self.show = dict(show or {})  # record key -> format spec, shown beside the bar
+        self.metrics = MetricsLog(run.metrics, enabled=accelerator.is_main_process)
+        self.history: list[dict[str, Any]] = []  # the records logged by this call
+        self.start_step = 0
+        self.stop = StopSignal(announce=accelerator.is_main_process)
+        self.progress: Progress | None = None
+        self._started, self._paused = time.perf_counter(), 0.0
+
+    def resume(self) -> dict[str, Any] | None:
+        """Restore the latest checkpoint, if any, and drop the metrics logged after it; returns
+        its loop state (None on a fresh start)."""
+        resumed = self.checkpointer.resume()
+        if resumed is None:
+            return None
+        path, state = resumed
+        self.start_step = state["step"]
+        self.metrics.truncate_after(self.start_step)
+        self.accelerator.print(f"resuming from {path} (step {self.start_step} of {self.total_steps})")
+        return state
+
+    def __enter__(self) -> TrainingLoop:
+        self.stop.__enter__()
+        show = self.train.progress and self.accelerator.is_main_process
+        self.progress = Progress(show, total=self.total_steps, initial=self.start_step, desc=self.desc)
+        self._started, self._paused = time.perf_counter(), 0.0
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        self.stop.__exit__(*exc)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused += time.perf_counter() - started
+
+    @property
+    def train_seconds(self) -> float:
+        return time.perf_counter() - self._started - self._paused
+
+    def end_step(self, step: int, record: dict[str, Any], *, state: dict[str, Any], log: bool = False,
+                 save: bool = False) -> None:
+        """After step ``step`` (counted from 1): ``record`` is its metrics line, ``state`` the loop
+        state a resume needs besides the step; ``log``/``save`` force a line/a checkpoint."""
+        is_last = step == self.total_steps
+        if log or is_last or step % self.train.log_every == 0:
+            self.metrics.write(record)
+            self.history.append(record)
+        if self.progress is not None:
+            self.progress.advance({k: format(record[k], spec) for k, spec in self.show.items() if k in record})
+        stopping = self.stop.agreed(self.accelerator)
+        if save or stopping or is_last or (self.train.save_every and step % self.train.save_every == 0):
+            with self.paused():
+                self.checkpointer.save(step, {"total_steps": self.total_steps, **state})
+        if stopping and not is_last:  # after the last step, stopping is finishing: the recipe saves final/
+            raise KeyboardInterrupt(f"stopped after step {step}; rerun to resume from its checkpoint")
+        if self.on_step is not None:
+            self.on_step(step)
+
+
+# ----------------------------------------------------------------------------------------------
 # The loop
 
 
@@ -272,10 +523,6 @@ class FitResult:
                 "train_seconds": round(self.train_seconds, 2), "wall_seconds": round(time.time() - started, 2)}
 
 
-class StopTraining(Exception):
-    """Raised by a callback to end training cleanly (tests use it to simulate a crash)."""
-
-
 def make_accelerator(train: TrainConfig):
     from accelerate import Accelerator
 
@@ -284,6 +531,59 @@ def make_accelerator(train: TrainConfig):
     if device.startswith("cuda") and (train.dtype or "bf16") in ("bf16", "fp16"):
         mixed = train.dtype or "bf16"
     return Accelerator(cpu=device == "cpu", mixed_precision=mixed)
+
+
+class Validation:
+    """``fit``'s held-out loss (every ``train.eval_every`` steps, and after the last) and early
+    stopping on it: the best loss so far, the evaluations since it last improved, and with a
+    patience the best weights, kept in ``checkpoints/best`` and restored when it stops training."""
+
+    def __init__(self, examples: Sequence[Any], collate, train: TrainConfig, run: RunDir, model: nn.Module,
+                 total_steps: int) -> None:
+        self.examples, self.collate, self.train, self.run, self.model = examples, collate, train, run, model
+        self.total_steps, self.patience = total_steps, train.early_stopping_patience
+        self.best: float | None = None
+        self.last: float | None = None  # of this call: not restored on resume
+        self.bad_evals, self.stopped = 0, False
+
+    def due(self, step: int) -> bool:
+        every = self.train.eval_every
+        return bool(self.examples) and (bool(every and step % every == 0) or step == self.total_steps)
+
+    def evaluate(self, loss_module: nn.Module, step: int, accelerator) -> float:
+        self.last = evaluate_loss(loss_module, self.examples, self.collate, self.train.batch_size, accelerator)
+        if self.best is None or self.last < self.best - 1e-6:
+            self.best, self.bad_evals = self.last, 0
+            if self.patience and accelerator.is_main_process:
+                self._save_best(step)
+        else:
+            self.bad_evals += 1
+            self.stopped = bool(self.patience) and self.bad_evals >= self.patience
+        return self.last
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_val_loss": self.best, "bad_evals": self.bad_evals}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.bad_evals = state.get("best_val_loss"), state.get("bad_evals", 0)
+        self.stopped = bool(self.patience) and self.bad_evals >= self.patience  # stopped, then interrupted
+
+    def _save_best(self, step: int) -> None:
+        from safetensors.torch import save_file
+
+        with atomic_dir(self.run.checkpoints / "best") as tmp:
+            save_file(trainable_state(self.model), str(tmp / "trainable.safetensors"))
+            atomic_write_json(tmp / "state.json", {"step": step, "val_loss": self.last})
+
+    def restore_best(self, step: int, accelerator) -> None:
+        """After early stopping at ``step``: the best weights back into the model."""
+        from safetensors.torch import load_file
+
+        accelerator.print(f"early stopping at step {step}: no validation improvement in {self.bad_evals} "
+                          f"evaluations (best {self.best:.4f})")
+        best = self.run.checkpoints / "best" / "trainable.safetensors"
+        if best.exists():
+            self.model.load_state_dict(load_file(str(best)), strict=False)
 
 
 def fit(
@@ -303,184 +603,117 @@ def fit(
     finish_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None,
     on_step: Callable[[int], None] | None = None,
     count_key: str = "tokens",
+    extra_state: Mapping[str, ExtraState] | None = None,
 ) -> FitResult:
     """Train ``loss_module`` (which wraps ``model``) on ``examples`` for the configured steps.
 
     ``weight(example)`` is the example's share of the loss denominator (trained tokens for SFT,
     1 for a preference pair); ``loss_module(**collate(batch))`` returns (loss_sum, count) where
     count sums those weights. ``length(example)`` counts its real (non-pad) tokens, for the
-    tokens/s figure. ``model`` is the object whose trainable parameters are saved.
+    tokens/s figure. ``model`` is the object whose trainable parameters are saved;
+    ``extra_state`` is saved with them and restored on resume (see :class:`ExtraState`).
     """
     rank, world = accelerator.process_index, accelerator.num_processes
-    global_batch = train.batch_size * train.grad_accum * world
-    if len(examples) < global_batch:
-        raise InputError(
-            f"{len(examples)} training examples is fewer than one optimizer step needs "
-            f"(batch_size {train.batch_size} x grad_accum {train.grad_accum} x {world} processes)",
-            field="train.batch_size")
-    plan = StepPlan(len(examples), global_batch, train.seed)
-    total_steps = train.max_steps or max(1, math.ceil(train.epochs * plan.steps_per_epoch))
-    weights = [weight(e) for e in examples]
-    lengths = [length(e) for e in examples]
+    # 1. The data order and the number of steps; each example's share of the loss and its length.
+    plan, total_steps = plan_steps(len(examples), train, world)
+    weights, lengths = [weight(e) for e in examples], [length(e) for e in examples]
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, optim)
-    scheduler = build_scheduler(optimizer, optim, total_steps)
+    # 2. Optimizer and schedule over the trainable parameters.
+    params, optimizer, scheduler = optimizer_and_schedule(model, optim, total_steps)
     loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
 
-    metrics = MetricsLog(run.metrics, enabled=accelerator.is_main_process)
-    start_step, best_val, bad_evals, history = 0, None, 0, []
-    resume_from = run.latest_checkpoint()
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler, rank=rank)
-        if state.get("world_size", world) != world:
-            accelerator.print(f"note: resuming a {state['world_size']}-process run on {world} processes")
-        start_step, best_val, bad_evals = state["step"], state.get("best_val_loss"), state.get("bad_evals", 0)
-        metrics.truncate_after(start_step)
-        accelerator.print(f"resuming from {resume_from} (step {start_step} of {total_steps})")
-    else:
+    # 3. Checkpoints and the loop around the steps, validation; resume from the last checkpoint.
+    checkpointer = Checkpointer(run, accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+                                keep=train.keep_checkpoints, extra_state=extra_state)
+    loop = TrainingLoop(run, accelerator, train, checkpointer, total_steps=total_steps, on_step=on_step,
+                        show={"loss": ".4f", "lr": ".2e", "tokens_per_s": ".0f"})
+    validation = Validation(val_examples, collate, train, run, model, total_steps)
+    state = loop.resume()
+    if state is None:
         set_seed(train.seed + rank)
+    else:
+        validation.load_state_dict(state)
 
-    def checkpoint(step: int) -> None:
-        accelerator.wait_for_everyone()
-        state = {"step": step, "total_steps": total_steps, "best_val_loss": best_val, "bad_evals": bad_evals}
-        path = run.checkpoints / f"step-{step:06d}"
-        if accelerator.is_main_process:
-            save_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler,
-                            state=state, rank=rank, world=world)
-            prune_checkpoints(run.checkpoints, train.keep_checkpoints)
-        accelerator.wait_for_everyone()
-        if not accelerator.is_main_process:  # every rank keeps its own RNG stream
-            torch.save(rng_state(), path / f"rng-{rank}.pt")
-
-    progress = None
-    if train.progress and accelerator.is_main_process:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
-
-    device = accelerator.device
+    step, real_tokens = loop.start_step, 0
     loss_module.train()
-    stopped_early, last_val = False, None
-    t_start, real_tokens, paused = time.perf_counter(), 0, 0.0  # paused: eval/checkpoint seconds
-    step = start_step
-    previous_handler = signal.getsignal(signal.SIGTERM)
-    if accelerator.is_main_process and hasattr(signal, "SIGTERM"):
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        while step < total_steps:
-            # 1. The examples of this optimizer step, and its loss denominator over all of them.
+    with loop:
+        while step < total_steps and not validation.stopped:
+            # 4. The examples of this optimizer step, and its loss denominator over all of them.
             indices = plan.indices(step)
             denom = sum(weights[i] for i in indices)
-            # 2. Forward/backward each micro-batch of this process, scaled so the summed gradient
-            #    equals d(total loss / denom); DDP averages across processes, hence * world.
             real_tokens += sum(lengths[j] for j in indices)  # all processes, no padding
-            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-            extras: dict[str, float] = {}
+            # 5. Forward/backward each micro-batch of this process; clip, step, schedule.
             micro = micro_batches(indices, train.batch_size, train.grad_accum, rank, world)
-            for i, idx in enumerate(micro):
-                batch = {k: v.to(device) for k, v in collate([examples[j] for j in idx]).items()}
-                sync = i == len(micro) - 1
-                with contextlib.nullcontext() if sync else accelerator.no_sync(loss_module):
-                    part, _count = loss_module(**batch)
-                    accelerator.backward(part * (world / max(denom, 1)))
-                loss_sum += part.detach().double()
-                if extra_metrics is not None:
-                    for k, v in extra_metrics(batch).items():
-                        extras[k] = extras.get(k, 0.0) + v
-            # 3. Clip, step, schedule.
-            grad_norm = None
-            if optim.max_grad_norm:
-                grad_norm = float(accelerator.clip_grad_norm_(params, optim.max_grad_norm))
+            loss_sum, extras = accumulate_gradients(loss_module, [[examples[j] for j in idx] for idx in micro],
+                                                    collate, denom, accelerator, extra_metrics)
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(optimizer, scheduler, params, optim.max_grad_norm,
+                                       clip=accelerator.clip_grad_norm_)
             step += 1
-            # 4. Log the exact step loss (summed over processes, divided by the step's count).
-            total = accelerator.reduce(loss_sum, reduction="sum") if world > 1 else loss_sum
-            loss = float(total) / max(denom, 1)
-            elapsed = time.perf_counter() - t_start - paused
-            record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": real_tokens / max(elapsed, 1e-9),
-                      count_key: denom, "epoch": round(step / plan.steps_per_epoch, 4)}
-            if grad_norm is not None:
-                record["grad_norm"] = grad_norm
-            if extras and world > 1:
-                keys = sorted(extras)
-                summed = accelerator.reduce(torch.tensor([extras[k] for k in keys], dtype=torch.float64,
-                                                         device=device), reduction="sum")
-                extras = dict(zip(keys, summed.tolist()))
-            record.update(finish_metrics(extras) if finish_metrics is not None else extras)
-            # 5. Validation and early stopping.
-            is_last = step == total_steps
-            if val_examples and ((train.eval_every and step % train.eval_every == 0) or is_last):
-                t_eval = time.perf_counter()
-                last_val = evaluate_loss(loss_module, val_examples, collate, train.batch_size, accelerator)
-                record["val_loss"] = last_val
-                if best_val is None or last_val < best_val - 1e-6:
-                    best_val, bad_evals = last_val, 0
-                    if train.early_stopping_patience and accelerator.is_main_process:
-                        from safetensors.torch import save_file
-
-                        with atomic_dir(run.checkpoints / "best") as tmp:
-                            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-                            atomic_write_json(tmp / "state.json", {"step": step, "val_loss": last_val})
-                else:
-                    bad_evals += 1
-                    if train.early_stopping_patience and bad_evals >= train.early_stopping_patience:
-                        stopped_early = True
-                paused += time.perf_counter() - t_eval
-            if step % train.log_every == 0 or is_last or "val_loss" in record:
-                metrics.write(record)
-                history.append(record)
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-            # 6. Checkpoint.
-            if (train.save_every and step % train.save_every == 0) or is_last or stopped_early:
-                t_save = time.perf_counter()
-                checkpoint(step)
-                paused += time.perf_counter() - t_save
-            if on_step is not None:
-                on_step(step)
-            if stopped_early:
-                accelerator.print(f"early stopping at step {step}: no validation improvement in "
-                                  f"{bad_evals} evaluations (best {best_val:.4f})")
-                break
-    except KeyboardInterrupt:
-        # Ctrl-C or SIGTERM between steps: keep what the finished steps did.
-        if step > start_step:
-            checkpoint(step)
-        raise
-    finally:
-        if progress is not None:
-            progress.close()
-        if accelerator.is_main_process and hasattr(signal, "SIGTERM"):
-            signal.signal(signal.SIGTERM, previous_handler)
-
-    if stopped_early and (run.checkpoints / "best").exists():
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(str(run.checkpoints / "best" / "trainable.safetensors")), strict=False)
-    elapsed = time.perf_counter() - t_start - paused
-    return FitResult(steps=step, best_val_loss=best_val, final_val_loss=last_val, stopped_early=stopped_early,
-                     tokens_per_s=real_tokens / max(elapsed, 1e-9), train_seconds=elapsed, history=history)
+            # 6. The exact step loss (summed over processes, divided by the step's count).
+            record = {"step": step, "loss": float(_sum_over_processes(loss_sum, accelerator)) / max(denom, 1),
+                      "lr": lr, "tokens_per_s": real_tokens / max(loop.train_seconds, 1e-9), count_key: denom,
+                      "epoch": round(step / plan.steps_per_epoch, 4)}
+            record.update(_grad_and_extras(grad_norm, extras, accelerator, finish_metrics))
+            # 7. Validation and early stopping; then log, checkpoint, stop, call back.
+            if validation.due(step):
+                with loop.paused():
+                    record["val_loss"] = validation.evaluate(loss_module, step, accelerator)
+            loop.end_step(step, record, state=validation.state_dict(), log="val_loss" in record,
+                          save=validation.stopped)
+    if validation.stopped:
+        validation.restore_best(step, accelerator)
+    return FitResult(steps=step, best_val_loss=validation.best, final_val_loss=validation.last,
+                     stopped_early=validation.stopped, tokens_per_s=real_tokens / max(loop.train_seconds, 1e-9),
+                     train_seconds=loop.train_seconds, history=loop.history)
 
 
-@torch.no_grad()
+def accumulate_gradients(loss_module: nn.Module, batches: Sequence[list[Any]], collate, denom: int, accelerator,
+                         extra_metrics: Callable[[dict[str, torch.Tensor]], dict[str, float]] | None = None,
+                         ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Forward and backward this process's micro-batches of one optimizer step; returns the
+    summed loss (this process) and the summed ``extra_metrics``.
+
+    Each part is scaled so the summed gradient equals d(total loss / denom) over the whole step;
+    DDP averages across processes, hence ``* world``. Gradients sync on the last micro-batch only.
+    """
+    device, world = accelerator.device, accelerator.num_processes
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    extras: dict[str, float] = {}
+    for i, rows in enumerate(batches):
+        batch = {k: v.to(device) for k, v in collate(rows).items()}
+        sync = i == len(batches) - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(loss_module):
+            part, _count = loss_module(**batch)
+            accelerator.backward(part * (world / max(denom, 1)))
+        loss_sum += part.detach().double()
+        for k, v in (extra_metrics(batch) if extra_metrics is not None else {}).items():
+            extras[k] = extras.get(k, 0.0) + v
+    return loss_sum, extras
+
+
+def _sum_over_processes(value: torch.Tensor, accelerator) -> torch.Tensor:
+    return accelerator.reduce(value, reduction="sum") if accelerator.num_processes > 1 else value
+
+
+def _grad_and_extras(grad_norm: float | None, extras: dict[str, float], accelerator,
+                     finish: Callable[[dict[str, float]], dict[str, float]] | None) -> dict[str, float]:
+    """The step's gradient norm, and its extra metrics summed over processes, then ``finish``ed."""
+    if extras and accelerator.num_processes > 1:
+        keys = sorted(extras)
+        values = torch.tensor([extras[k] for k in keys], dtype=torch.float64, device=accelerator.device)
+        extras = dict(zip(keys, _sum_over_processes(values, accelerator).tolist()))
+    return {**({"grad_norm": grad_norm} if grad_norm is not None else {}),
+            **(finish(extras) if finish is not None else extras)}
+
+
 def evaluate_loss(loss_module: nn.Module, examples: Sequence[Any], collate, batch_size: int, accelerator) -> float:
     """Count-weighted mean loss over ``examples``, sharded across processes."""
-    was_training = loss_module.training
-    loss_module.eval()
     rank, world = accelerator.process_index, accelerator.num_processes
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    mine = list(range(rank, len(examples), world))
-    for start in range(0, len(mine), batch_size):
-        batch = collate([examples[j] for j in mine[start:start + batch_size]])
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+    mine = [examples[j] for j in range(rank, len(examples), world)]
+    for _, batch in no_grad_batches(loss_module, mine, collate, batch_size, device=accelerator.device):
         loss, count = loss_module(**batch)
         total += torch.stack([loss.double(), count.double()])
-    if world > 1:
-        total = accelerator.reduce(total, reduction="sum")
-    loss_module.train(was_training)
+    total = _sum_over_processes(total, accelerator)
     return float(total[0] / total[1].clamp(min=1))

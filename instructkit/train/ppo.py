@@ -6,10 +6,11 @@ step samples responses, scores them, turns scores into per-token advantages with
 named in the config (:data:`instructkit.losses.rl.ADVANTAGE_ESTIMATORS`: GAE with a value model,
 or group-relative GRPO / RLOO without one), then takes a few clipped-PPO epochs over the batch.
 
-The engine's ``fit`` loop has no place for a rollout phase, so the loop is written here from the
-engine's pieces (run folder, metrics, optimizer and schedule, atomic checkpoints, seeding).
-Sampling and log-prob recomputation live in :mod:`instructkit.train.rollout`; the math in
-:mod:`instructkit.losses.rl`.
+What this module owns is that step (:func:`ppo_step`) and the models it needs. The loop around
+the steps (checkpoints with the EMA and KL-controller state, resume, the stop signal, metrics,
+progress) is the engine's :class:`~instructkit.train.engine.TrainingLoop`; the run folder and the
+final save are :mod:`instructkit.train.setup`'s. Sampling and log-prob recomputation live in
+:mod:`instructkit.train.rollout`; the math in :mod:`instructkit.losses.rl`.
 """
 
 from __future__ import annotations
@@ -17,65 +18,22 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import signal
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from instructkit.config import PPOConfig, resolve_stage_config
-from instructkit.data.schema import ROLES, Message
+from instructkit.config import PPOConfig
+from instructkit.data.prompts import PromptRecord, encode_prompts, read_prompts
+from instructkit.data.schema import Message
 from instructkit.errors import InputError, did_you_mean
-
-# ----------------------------------------------------------------------------------------------
-# Prompts
-
-
-@dataclass
-class PromptRecord:
-    """One prompt: its messages, the text a reward function sees, and the record's other fields."""
-
-    messages: list[Message]
-    text: str  # the `prompt` string, or the last user turn of a message list
-    data: dict[str, Any] = field(default_factory=dict)  # every other field, passed to reward functions
-    ids: list[int] = field(default_factory=list)  # rendered with the chat template + generation prompt
-
-
-def read_prompts(path: str) -> list[PromptRecord]:
-    """Records with ``prompt`` (a string, or a list of {role, content} messages ending with a user
-    turn) plus any other fields. Bad records raise an InputError naming file, line and field."""
-    from instructkit.data.readers import read_rows
-
-    records = []
-    for row in read_rows(path):
-        if "prompt" not in row.data or row.data["prompt"] in (None, ""):
-            raise row.error("missing field 'prompt'" + did_you_mean("prompt", row.data), field="prompt")
-        value = row.data["prompt"]
-        if isinstance(value, str):
-            messages = [Message("user", value)]
-        elif isinstance(value, list) and value:
-            messages = []
-            for i, item in enumerate(value):
-                where = f"prompt[{i}]"
-                if not isinstance(item, dict) or not isinstance(item.get("content"), str):
-                    raise row.error("expected a message object with 'role' and string 'content'", field=where)
-                if item.get("role") not in ROLES:
-                    raise row.error(f"unknown role {item.get('role')!r} (expected one of {', '.join(ROLES)})",
-                                    field=f"{where}.role")
-                messages.append(Message(item["role"], item["content"]))
-            if messages[-1].role not in ("user", "tool"):
-                raise row.error(f"the prompt must end with a user turn, not {messages[-1].role}", field="prompt")
-        else:
-            raise row.error("expected a string or a non-empty list of messages", field="prompt")
-        text = value if isinstance(value, str) else \
-            next((m.content for m in reversed(messages) if m.role == "user"), messages[-1].content)
-        records.append(PromptRecord(messages, text, {k: v for k, v in row.data.items() if k != "prompt"}))
-    return records
-
+from instructkit.losses import rl
+from instructkit.stages import resolve_stage_config
+from instructkit.train import engine, setup
 
 # ----------------------------------------------------------------------------------------------
 # Reward sources
@@ -187,29 +145,27 @@ def build_models(cfg: PPOConfig, tokenizer, *, with_value: bool, device) -> Mode
     """
     from instructkit.models.loading import load_model
     from instructkit.models.peft_methods import apply_method, is_peft
-    from instructkit.train.engine import set_dropout
 
     base = load_model(cfg.model, dtype="fp32", device="cpu", trust_remote_code=cfg.trust_remote_code,
                       merge_adapter=True)
-    set_dropout(base, 0.0)
+    engine.set_dropout(base, 0.0)
     value = None
     if with_value:
         value = (value_model_from_reward_model(cfg.reward.model, tokenizer) if cfg.reward.model
                  else value_model_from_policy(base))
-        set_dropout(value, 0.0)
+        engine.set_dropout(value, 0.0)
         value = apply_method(value, cfg.peft, task="SEQ_CLS").to(device)
     ref_model = None
     if cfg.ref_model:
         ref_model = load_model(cfg.ref_model, dtype="fp32", device="cpu", trust_remote_code=cfg.trust_remote_code,
                                merge_adapter=True)
     if cfg.train.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.enable_input_require_grads()
+        setup.enable_gradient_checkpointing(base)
     policy = apply_method(base, cfg.peft).to(device)
     if ref_model is None and not is_peft(policy):
         ref_model = copy.deepcopy(policy)  # full or partial fine-tuning: the initial weights, frozen
     if ref_model is not None:
-        set_dropout(ref_model, 0.0)
+        engine.set_dropout(ref_model, 0.0)
         ref_model.requires_grad_(False).eval().to(device)
     return Models(policy, Reference(policy, ref_model), value)
 
@@ -221,10 +177,8 @@ class PtxTerm:
 
     def __init__(self, loss_module: nn.Module, examples: list[dict[str, list[int]]], collate, batch_size: int,
                  coef: float, seed: int) -> None:
-        from instructkit.train.engine import StepPlan
-
         self.loss_module, self.examples, self.collate, self.coef = loss_module, examples, collate, coef
-        self.plan = StepPlan(len(examples), min(batch_size, len(examples)), seed + 1)
+        self.plan = engine.StepPlan(len(examples), min(batch_size, len(examples)), seed + 1)
 
     def backward(self, update: int, device) -> float:
         """The LM loss of optimizer step ``update``'s batch; its scaled gradient is accumulated."""
@@ -248,41 +202,32 @@ class _Trained(nn.Module):
             self.value = value
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints at PPO-step boundaries
+class EMA:
+    """An exponential moving average of the policy's trainable weights (``ema_decay``): final/
+    holds it instead of the last weights. Checkpointed as the engine's extra state."""
 
+    def __init__(self, policy: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.weights = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
 
-def _save_checkpoint(path: Path, *, trained: nn.Module, optimizer, scheduler, state: dict[str, Any],
-                     ema: dict[str, torch.Tensor] | None) -> None:
-    """Trainable policy + value weights, optimizer, schedule, RNG, loop state (step, KL
-    coefficient) and EMA weights, atomically."""
-    from safetensors.torch import save_file
+    @torch.no_grad()
+    def update(self, policy: nn.Module) -> None:
+        for n, p in policy.named_parameters():
+            if n in self.weights:
+                self.weights[n].lerp_(p.detach(), 1.0 - self.decay)
 
-    from instructkit.train import engine
+    @torch.no_grad()
+    def copy_to(self, policy: nn.Module) -> None:
+        for n, p in policy.named_parameters():
+            if n in self.weights:
+                p.copy_(self.weights[n])
 
-    with engine.atomic_dir(path) as tmp:
-        save_file(engine.trainable_state(trained), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(engine.rng_state(), tmp / "rng-0.pt")
-        if ema is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
-        engine.atomic_write_json(tmp / "state.json", {**state, "world_size": 1})
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        return {}, self.weights
 
-
-def _load_checkpoint(path: Path, *, trained: nn.Module, optimizer, scheduler,
-                     ema: dict[str, torch.Tensor] | None) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    from instructkit.train import engine
-
-    state = engine.load_checkpoint(path, model=trained, optimizer=optimizer, scheduler=scheduler)
-    if ema is not None:
-        if not (path / "ema.safetensors").is_file():
-            raise InputError("the checkpoint has no EMA weights but ema_decay is set", file=str(path))
-        for k, v in load_file(str(path / "ema.safetensors")).items():
-            ema[k].copy_(v)
-    return state
+    def load_state_dict(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        for n, w in self.weights.items():
+            w.copy_(tensors[n])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,35 +235,83 @@ def _load_checkpoint(path: Path, *, trained: nn.Module, optimizer, scheduler,
 
 
 def ppo(config: PPOConfig | str | Path | dict | None = None, overrides: list[str] | None = None, *,
-        on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+        on_step: Callable[[int], None] | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Run PPO(-ptx) / GRPO / RLOO; returns the run summary (also written to summary.json)."""
-    from instructkit.datasets import resolve_data_path
-    from instructkit.generation import decode_response, stop_tokens
-    from instructkit.losses import rl
-    from instructkit.models.lm import CausalLMLoss
     from instructkit.models.loading import load_tokenizer
     from instructkit.models.peft_methods import count_parameters, is_peft
-    from instructkit.rewards import load_reward_function
-    from instructkit.train import engine
-    from instructkit.train.rollout import in_chunks, response_values, sample
-    from instructkit.train.sft import encode_records, make_collate, save_final
 
     # 1. Resolve the config; look up the estimator and KL estimator; check what PPO cannot use.
     cfg = resolve_stage_config(PPOConfig, "ppo", config, overrides)
     estimator = _lookup(rl.ADVANTAGE_ESTIMATORS, cfg.advantage, "advantage")
     kl_estimator = _lookup(rl.KL_ESTIMATORS, cfg.kl_estimator, "kl_estimator")
     _check(cfg, estimator)
-    run = engine.RunDir(Path(cfg.out))
-    # fp32 unless train.dtype asks otherwise, also on a GPU: a bf16-autocast run of the default
-    # model on an H100 produced NaN losses at step 5 (not yet diagnosed; see docs/ppo.md).
-    accelerator = engine.make_accelerator(replace(cfg.train, dtype=cfg.train.dtype or "fp32"))
-    if accelerator.num_processes > 1:
-        raise InputError("PPO runs in one process (launch it without torchrun/accelerate launch)")
-    device = accelerator.device
-    run.path.mkdir(parents=True, exist_ok=True)
-    run.write_config(cfg)
 
-    # 2. Prompts and ptx data: read and validate before any model loads.
+    # 2. The run folder (a finished run with this config is returned as is). fp32 unless
+    #    train.dtype asks otherwise, also on a GPU: a bf16-autocast run of the default model on an
+    #    H100 produced NaN losses at step 5 (not yet diagnosed; see docs/ppo.md).
+    stage = setup.open_run(cfg, stage="ppo", overwrite=overwrite,
+                           train=replace(cfg.train, dtype=cfg.train.dtype or "fp32"))
+    if stage.finished:
+        return stage.run.saved_summary()
+    with stage.cleanup_on_failure():
+        if stage.accelerator.num_processes > 1:
+            raise InputError("PPO runs in one process (launch it without torchrun/accelerate launch)")
+        device = stage.accelerator.device
+
+        # 3. Prompts, ptx data and a reward function: read and validate before any model loads.
+        inputs = read_inputs(cfg)
+
+        # 4. Policy, reference (the LoRA policy with its adapter off, else a frozen copy), value
+        #    model (from the reward model, else from the policy with a zero head), reward source.
+        tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        engine.set_seed(cfg.train.seed)
+        models = build_models(cfg, tokenizer, with_value=estimator.needs_value_model, device=device)
+        reward = inputs.reward or ModelReward(cfg.reward.model, cfg.reward.template, cfg.reward.batch_size, device)
+        parameters = setup.Trainable(tokenizer, models.policy, *count_parameters(models.policy))
+
+        # 5. Prompts with the policy's chat template (+ generation prompt); ptx examples as SFT's.
+        prompts, too_long = encode_ppo_prompts(cfg, tokenizer, inputs.prompts)
+        ptx = build_ptx(cfg, tokenizer, models.policy, inputs.ptx_records)
+
+        # 6. One optimizer over policy + value, its schedule, the KL controller and the EMA.
+        parts = StepParts.build(cfg, models, reward, tokenizer, prompts, ptx, estimator, kl_estimator,
+                                autocast=stage.accelerator.autocast)
+
+        # 7. The PPO steps, checkpointed with the EMA and KL state; resumes from the last checkpoint.
+        steps, history, seconds = run_steps(parts, stage, on_step)
+
+    # 8. Save final/ (the EMA weights when enabled) and the summary.
+    if parts.ema is not None:
+        parts.ema.copy_to(models.policy)
+    last = history[-1] if history else {}
+    summary = setup.stage_summary(
+        "ppo", cfg, parameters, stage.run, advantage=cfg.advantage, steps=steps,
+        reward_mean=last.get("reward_mean"), kl=last.get("kl"), kl_coef=parts.kl_ctl.value,
+        generate_seconds=round(seconds["generate"], 2), train_seconds=round(seconds["train"], 2),
+        wall_seconds=round(seconds["wall"], 2), prompts=len(prompts), dropped_too_long=too_long,
+        ptx_examples=len(ptx.examples) if ptx is not None else 0, ema=cfg.ema_decay is not None)
+    merged = cfg.save_merged and is_peft(models.policy)
+    return stage.finish(summary, lambda: setup.save_final(models.policy, tokenizer, stage.run, base_spec=cfg.model,
+                                                          merged=merged))
+
+
+# ----------------------------------------------------------------------------------------------
+# Set-up steps
+
+
+@dataclass
+class Inputs:
+    prompts: list[PromptRecord]
+    ptx_records: list[Any] | None
+    reward: FunctionReward | None  # None: cfg.reward.model scores, once it is loaded
+
+
+def read_inputs(cfg: PPOConfig) -> Inputs:
+    """The prompts, the ptx records and the reward function, each validated (a bad record or an
+    unknown function is an InputError here, before any model loads)."""
+    from instructkit.datasets import resolve_data_path
+    from instructkit.rewards import load_reward_function
+
     prompts = read_prompts(resolve_data_path(cfg.data.path))[: cfg.data.limit or None]
     ptx_records = None
     if cfg.data.ptx_path:
@@ -327,207 +320,191 @@ def ppo(config: PPOConfig | str | Path | dict | None = None, overrides: list[str
         ptx_records = load_records(resolve_data_path(cfg.data.ptx_path), format=cfg.data.ptx_format).records
     reward = FunctionReward(load_reward_function(cfg.reward.function), cfg.reward.function) \
         if cfg.reward.function else None
+    return Inputs(prompts, ptx_records, reward)
 
-    # 3. Policy, reference (the LoRA policy with its adapter off, else a frozen copy), value
-    #    model (from the reward model, else from the policy with a fresh head), reward source.
-    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    engine.set_seed(cfg.train.seed)
-    models = build_models(cfg, tokenizer, with_value=estimator.needs_value_model, device=device)
-    policy, reference, value = models.policy, models.reference, models.value
-    if reward is None:
-        reward = ModelReward(cfg.reward.model, cfg.reward.template, cfg.reward.batch_size, device)
-    trained = _Trained(policy, value)
-    trainable, total = count_parameters(policy)
 
-    # 4. Encode prompts with the policy's chat template (+ generation prompt); ptx examples as SFT does.
-    from instructkit.data.templates import encode_prompt
-
-    kept, too_long = [], 0
-    for p in prompts:
-        p.ids = encode_prompt(tokenizer, p.messages, cfg.data.template)
-        if len(p.ids) <= cfg.data.max_prompt_length:
-            kept.append(p)
-        else:
-            too_long += 1
-    prompts = kept
-    if len(prompts) < cfg.rollout_batch_size:
-        raise InputError(f"{len(prompts)} usable prompts (after {too_long} too long for max_prompt_length="
+def encode_ppo_prompts(cfg: PPOConfig, tokenizer, prompts: list[PromptRecord]) -> tuple[list[PromptRecord], int]:
+    """The prompts that fit ``max_prompt_length``, rendered; and how many did not fit."""
+    kept, too_long = encode_prompts(tokenizer, prompts, template=cfg.data.template,
+                                    max_length=cfg.data.max_prompt_length)
+    if len(kept) < cfg.rollout_batch_size:
+        raise InputError(f"{len(kept)} usable prompts (after {too_long} too long for max_prompt_length="
                          f"{cfg.data.max_prompt_length}) is fewer than rollout_batch_size {cfg.rollout_batch_size}",
                          file=cfg.data.path)
-    ptx_examples: list[dict[str, list[int]]] = []
-    if ptx_records is not None:
-        ptx_examples, _ = encode_records(tokenizer, ptx_records, template=cfg.data.template,
-                                         max_length=cfg.data.ptx_max_length, where=cfg.data.ptx_path)
-        if not ptx_examples:
-            raise InputError("no ptx example fits ptx_max_length", file=cfg.data.ptx_path)
-    ptx = PtxTerm(CausalLMLoss(policy, cfg.train.loss_chunk_size), ptx_examples,
-                  make_collate(tokenizer.pad_token_id, packed=False), cfg.data.ptx_batch_size, cfg.ptx_coef,
-                  cfg.train.seed) if ptx_examples else None
-    stop_ids, stop_strings = stop_tokens(policy, tokenizer, None, cfg.data.template)
+    return kept, too_long
 
-    # 5. Optimizer over policy + value, schedule, KL controller, EMA; resume from the last checkpoint.
-    n_seq = cfg.rollout_batch_size * cfg.group_size
-    updates_per_step = _updates(cfg)
-    total_steps = cfg.train.max_steps
-    params = [p for p in trained.parameters() if p.requires_grad]
-    optimizer = engine.build_optimizer(params, cfg.optim)
-    scheduler = engine.build_scheduler(optimizer, cfg.optim, total_steps * updates_per_step)
-    kl_ctl = (rl.AdaptiveKLController(cfg.kl_coef, cfg.adaptive_kl.target, cfg.adaptive_kl.horizon)
-              if cfg.adaptive_kl.target is not None else rl.FixedKLController(cfg.kl_coef))
-    ema = ({n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
-           if cfg.ema_decay is not None else None)
-    metrics = engine.MetricsLog(run.metrics)
-    start_step = 0
-    resume_from = run.latest_checkpoint()
-    if resume_from is not None:
-        state = _load_checkpoint(resume_from, trained=trained, optimizer=optimizer, scheduler=scheduler, ema=ema)
-        start_step = state["step"]
-        kl_ctl.load_state_dict(state["kl_controller"])
-        metrics.truncate_after(start_step)
-        print(f"resuming from {resume_from} (step {start_step} of {total_steps})", flush=True)
-    plan = engine.StepPlan(len(prompts), cfg.rollout_batch_size, cfg.train.seed)
 
-    def checkpoint(step: int) -> None:
-        state = {"step": step, "total_steps": total_steps, "kl_controller": kl_ctl.state_dict()}
-        _save_checkpoint(run.checkpoints / f"step-{step:06d}", trained=trained, optimizer=optimizer,
-                         scheduler=scheduler, state=state, ema=ema)
-        engine.prune_checkpoints(run.checkpoints, cfg.train.keep_checkpoints)
+def build_ptx(cfg: PPOConfig, tokenizer, policy: nn.Module, records: list[Any] | None) -> PtxTerm | None:
+    """The ptx term over the encoded ptx records (assistant tokens train, as in SFT), if any."""
+    from instructkit.data.collate import lm_collate
+    from instructkit.data.encoders import encode_records
+    from instructkit.models.lm import CausalLMLoss
 
-    progress = None
-    if cfg.train.progress:
-        from tqdm.auto import tqdm
+    if records is None:
+        return None
+    examples, _ = encode_records(tokenizer, records, template=cfg.data.template, max_length=cfg.data.ptx_max_length,
+                                 where=cfg.data.ptx_path)
+    if not examples:
+        raise InputError("no ptx example fits ptx_max_length", file=cfg.data.ptx_path)
+    return PtxTerm(CausalLMLoss(policy, cfg.train.loss_chunk_size), examples, lm_collate(tokenizer.pad_token_id),
+                   cfg.data.ptx_batch_size, cfg.ptx_coef, cfg.train.seed)
 
-        progress = tqdm(total=total_steps, initial=start_step, desc="ppo", dynamic_ncols=True)
-    autocast = accelerator.autocast
-    chunk = cfg.train.loss_chunk_size
-    step = start_step
-    history: list[dict[str, Any]] = []
-    gen_seconds = train_seconds = 0.0
-    started = time.time()
-    stop = _StopAtStepEnd()
-    try:
-        while step < total_steps:
-            # 6a. Rollout: group_size responses per prompt, sampled with their log-probs.
-            t0 = time.perf_counter()
-            batch_prompts = [prompts[i] for i in plan.indices(step) for _ in range(cfg.group_size)]
-            with autocast():
-                rollout = sample(policy, [p.ids for p in batch_prompts], stop_ids=stop_ids,
-                                 pad_id=tokenizer.pad_token_id, max_new_tokens=cfg.max_new_tokens,
-                                 temperature=cfg.temperature, top_p=cfg.top_p,
-                                 batch_size=cfg.generation_batch_size, seed=_seed(cfg.train.seed, step))
-            texts = [decode_response(tokenizer, row[:int(n)].tolist(), stop_ids, stop_strings)
-                     for row, n in zip(rollout.responses, rollout.lengths)]
-            generate_s = time.perf_counter() - t0
 
-            # 6b. Score; responses cut at max_new_tokens may pay the missing-EOS penalty.
-            t1 = time.perf_counter()
-            raw_scores = torch.tensor(reward(batch_prompts, texts), dtype=torch.float32, device=device)
-            scores = raw_scores.clone()
-            if cfg.missing_eos_penalty is not None:
-                scores[~rollout.ended] -= cfg.missing_eos_penalty
+@dataclass
+class StepParts:
+    """Everything a PPO step reads or updates, built once."""
 
-            # 6c. Reference log-probs and old values, before any update.
-            mask = rollout.response_mask
-            policy.eval()
-            with autocast():
-                ref_logprobs = in_chunks(lambda b: reference.logprobs(b, cfg.temperature, chunk), rollout,
-                                         cfg.train.batch_size)
-                old_values = in_chunks(lambda b: response_values(value, b), rollout, cfg.train.batch_size) \
-                    if value is not None else None
+    cfg: PPOConfig
+    models: Models
+    trained: _Trained  # policy + value: the module whose trainable weights are checkpointed
+    reward: Callable[[Sequence[PromptRecord], Sequence[str]], list[float]]
+    tokenizer: Any
+    prompts: list[PromptRecord]
+    plan: engine.StepPlan  # over the prompts: which prompts each step samples from
+    stop_ids: list[int]
+    stop_strings: list[str]
+    ptx: PtxTerm | None
+    estimator: rl.AdvantageEstimator
+    kl_estimator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    kl_ctl: rl.FixedKLController  # or its subclass AdaptiveKLController
+    ema: EMA | None
+    autocast: Callable[[], Any]
 
-            # 6d. Rewards (score - beta * KL per token), advantages from the estimator, whitening.
-            kl = kl_estimator(rollout.logprobs, ref_logprobs) * mask  # (N, R)
-            rewards = rl.kl_penalized_rewards(scores, kl, mask, kl_ctl.value)
-            if cfg.whiten_rewards:
-                rewards = rl.masked_whiten(rewards, mask, shift_mean=False)
-            advantages, returns = estimator.estimate(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam,
-                                                     group_size=cfg.group_size)
-            if cfg.whiten_advantages:
-                advantages = rl.masked_whiten(advantages, mask)
+    @classmethod
+    def build(cls, cfg: PPOConfig, models: Models, reward, tokenizer, prompts: list[PromptRecord],
+              ptx: PtxTerm | None, estimator: rl.AdvantageEstimator, kl_estimator, *, autocast) -> StepParts:
+        from instructkit.generation import stop_tokens
 
-            # 6e. PPO epochs over shuffled mini-batches, one optimizer step each.
-            policy.train()
-            stats = _update(cfg, step, policy=policy, value=value, rollout=rollout, advantages=advantages,
-                            returns=returns, old_values=old_values, params=params, optimizer=optimizer,
-                            scheduler=scheduler, autocast=autocast, ptx=ptx)
-            train_s = time.perf_counter() - t1
-            gen_seconds += generate_s
-            train_seconds += train_s
+        trained = _Trained(models.policy, models.value)
+        params, optimizer, scheduler = engine.optimizer_and_schedule(trained, cfg.optim,
+                                                                     cfg.train.max_steps * _updates(cfg))
+        kl_ctl = (rl.AdaptiveKLController(cfg.kl_coef, cfg.adaptive_kl.target, cfg.adaptive_kl.horizon)
+                  if cfg.adaptive_kl.target is not None else rl.FixedKLController(cfg.kl_coef))
+        ema = EMA(models.policy, cfg.ema_decay) if cfg.ema_decay is not None else None
+        stop_ids, stop_strings = stop_tokens(models.policy, tokenizer, None, cfg.data.template)
+        return cls(cfg, models, trained, reward, tokenizer, prompts,
+                   engine.StepPlan(len(prompts), cfg.rollout_batch_size, cfg.train.seed), stop_ids, stop_strings,
+                   ptx, estimator, kl_estimator, params, optimizer, scheduler, kl_ctl, ema, autocast)
+
+    def extra_state(self) -> dict[str, engine.ExtraState]:
+        """What a resume restores besides weights, optimizer and schedule (engine.ExtraState)."""
+        extra: dict[str, engine.ExtraState] = {"kl_controller": engine.JSONState(self.kl_ctl)}
+        if self.ema is not None:
+            extra["ema"] = self.ema
+        return extra
+
+
+def run_steps(parts: StepParts, stage: setup.StageRun,
+              on_step: Callable[[int], None] | None) -> tuple[int, list[dict[str, Any]], dict[str, float]]:
+    """``train.max_steps`` PPO steps in the engine's loop, from the last checkpoint if there is one;
+    returns the steps done, the logged records and the generate / train / wall seconds."""
+    cfg = parts.cfg
+    checkpointer = engine.Checkpointer(stage.run, stage.accelerator, model=parts.trained, optimizer=parts.optimizer,
+                                       scheduler=parts.scheduler, keep=cfg.train.keep_checkpoints,
+                                       extra_state=parts.extra_state())
+    loop = engine.TrainingLoop(stage.run, stage.accelerator, cfg.train, checkpointer, total_steps=cfg.train.max_steps,
+                               desc="ppo", show={"reward_mean": ".3f", "kl": ".3f"}, on_step=on_step)
+    loop.resume()
+    step, started = loop.start_step, time.time()
+    seconds = {"generate": 0.0, "train": 0.0}
+    with loop:
+        while step < cfg.train.max_steps:
+            record = ppo_step(parts, step)
             step += 1
-
-            # 6f. Adapt the KL coefficient (Ziegler et al.), update the EMA, log, checkpoint.
-            seq_kl = float(kl.sum(1).mean())
-            record = {"step": step, "loss": stats.pop("loss"), "lr": stats.pop("lr"),
-                      "tokens_per_s": float(mask.sum()) / max(generate_s + train_s, 1e-9),
-                      "reward_mean": float(raw_scores.mean()), "reward_std": float(raw_scores.std(unbiased=False)),
-                      "kl": seq_kl, "kl_coef": kl_ctl.value,
-                      "entropy": float(rl.masked_mean(rollout.entropy, mask)),
-                      "response_length": float(rollout.lengths.mean()),
-                      "eos_fraction": float(rollout.ended.float().mean()),
-                      **stats, "generate_seconds": round(generate_s, 4), "train_seconds": round(train_s, 4)}
-            kl_ctl.update(seq_kl, n_seq)
-            if ema is not None:
-                with torch.no_grad():
-                    for n, p in policy.named_parameters():
-                        if n in ema:
-                            ema[n].lerp_(p.detach(), 1.0 - cfg.ema_decay)
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                metrics.write(record)
-            history.append(record)
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{seq_kl:.3f}")
-            if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == total_steps or stop.asked:
-                checkpoint(step)
-            if stop.asked:
-                raise KeyboardInterrupt(f"stopped after step {step}; the run resumes from its checkpoint")
-            if on_step is not None:
-                on_step(step)
-    finally:
-        stop.restore()
-        if progress is not None:
-            progress.close()
-
-    # 7. Save final/ (the EMA weights when enabled) and the summary.
-    if ema is not None:
-        with torch.no_grad():
-            for n, p in policy.named_parameters():
-                if n in ema:
-                    p.copy_(ema[n])
-    last = history[-1] if history else {}
-    summary = {
-        "stage": "ppo",
-        "model": cfg.model,
-        "advantage": cfg.advantage,
-        "method": cfg.peft.method,
-        "steps": step,
-        "reward_mean": last.get("reward_mean"),
-        "kl": last.get("kl"),
-        "kl_coef": kl_ctl.value,
-        "generate_seconds": round(gen_seconds, 2),
-        "train_seconds": round(train_seconds, 2),
-        "wall_seconds": round(time.time() - started, 2),
-        "prompts": len(prompts),
-        "dropped_too_long": too_long,
-        "ptx_examples": len(ptx_examples),
-        "ema": cfg.ema_decay is not None,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "final": str(run.final),
-    }
-    save_final(policy, tokenizer, run, base_spec=cfg.model, merged=cfg.save_merged and is_peft(policy))
-    engine.atomic_write_json(run.summary, summary)
-    return summary
+            seconds["generate"] += record["generate_seconds"]
+            seconds["train"] += record["train_seconds"]
+            loop.end_step(step, record, state={})
+    return step, loop.history, {**seconds, "wall": time.time() - started}
 
 
-def _update(cfg: PPOConfig, step: int, *, policy, value, rollout, advantages, returns, old_values, params,
-            optimizer, scheduler, autocast, ptx) -> dict[str, float]:
+# ----------------------------------------------------------------------------------------------
+# One PPO step
+
+
+def ppo_step(p: StepParts, step: int) -> dict[str, Any]:
+    """PPO step ``step`` (counted from 0): sample, score, advantages, PPO epochs, then the KL
+    coefficient and the EMA; returns the step's metrics line."""
+    from instructkit.models.passes import eval_mode
+    from instructkit.train.rollout import in_chunks, response_values
+
+    cfg, policy, value = p.cfg, p.models.policy, p.models.value
+    # a. Rollout: group_size responses per prompt, sampled with their log-probs.
+    t0 = time.perf_counter()
+    batch_prompts = [p.prompts[i] for i in p.plan.indices(step) for _ in range(cfg.group_size)]
+    rollout, texts = _rollout(p, batch_prompts, step)
+    generate_s = time.perf_counter() - t0
+
+    # b. Score; responses cut at max_new_tokens may pay the missing-EOS penalty.
+    t1 = time.perf_counter()
+    device = rollout.query_responses.device
+    raw_scores = torch.tensor(p.reward(batch_prompts, texts), dtype=torch.float32, device=device)
+    scores = raw_scores.clone()
+    if cfg.missing_eos_penalty is not None:
+        scores[~rollout.ended] -= cfg.missing_eos_penalty
+
+    # c. Reference log-probs and old values, before any update.
+    mask, chunk = rollout.response_mask, cfg.train.loss_chunk_size
+    with eval_mode(policy), p.autocast():
+        ref_logprobs = in_chunks(lambda b: p.models.reference.logprobs(b, cfg.temperature, chunk), rollout,
+                                 cfg.train.batch_size)
+        old_values = in_chunks(lambda b: response_values(value, b), rollout, cfg.train.batch_size) \
+            if value is not None else None
+
+    # d. Rewards (score - beta * KL per token), advantages from the estimator, whitening.
+    kl = p.kl_estimator(rollout.logprobs, ref_logprobs) * mask  # (N, R)
+    rewards = rl.kl_penalized_rewards(scores, kl, mask, p.kl_ctl.value)
+    if cfg.whiten_rewards:
+        rewards = rl.masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = p.estimator.estimate(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam,
+                                               group_size=cfg.group_size)
+    if cfg.whiten_advantages:
+        advantages = rl.masked_whiten(advantages, mask)
+
+    # e. PPO epochs over shuffled mini-batches, one optimizer step each.
+    policy.train()
+    stats = _update(p, step, rollout=rollout, advantages=advantages, returns=returns, old_values=old_values)
+    train_s = time.perf_counter() - t1
+
+    # f. The step's line; then adapt the KL coefficient (Ziegler et al.) and update the EMA.
+    seq_kl = float(kl.sum(1).mean())
+    record = {"step": step + 1, "loss": stats.pop("loss"), "lr": stats.pop("lr"),
+              "tokens_per_s": float(mask.sum()) / max(generate_s + train_s, 1e-9),
+              "reward_mean": float(raw_scores.mean()), "reward_std": float(raw_scores.std(unbiased=False)),
+              "kl": seq_kl, "kl_coef": p.kl_ctl.value, "entropy": float(rl.masked_mean(rollout.entropy, mask)),
+              "response_length": float(rollout.lengths.mean()), "eos_fraction": float(rollout.ended.float().mean()),
+              **stats, "generate_seconds": round(generate_s, 4), "train_seconds": round(train_s, 4)}
+    p.kl_ctl.update(seq_kl, len(rollout))
+    if p.ema is not None:
+        p.ema.update(policy)
+    return record
+
+
+def _rollout(p: StepParts, batch_prompts: list[PromptRecord], step: int):
+    """The sampled responses of one step (a Rollout) and their decoded texts."""
+    from instructkit.generation import decode_response
+    from instructkit.train.rollout import sample
+
+    cfg = p.cfg
+    with p.autocast():
+        rollout = sample(p.models.policy, [q.ids for q in batch_prompts], stop_ids=p.stop_ids,
+                         pad_id=p.tokenizer.pad_token_id, max_new_tokens=cfg.max_new_tokens,
+                         temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.generation_batch_size,
+                         seed=_seed(cfg.train.seed, step))
+    texts = [decode_response(p.tokenizer, row[:int(n)].tolist(), p.stop_ids, p.stop_strings)
+             for row, n in zip(rollout.responses, rollout.lengths)]
+    return rollout, texts
+
+
+def _update(p: StepParts, step: int, *, rollout, advantages, returns, old_values) -> dict[str, float]:
     """``ppo_epochs`` passes over the rollout in shuffled mini-batches of ``batch_size x grad_accum``
     sequences; each mini-batch's loss is its token mean (exact over its micro-batches), plus
     ``ptx_coef`` times the LM loss of one ptx batch. Returns the step's mean statistics."""
-    from instructkit.losses import rl
     from instructkit.train.rollout import response_logprobs, response_values
 
+    cfg, policy, value = p.cfg, p.models.policy, p.models.value
     n = len(rollout)
     mini = cfg.train.batch_size * cfg.train.grad_accum
     sums: dict[str, float] = {}
@@ -542,12 +519,12 @@ def _update(cfg: PPOConfig, step: int, *, policy, value, rollout, advantages, re
         for start in range(0, n, mini):
             idx = order[start:start + mini]
             denom = rollout.response_mask[idx].sum().clamp(min=1)
-            add("lr", scheduler.get_last_lr()[0])
+            add("lr", p.scheduler.get_last_lr()[0])
             for micro in idx.split(cfg.train.batch_size):
                 b = rollout.select(micro)
                 w, rows = b.width, micro.to(device)
                 share = float(b.response_mask.sum() / denom)
-                with autocast():
+                with p.autocast():
                     logprobs = response_logprobs(policy, b, cfg.temperature, cfg.train.loss_chunk_size)
                     pg_loss, clip_frac = rl.clipped_policy_loss(logprobs, b.logprobs, advantages[rows, :w],
                                                                 b.response_mask, cfg.clip_range, normalizer=denom)
@@ -566,46 +543,20 @@ def _update(cfg: PPOConfig, step: int, *, policy, value, rollout, advantages, re
                 approx_kl = 0.5 * rl.masked_sum((logprobs.detach() - b.logprobs) ** 2, b.response_mask) / denom
                 add("approx_kl", float(approx_kl))
                 add("loss", float(loss.detach()))
-            if ptx is not None:
-                with autocast():
-                    ptx_loss = ptx.backward(step * _updates(cfg) + updates, device)
+            if p.ptx is not None:
+                with p.autocast():
+                    ptx_loss = p.ptx.backward(step * _updates(cfg) + updates, device)
                 add("ptx_loss", ptx_loss)
                 add("loss", cfg.ptx_coef * ptx_loss)
-            if cfg.optim.max_grad_norm:
-                add("grad_norm", float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = engine.optimizer_step(p.optimizer, p.scheduler, p.params, cfg.optim.max_grad_norm)
+            if grad_norm is not None:
+                add("grad_norm", grad_norm)
             updates += 1
     return {k: v / updates for k, v in sums.items()}
 
 
 # ----------------------------------------------------------------------------------------------
 # Small helpers
-
-
-class _StopAtStepEnd:
-    """Ctrl-C or SIGTERM asks the loop to stop after the step in progress, once it is
-    checkpointed: a checkpoint taken mid-update would not resume onto the same curve. A second
-    signal stops at once (without a checkpoint)."""
-
-    def __init__(self) -> None:
-        self.asked = False
-        self.previous: dict[int, Any] = {}
-        names = ("SIGINT", "SIGTERM")
-        with contextlib.suppress(ValueError):  # not the main thread: leave the handlers alone
-            for sig in (getattr(signal, n) for n in names if hasattr(signal, n)):
-                self.previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.asked:
-            raise KeyboardInterrupt
-        self.asked = True
-        print("\nstopping after this step (again to stop now)", flush=True)
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 def _seed(seed: int, step: int) -> int:

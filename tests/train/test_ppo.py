@@ -262,10 +262,10 @@ def test_ptx_term_keeps_the_language_model_loss_down(sft_model, prompts, colors_
     the demonstrations (the other colours lose probability: the alignment tax); with ptx_coef = 1 the
     final policy's loss on them is lower than with ptx_coef = 0, same seed and rollouts' start."""
     from instructkit.data.collate import pad_batch
+    from instructkit.data.encoders import encode_records
     from instructkit.data.formats import load_records
     from instructkit.models.lm import CausalLMLoss
     from instructkit.models.loading import load_model
-    from instructkit.train.sft import encode_records
 
     over = dict(train={"max_steps": 8}, data={"ptx_path": str(colors_data), "ptx_batch_size": 16})
     ppo(config(sft_model, prompts, tmp_path / "ptx0", ptx_coef=0.0, **over))
@@ -304,7 +304,7 @@ def test_lora_reference_is_the_policy_with_the_adapter_off(sft_model, prompts, t
 
     tok = real_tokenizer()
     cfg = load_config(PPOConfig, None, base=config(sft_model, prompts, tmp_path / "x", advantage="grpo",
-                                                   peft={"method": "lora", "r": 4, "alpha": 8}))
+                                                   group_size=2, peft={"method": "lora", "r": 4, "alpha": 8}))
     models = build_models(cfg, tok, with_value=False, device="cpu")
     base = load_model(sft_model, device="cpu", dtype="fp32")
     _, base_total = count_parameters(base)
@@ -358,9 +358,10 @@ def test_reward_model_scores_and_starts_the_value_model(sft_model, prompts, tmp_
     scores the responses, re-tokenised with its own tokenizer; the value model starts as a copy
     of it (same head weights), separate from the scorer."""
     from instructkit.config import PPOConfig, load_config
+    from instructkit.data.prompts import PromptRecord
     from instructkit.models.loading import load_model, load_tokenizer
     from instructkit.models.reward_model import reward_model_from_causal_lm
-    from instructkit.train.ppo import ModelReward, PromptRecord, build_models
+    from instructkit.train.ppo import ModelReward, build_models
 
     rm_dir = tmp_path / "rm"
     rm_tok = load_tokenizer(sft_model)
