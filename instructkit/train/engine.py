@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -40,7 +40,9 @@ from instructkit.config import OptimConfig, TrainConfig
 from instructkit.errors import InputError
 from instructkit.fileio import atomic_dir, atomic_write_json, atomic_write_text
 from instructkit.models.passes import no_grad_batches
-from instructkit.runs import RunDir
+
+if TYPE_CHECKING:  # recipes take RunDir from instructkit.runs; the engine only receives one
+    from instructkit.runs import RunDir
 
 # ----------------------------------------------------------------------------------------------
 # Metrics
