@@ -330,6 +330,8 @@ class PPOConfig:
                 "PPO has no validation loss to evaluate or stop on")
         require(not self.train.dropout, "train.dropout",
                 "PPO runs with dropout off (log-probs must match between sampling and training)")
+        require(not self.peft.dropout, "peft.dropout",
+                "PPO runs with LoRA dropout off (log-probs must match between sampling and training)")
         require(self.train.epochs == 1.0, "train.epochs", "PPO runs train.max_steps steps; epochs over the "
                                                            "prompts do not apply")
         require(self.train.max_steps is not None, "train.max_steps", "set the number of PPO steps")

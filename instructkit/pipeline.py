@@ -102,10 +102,13 @@ def plan_stages(loaded: LoadedRecipe, root: Path) -> list[PlannedStage]:
 
 
 def check_data(plan: list[PlannedStage], loaded: LoadedRecipe) -> None:
-    """Read every data file of every stage as the stage will (nothing tokenized)."""
+    """Every stage names what it needs, and every data file of every stage reads as the stage will
+    read it (nothing tokenized)."""
     from instructkit.data.check import check_data_file
 
     for planned in plan:
+        for key, problem in planned.entry.missing(planned.config):
+            raise loaded.origin.error(problem, f"{planned.name}.{key}", section=True)
         for f in planned.entry.data_files(planned.config):
             dotted = f"{planned.name}.{f.key}"
             try:

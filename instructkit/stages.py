@@ -66,6 +66,7 @@ class Stage:
     output: Literal["policy", "reward_model", "evaluation"]  # what later stages of a recipe receive
     data_files: Callable[[Any], list[DataFile]]
     command: bool = True  # has an `instructkit NAME --config FILE` command
+    missing: Callable[[Any], list[tuple[str, str]]] = lambda cfg: []  # (dotted key, problem) left unset
 
     def load(self) -> Callable[..., Any]:
         module, name = self.function.split(":")
@@ -92,6 +93,12 @@ def _ppo_data(cfg: PPOConfig) -> list[DataFile]:
     if cfg.data.ptx_path:
         out.append(DataFile("data.ptx_path", cfg.data.ptx_path, "demonstrations", cfg.data.ptx_format))
     return out
+
+
+def _ppo_missing(cfg: PPOConfig) -> list[tuple[str, str]]:
+    if cfg.reward.model or cfg.reward.function:
+        return []
+    return [("reward", "no reward: add an rm stage before ppo, or set reward.model or reward.function")]
 
 
 def _eval_data(cfg: EvalStageConfig) -> list[DataFile]:
@@ -122,7 +129,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           "RL from a reward model or a reward function: PPO-ptx, GRPO, RLOO",
           "PPO with a per-token KL penalty against the SFT reference and the pretraining mix (PPO-ptx), or "
           "group-relative GRPO/RLOO, with rewards from a reward model or a Python function "
-          "(module:function). See docs/ppo.md.", "policy", _ppo_data),
+          "(module:function). See docs/ppo.md.", "policy", _ppo_data, missing=_ppo_missing),
     Stage("eval", EvalStageConfig, "instructkit.eval.stage:eval_stage",
           "evaluate every model of a recipe on held-out data",
           "The recipe's evaluation: the starting model and every trained stage on the same held-out data "

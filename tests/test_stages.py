@@ -172,3 +172,17 @@ def test_recipe_stage_sections_are_validated_even_when_not_run(tmp_path):
 
     with pytest.raises(InputError, match="did you mean 'grpo'"):
         load_recipe(path)
+
+
+def test_a_ppo_stage_without_a_reward_fails_before_sft_trains(tmp_path):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "hi"}] * 4)
+    recipe = _recipe(tmp_path)
+    import yaml
+
+    data = yaml.safe_load(recipe.read_text())
+    data["stages"] = ["sft", "ppo"]
+    data["ppo"] = {"data": {"path": str(prompts)}, "train": {"max_steps": 1}}
+    recipe.write_text(yaml.safe_dump(data))
+    out = cli("run", str(recipe), "--out", str(tmp_path / "run"))
+    assert out.returncode == 2 and "ppo.reward" in out.stderr and "rm stage" in out.stderr
+    assert not (tmp_path / "run").exists()

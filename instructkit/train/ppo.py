@@ -30,7 +30,7 @@ from torch import nn
 from instructkit.config import PPOConfig
 from instructkit.data.prompts import PromptRecord, encode_prompts, read_prompts
 from instructkit.data.schema import Message
-from instructkit.errors import InputError, did_you_mean
+from instructkit.errors import InputError
 from instructkit.losses import rl
 from instructkit.stages import resolve_stage_config
 from instructkit.train import engine, setup
@@ -240,11 +240,11 @@ def ppo(config: PPOConfig | str | Path | dict | None = None, overrides: list[str
     from instructkit.models.loading import load_tokenizer
     from instructkit.models.peft_methods import count_parameters, is_peft
 
-    # 1. Resolve the config; look up the estimator and KL estimator; check what PPO cannot use.
+    # 1. Resolve the config (PPOConfig checks the shapes and what PPO cannot use); look up the
+    #    estimator and KL estimator; the prompts and the reward must be given.
     cfg = resolve_stage_config(PPOConfig, "ppo", config, overrides)
-    estimator = _lookup(rl.ADVANTAGE_ESTIMATORS, cfg.advantage, "advantage")
-    kl_estimator = _lookup(rl.KL_ESTIMATORS, cfg.kl_estimator, "kl_estimator")
-    _check(cfg, estimator)
+    estimator, kl_estimator = rl.ADVANTAGE_ESTIMATORS[cfg.advantage], rl.KL_ESTIMATORS[cfg.kl_estimator]
+    _check_inputs(cfg)
 
     # 2. The run folder (a finished run with this config is returned as is). fp32 unless
     #    train.dtype asks otherwise, also on a GPU: a bf16-autocast run of the default model on an
@@ -569,38 +569,10 @@ def _updates(cfg: PPOConfig) -> int:
     return cfg.ppo_epochs * (cfg.rollout_batch_size * cfg.group_size) // (cfg.train.batch_size * cfg.train.grad_accum)
 
 
-def _lookup(registry: dict[str, Any], name: str, key: str) -> Any:
-    if name not in registry:
-        raise InputError(f"unknown {key} '{name}' (one of {', '.join(registry)}){did_you_mean(name, registry)}",
-                         field=key)
-    return registry[name]
-
-
-def _check(cfg: PPOConfig, estimator) -> None:
-    """What the config sections shared with SFT may set that PPO has no use for, and the shapes
-    that must fit together."""
+def _check_inputs(cfg: PPOConfig) -> None:
+    """The two things a PPO config must name (the rest PPOConfig checks when it loads)."""
     if not cfg.data.path:
         raise InputError("no prompts: set data.path", field="data.path")
     if not cfg.reward.model and not cfg.reward.function:
         raise InputError("no reward: set reward.model (a reward-model folder) or reward.function "
                          "(module:function)", field="reward")
-    if not cfg.train.max_steps:
-        raise InputError("set the number of PPO steps", field="train.max_steps")
-    if estimator.group_relative and cfg.group_size < 2:
-        raise InputError(f"{cfg.advantage} compares responses within a group: set group_size >= 2",
-                         field="group_size")
-    n_seq, mini = cfg.rollout_batch_size * cfg.group_size, cfg.train.batch_size * cfg.train.grad_accum
-    if n_seq % mini:
-        raise InputError(f"rollout_batch_size x group_size = {n_seq} responses do not split into mini-batches "
-                         f"of train.batch_size x train.grad_accum = {mini}", field="train.batch_size")
-    unused = {"train.eval_every": cfg.train.eval_every,
-              "train.early_stopping_patience": cfg.train.early_stopping_patience}
-    for key, value in unused.items():
-        if value:
-            raise InputError("PPO has no validation loss to evaluate or stop on", field=key)
-    if cfg.train.dropout:
-        raise InputError("PPO runs with dropout off (log-probs must match between sampling and training)",
-                         field="train.dropout")
-    if cfg.train.epochs != 1.0:
-        raise InputError("PPO runs train.max_steps steps; epochs over the prompts do not apply",
-                         field="train.epochs")
