@@ -28,9 +28,11 @@ import yaml
 from instructkit.config import to_dict
 from instructkit.errors import InputError
 
-RERUN_NEUTRAL = frozenset({"train.progress", "train.log_every", "train.save_every", "train.keep_checkpoints"})
-"""Dotted keys that may differ on a rerun: progress display, logging and checkpoint cadence
-(resume is exact whatever the cadence)."""
+RERUN_NEUTRAL = frozenset({"out", "train.progress", "train.log_every", "train.save_every",
+                           "train.keep_checkpoints"})
+"""Dotted keys that may differ on a rerun: the folder's own name (a run folder may be moved, or
+named relative or absolute), progress display, logging and checkpoint cadence (resume is exact
+whatever the cadence)."""
 
 
 @dataclasses.dataclass
@@ -100,23 +102,27 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_changes(saved: dict[str, Any], new: dict[str, Any],
-                   neutral: frozenset[str] = RERUN_NEUTRAL) -> list[tuple[str, Any, Any]]:
+UNSET = "(unset)"
+
+
+def config_changes(saved: dict[str, Any], new: dict[str, Any], neutral: frozenset[str] = RERUN_NEUTRAL,
+                   defaults: dict[str, Any] | None = None) -> list[tuple[str, Any, Any]]:
     """(dotted key, saved value, new value) for every key whose value differs, neutral keys
-    left out. Both sides are plain YAML data (see :func:`instructkit.config.to_dict`)."""
-    a, b = flatten(saved), flatten(new)
-    missing = object()
+    left out. Both sides are plain YAML data (see :func:`instructkit.config.to_dict`); a key the
+    saved config lacks counts as its value in ``defaults`` (a field added since it was saved)."""
+    a, b, d = flatten(saved), flatten(new), flatten(defaults or {})
     changes = []
     for key in sorted(set(a) | set(b)):
-        old, value = a.get(key, missing), b.get(key, missing)
+        old, value = a.get(key, d.get(key, UNSET)), b.get(key, d.get(key, UNSET))
         if key in neutral or old == value:
             continue
-        changes.append((key, None if old is missing else old, None if value is missing else value))
+        changes.append((key, old, value))
     return changes
 
 
-def describe_changes(changes: list[tuple[str, Any, Any]]) -> str:
-    return "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)
+def describe_changes(changes: list[tuple[str, Any, Any]], most: int = 8) -> str:
+    shown = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes[:most])
+    return shown + (f"; and {len(changes) - most} more" if len(changes) > most else "")
 
 
 def rerun_state(path: str | Path, cfg: Any, *, overwrite: bool = False, stage: str | None = None) -> RunState:
@@ -128,8 +134,7 @@ def rerun_state(path: str | Path, cfg: Any, *, overwrite: bool = False, stage: s
     if overwrite:
         return RunState.FRESH
     saved = _read_saved_config(run)
-    new = yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    changes = config_changes(saved, new)
+    changes = config_changes(saved, _plain(cfg), defaults=_defaults(cfg))
     if changes:
         how = ("rerun the recipe from this stage (instructkit run ... --from "
                f"{stage})" if stage else "")
@@ -139,6 +144,18 @@ def rerun_state(path: str | Path, cfg: Any, *, overwrite: bool = False, stage: s
             + (f"; or {how}" if how else ""),
             file=str(run.path))
     return RunState.FINISHED if run.is_finished() else RunState.RESUME
+
+
+def _plain(cfg: Any) -> dict[str, Any]:
+    """The config as it reads back from config.yaml (tuples as lists)."""
+    return yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _defaults(cfg: Any) -> dict[str, Any]:
+    try:
+        return _plain(type(cfg)())
+    except (TypeError, ValueError):
+        return {}
 
 
 def _read_saved_config(run: RunDir) -> dict[str, Any]:

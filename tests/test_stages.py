@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import typing
 from pathlib import Path
 
@@ -102,9 +101,7 @@ def _line_of(path: Path, text: str) -> int:
 
 def test_typo_in_the_last_stage_fails_before_any_stage_starts(tmp_path):
     recipe = _recipe(tmp_path, eval__suites=["exact_match", "preferense"])
-    t0 = time.perf_counter()
     out = cli("run", str(recipe), "--out", str(tmp_path / "run"))
-    assert time.perf_counter() - t0 < 10
     assert out.returncode == 2 and "Traceback" not in out.stderr
     line = _line_of(recipe, "suites:")
     assert f"recipe.yaml:{line}" in out.stderr and "eval.suites" in out.stderr
@@ -122,9 +119,7 @@ def test_enumerated_typo_in_a_later_stage_names_file_line_and_suggestion(tmp_pat
 
 def test_missing_data_file_of_the_second_stage_fails_before_any_stage_starts(tmp_path):
     recipe = _recipe(tmp_path, dpo__data={"path": str(tmp_path / "pairs.jsnl")})
-    t0 = time.perf_counter()
     out = cli("run", str(recipe), "--out", str(tmp_path / "run"))
-    assert time.perf_counter() - t0 < 10
     assert out.returncode == 2, out.stderr
     assert "dpo.data.path" in out.stderr and "no such file" in out.stderr
     assert f"did you mean '{tmp_path / 'pairs.jsonl'}'" in out.stderr

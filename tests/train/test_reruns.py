@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -71,9 +70,7 @@ def test_rerunning_a_finished_stage_with_the_same_config_changes_nothing(finishe
 def test_a_changed_config_on_rerun_exits_2_listing_the_keys_and_touches_nothing(finished, override, key):
     cfg, run = finished
     before = checksums(run)
-    t0 = time.perf_counter()
     out = cli("sft", "--config", str(cfg), override)
-    assert time.perf_counter() - t0 < 5 + 5  # interpreter start + imports on a busy 2-core machine
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert key in out.stderr and "--overwrite" in out.stderr and "out=" in out.stderr
     assert checksums(run) == before
