@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import statistics
 import os
 import platform
 import resource
@@ -265,3 +266,29 @@ def measure_callback(seen: dict[str, Any], probe: "MemoryProbe", clock: "StepClo
             probe.stop()
 
     return Measure()
+
+
+def timed_window(r: dict[str, Any]) -> dict[str, Any]:
+    """What both TRL comparisons report of one worker's run: the timed window is the end of step 1
+    to the end of the last step (the whole run if only one step), so start-up and the first
+    step's warm-up count for neither framework. ``r`` holds ``steps``, ``step_end_s``,
+    ``step_end_cpu_s``, ``step_tokens`` (real tokens) and ``step_loss``."""
+    first = 1 if r["steps"] > 1 else 0
+
+    def window(ends: list[float]) -> float:
+        return ends[-1] - (ends[first - 1] if first else 0.0)
+
+    ends = r["step_end_s"]
+    durations = [b - a for a, b in zip([0.0, *ends], ends)]
+    real = sum(r["step_tokens"][first:])
+    seconds = window(ends)
+    out = {"timed_steps": len(ends) - first, "timed_real_tokens": real, "timed_seconds": round(seconds, 3),
+           "tokens_per_s": round(real / seconds, 1), "timed_cpu_seconds": round(window(r["step_end_cpu_s"]), 3),
+           "first_step_s": round(ends[0], 3), "median_step_s": round(statistics.median(durations[first:]), 3),
+           "fastest_step_s": round(min(durations[first:]), 3),
+           # Both frameworks train the same batch at step k, so the best single step compares too.
+           "best_step_tokens_per_s": round(max(n / d for n, d in zip(r["step_tokens"][first:], durations[first:])), 1),
+           "final_loss": r["step_loss"][-1]}
+    if "engine_step_end_s" in r:
+        out["engine_clock_timed_seconds"] = round(window(r["engine_step_end_s"]), 3)
+    return out

@@ -83,7 +83,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import (MemoryProbe, StepClock, machine_info, markdown_table, measure_callback, run_worker, trainable_hash,
+from _common import (MemoryProbe, StepClock, machine_info, markdown_table, measure_callback, run_worker, timed_window,
+                     trainable_hash,
                      save_results, trl_fair_args, write_json_atomic)
 
 HERE = Path(__file__).resolve().parent
@@ -398,22 +399,8 @@ WORKERS = {"instructkit": worker_instructkit, "trl": worker_trl}
 
 
 def summarise(r: dict[str, Any]) -> dict[str, Any]:
-    """Timed window: end of step 1 to end of the last step (the whole run if only one step)."""
-    first = 1 if r["steps"] > 1 else 0
-
-    def window(ends: list[float]) -> float:
-        return ends[-1] - (ends[first - 1] if first else 0.0)
-
-    ends = r["step_end_s"]
-    durations = [b - a for a, b in zip([0.0, *ends], ends)]
-    tokens = sum(r["step_tokens"][first:])
-    seconds = window(ends)
-    return {"timed_steps": len(ends) - first, "timed_real_tokens": tokens, "timed_seconds": round(seconds, 3),
-            "tokens_per_s": round(tokens / seconds, 1), "timed_cpu_seconds": round(window(r["step_end_cpu_s"]), 3),
-            "first_step_s": round(ends[0], 3), "median_step_s": round(statistics.median(durations[first:]), 3),
-            # Both frameworks train the same batch at step k, so the best single step compares too.
-            "best_step_tokens_per_s": round(max(n / d for n, d in zip(r["step_tokens"][first:], durations[first:])), 1),
-            "final_loss": r["step_loss"][-1]}
+    """See :func:`_common.timed_window`."""
+    return timed_window(r)
 
 
 def agreement(a: list[float], b: list[float]) -> dict[str, Any]:

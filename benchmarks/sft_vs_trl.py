@@ -70,7 +70,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from _common import (MemoryProbe, StepClock, machine_info, markdown_table, measure_callback, run_worker, trainable_hash,
+from _common import (MemoryProbe, StepClock, machine_info, markdown_table, measure_callback, run_worker, timed_window,
+                     trainable_hash,
                      save_results, trl_fair_args, write_json_atomic)
 
 HERE = Path(__file__).resolve().parent
@@ -314,24 +315,8 @@ WORKERS = {"instructkit": worker_instructkit, "trl": worker_trl}
 
 
 def summarise(r: dict[str, Any]) -> dict[str, Any]:
-    """Timed window: end of step 1 to end of the last step (the whole run if only one step)."""
-    first = 1 if r["steps"] > 1 else 0
-
-    def window(ends: list[float]) -> float:
-        return ends[-1] - (ends[first - 1] if first else 0.0)
-
-    ends = r["step_end_s"]
-    durations = [b - a for a, b in zip([0.0, *ends], ends)]
-    real = sum(r["step_tokens"][first:])
-    seconds = window(ends)
-    out = {"timed_steps": len(ends) - first, "timed_real_tokens": real, "timed_seconds": round(seconds, 3),
-           "tokens_per_s": round(real / seconds, 1), "timed_cpu_seconds": round(window(r["step_end_cpu_s"]), 3),
-           "first_step_s": round(ends[0], 3), "median_step_s": round(statistics.median(durations[first:]), 3),
-           "fastest_step_s": round(min(durations[first:]), 3),
-           "final_loss": r["step_loss"][-1]}
-    if "engine_step_end_s" in r:
-        out["engine_clock_timed_seconds"] = round(window(r["engine_step_end_s"]), 3)
-    return out
+    """See :func:`_common.timed_window`."""
+    return timed_window(r)
 
 
 def checks(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
