@@ -1,11 +1,12 @@
 """Instruction data formats: detecting them, validating records and normalising them.
 
-Each format (alpaca, messages, sharegpt, preference, ranking, kto, text, classification) is one
-entry of :data:`FORMATS_BY_NAME`: a normaliser that turns a row into a record of
-:mod:`instructkit.data.schema`, the columns it reads by default, and the test that recognises
-it. Column names follow LLaMA-Factory's ``dataset_info.json`` (``prompt``, ``query``,
-``response``, ``messages``, ``kto_tag``, ...), so its ``columns`` and ``tags`` work unchanged;
-:func:`load_from_dataset_info` reads such a file directly.
+Each format (alpaca, messages, sharegpt, preference, ranking, kto, text, classification, and
+prompts) is one entry of :data:`FORMATS_BY_NAME`: a normaliser that turns a row into a record of
+:mod:`instructkit.data.schema` (prompts: a :class:`~instructkit.data.prompts.PromptRecord`), the
+columns it reads by default, and the test that recognises it. Column names follow
+LLaMA-Factory's ``dataset_info.json`` (``prompt``, ``query``, ``response``, ``messages``,
+``kto_tag``, ...), so its ``columns`` and ``tags`` work unchanged; :func:`load_from_dataset_info`
+reads such a file directly.
 
 Every problem is an :class:`~instructkit.errors.InputError` naming the file, line or record and
 the field path, e.g. ``chat.jsonl:4, field 'messages[3].role': unknown role 'bot' (expected one
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from instructkit.data.prompts import PromptRecord
 from instructkit.data.readers import Row, read_rows
 from instructkit.data.schema import (
     Classification,
@@ -455,6 +457,22 @@ def _text(f: _Fields) -> Text:
     return Text(_string(f.require("text"), f.column("text"), f))
 
 
+def _prompt_only(f: _Fields) -> PromptRecord:
+    """A prompt to sample a response to (PPO, ``label create``): ``prompt`` as a string (with
+    alpaca's system, history and input around it) or as a list of messages ending with a user
+    turn. Every column the prompt does not use is kept in ``data``: reward functions read it."""
+    path = f.column("prompt")
+    value = f.require("prompt")
+    if isinstance(value, str):
+        messages = _alpaca_prompt(f)
+    else:
+        messages = _with_system(_turns(_list(value, path, f), path, f), f)
+    _check_prompt(messages, path, f)
+    used = {f.column(key) for key in ("prompt", "query", "system", "history")}
+    text = next((m.content for m in reversed(messages) if m.role == "user"), messages[-1].content)
+    return PromptRecord(messages, text, {k: v for k, v in f.row.data.items() if k not in used})
+
+
 def _classification(f: _Fields) -> Classification:
     text = _string(f.require("text"), f.column("text"), f)
     label = f.require("label")
@@ -506,6 +524,15 @@ def _is_openai_messages(f: _Fields) -> bool:
 def _is_sharegpt(f: _Fields) -> bool:
     # tags are a ShareGPT notion in LLaMA-Factory: with them, the role key is theirs
     return (f.tags.role_tag if f.tags else "from") in _first_turn(f)
+
+
+# Columns that hold a response: a row with one of them is not a bare prompt, even when no
+# format that reads it matches (TRL's prompt + completion without a label, say).
+_RESPONSE_COLUMNS = ("output", "completion", "response", "chosen", "rejected", "responses")
+
+
+def _is_prompt_only(f: _Fields) -> bool:
+    return f.present("prompt") and not any(name in f.row.data for name in _RESPONSE_COLUMNS)
 
 
 _PROMPT_COLUMNS = {
@@ -591,6 +618,15 @@ FORMATS_BY_NAME: dict[str, Format] = {
             tier=3,
             signature="text, label",
         ),
+        Format(
+            "prompts",
+            _prompt_only,
+            {"prompt": ("prompt", "instruction"), "query": ("input",), "system": ("system",),
+             "history": ("history",)},
+            _is_prompt_only,
+            tier=4,  # last: a prompt column alone says least, so any other match wins
+            signature="prompt, no response",
+        ),
     )
 }
 
@@ -619,8 +655,8 @@ def detect_format(
     """The format of ``rows``, from the keys of the first record (after the ``columns`` mapping).
 
     More specific formats are tried first: preference, ranking and KTO; then alpaca, messages
-    and ShareGPT; then classification and plain text. Two matches in one tier, or none, is an
-    InputError that asks for an explicit ``--format``.
+    and ShareGPT; then classification and plain text; last, prompts without a response. Two
+    matches in one tier, or none, is an InputError that asks for an explicit ``--format``.
     """
     if not rows:
         raise InputError("no records")

@@ -3,8 +3,13 @@
 ``extract``: one-sentence orders to turn into ``name: ..; item: ..; count: ..; city: ..``
 (messages format, train/val/test), a skill the default model lacks zero-shot and that exact
 match scores. Made by ``scripts/make_extract_dataset.py``; see ``docs/dataset.md``.
-``extract_prefs`` and ``extract_prompts`` are derived from it by
-``scripts/make_extract_preferences.py`` (preference pairs; RL prompts with answers).
+``extract_prefs`` (preference format: the correct answer chosen, a plausible mistake rejected)
+and ``extract_prompts`` (prompts format: the prompt and its reference ``answer``, for RL with a
+reward function) are derived from it by ``scripts/make_extract_preferences.py``.
+
+Every split is named ``shipped:NAME/SPLIT`` wherever a data path is taken (configs,
+``instructkit data inspect``, ``label create --prompts``); :func:`resolve_data_path` turns the
+name into the file.
 """
 
 from __future__ import annotations

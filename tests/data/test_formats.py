@@ -16,6 +16,7 @@ from instructkit.data.formats import (
     load_from_dataset_info,
     load_records,
 )
+from instructkit.data.prompts import PromptRecord
 from instructkit.data.readers import Row
 from instructkit.data.schema import (
     Classification,
@@ -68,7 +69,9 @@ def error_of(tmp_path, rows, ext="jsonl", **kwargs) -> str:
 
 
 def test_registry_covers_every_schema_format():
-    assert tuple(FORMATS_BY_NAME) == schema.FORMATS
+    # prompts are read into data.prompts.PromptRecord, the one prompt type PPO and labelling
+    # use, not into a schema record
+    assert tuple(FORMATS_BY_NAME) == (*schema.FORMATS, "prompts")
 
 
 # --- every format, from every file type -----------------------------------------------------------
@@ -122,6 +125,12 @@ CASES = {
     "classification": (
         [{"text": "great film", "label": "positive"}, {"text": "dull", "label": 0}],
         [Classification("great film", "positive"), Classification("dull", "0")],
+    ),
+    "prompts": (  # RL prompts: the other fields are what a reward function is given
+        [{"prompt": "Capital of France?", "system": "", "answer": "Paris"},
+         {"prompt": "2+2?", "system": "Be brief.", "answer": "4"}],
+        [PromptRecord([m(U, "Capital of France?")], "Capital of France?", {"answer": "Paris"}),
+         PromptRecord([m(S, "Be brief."), m(U, "2+2?")], "2+2?", {"answer": "4"})],
     ),
 }  # fmt: skip
 
@@ -266,6 +275,8 @@ def test_kto_messages_layout_last_turn_is_the_completion(tmp_path):
         ({"text": "t"}, "text"),
         ({"text": "t", "url": "https://example.com"}, "text"),
         ({"text": "t", "label": 3}, "classification"),
+        ({"prompt": "p", "answer": "a"}, "prompts"),
+        ({"instruction": "i", "input": "x"}, "prompts"),
     ],
 )
 def test_detect_format_from_keys(row, expected):
@@ -276,6 +287,38 @@ def test_ambiguous_keys_ask_for_format():
     row = Row({"instruction": "i", "output": "o", "messages": [{"role": "user"}]}, "f.jsonl", line=1)
     with pytest.raises(InputError, match=r"f.jsonl:1: .*fit several formats \(alpaca, messages\).*--format"):
         detect_format([row])
+
+
+def test_a_prompt_with_a_response_column_is_not_a_bare_prompt():
+    """A prompt + completion row without a label is no format instructkit reads; reading it as
+    prompts would silently drop the completions."""
+    with pytest.raises(InputError, match="cannot tell the format"):
+        detect_format([Row({"prompt": "p", "completion": "c"}, "f.jsonl", line=1)])
+
+
+def test_prompts_keep_alpaca_parts_and_the_unused_columns(tmp_path):
+    rows = [{"instruction": "Add", "input": "2 and 3", "system": "Be brief.", "answer": "5", "id": 7}]
+    (record,) = load_rows(tmp_path, rows).records
+    assert record.messages == [m(S, "Be brief."), m(U, "Add\n\n2 and 3")]
+    assert record.text == "Add\n\n2 and 3" and record.data == {"answer": "5", "id": 7}
+
+
+def test_prompts_as_message_lists(tmp_path):
+    rows = [{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
+             "answer": "4"}]
+    assert load_rows(tmp_path, rows).records == [PromptRecord([m(S, "Be brief."), m(U, "2+2?")], "2+2?",
+                                                              {"answer": "4"})]
+
+
+def test_prompts_columns_mapping(tmp_path):
+    loaded = load_rows(tmp_path, [{"question": "Why?", "gold": "Because."}], columns={"prompt": "question"})
+    assert loaded.format == "prompts"
+    assert loaded.records == [PromptRecord([m(U, "Why?")], "Why?", {"gold": "Because."})]
+
+
+def test_prompt_must_end_with_a_user_turn(tmp_path):
+    rows = [{"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
+    assert "field 'prompt': the prompt must end with a user turn" in error_of(tmp_path, rows)
 
 
 def test_unknown_keys_list_the_formats():
