@@ -710,10 +710,15 @@ def _grad_and_extras(grad_norm: float | None, extras: dict[str, float], accelera
 
 
 def evaluate_loss(loss_module: nn.Module, examples: Sequence[Any], collate, batch_size: int, accelerator) -> float:
-    """Count-weighted mean loss over ``examples``, sharded across processes."""
+    """Count-weighted mean loss over ``examples``, sharded across processes.
+
+    The forward passes go through the unwrapped module: a DDP forward may broadcast buffers, a
+    collective, and processes hold different numbers of batches (one of two processes gets no
+    example of a single held-out record), so the wrapped module would wait forever."""
     rank, world = accelerator.process_index, accelerator.num_processes
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     mine = [examples[j] for j in range(rank, len(examples), world)]
+    loss_module = accelerator.unwrap_model(loss_module)
     for _, batch in no_grad_batches(loss_module, mine, collate, batch_size, device=accelerator.device):
         loss, count = loss_module(**batch)
         total += torch.stack([loss.double(), count.double()])

@@ -143,3 +143,24 @@ def test_two_processes_match_one(tiny, data, tmp_path):
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 6
     assert max(abs(x - y) for x, y in zip(one, two)) < 1e-4
+
+
+@pytest.mark.dist
+def test_two_processes_with_one_held_out_record_finish_with_the_same_val_loss(tiny, data, tmp_path):
+    """One validation record for two processes: one process has nothing to evaluate. The loop
+    must not wait on it (it hung in DDP's forward), and the loss is the one record's."""
+    one_record = write_jsonl(tmp_path / "val.jsonl", toy_conversations(1))
+    cfg_one = config(tiny, data, tmp_path / "one", batch_size=8, max_steps=2)
+    cfg_two = config(tiny, data, tmp_path / "two", batch_size=4, max_steps=2)
+    for cfg in (cfg_one, cfg_two):
+        cfg["data"]["val_path"] = str(one_record)
+    (tmp_path / "two.yaml").write_text(json.dumps(cfg_two))
+    single = sft(cfg_one)
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29518", "-m", "instructkit",
+                           "sft", "--config", str(tmp_path / "two.yaml")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert two["val_examples"] == 1 and two["val_loss"] == pytest.approx(single["val_loss"], rel=1e-4)
