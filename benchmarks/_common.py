@@ -201,8 +201,7 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     numeric = [all(isinstance(row[i], (int, float)) for row in rows) for i in range(len(headers))]
 
     def line(values: list[str]) -> str:
-        return "| " + " | ".join(v.rjust(w) if n else v.ljust(w)
-                                 for v, w, n in zip(values, widths, numeric)) + " |"
+        return "| " + " | ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric)) + " |"
 
     rule = "|" + "|".join(("-" * (w + 1) + ":") if n else ("-" * (w + 2)) for w, n in zip(widths, numeric)) + "|"
     return "\n".join([line(headers), rule, *(line(r) for r in cells)])
@@ -224,9 +223,21 @@ def trainable_hash(model) -> str:
     return h.hexdigest()[:16]
 
 
-def trl_fair_args(config_cls, *, out: str, steps: int, batch_size: int, lr: float, seed: int, max_length: int,
-                  betas: tuple[float, float], eps: float, weight_decay: float, max_grad_norm: float,
-                  **extra: Any):
+def trl_fair_args(
+    config_cls,
+    *,
+    out: str,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    max_length: int,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    max_grad_norm: float,
+    **extra: Any,
+):
     """A TRL config (SFTConfig, DPOConfig, ...) set up as instructkit trains: fp32 on CPU, no
     gradient checkpointing, torch AdamW (not fused), constant lr without warm-up, the batches in
     the order the caller's dataset already has, no eval, no saving, logging every step."""
@@ -237,15 +248,36 @@ def trl_fair_args(config_cls, *, out: str, steps: int, batch_size: int, lr: floa
     fields = {f.name for f in dataclasses.fields(config_cls)}
     no_checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     return config_cls(
-        output_dir=out, max_steps=steps, per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
-        learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0,
+        output_dir=out,
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
         optim="adamw_torch",  # transformers 5 defaults to the fused kernel; instructkit's is not
-        adam_beta1=betas[0], adam_beta2=betas[1], adam_epsilon=eps, weight_decay=weight_decay,
-        max_grad_norm=max_grad_norm, seed=seed, data_seed=seed, bf16=False, fp16=False, use_cpu=True,
-        **{no_checkpointing: False}, max_length=max_length, padding_free=False,
+        adam_beta1=betas[0],
+        adam_beta2=betas[1],
+        adam_epsilon=eps,
+        weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm,
+        seed=seed,
+        data_seed=seed,
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        **{no_checkpointing: False},
+        max_length=max_length,
+        padding_free=False,
         train_sampling_strategy="sequential",  # the order is instructkit's, set by the caller
-        dataloader_num_workers=0, eval_strategy="no", save_strategy="no", logging_steps=1, report_to="none",
-        disable_tqdm=True, **extra)
+        dataloader_num_workers=0,
+        eval_strategy="no",
+        save_strategy="no",
+        logging_steps=1,
+        report_to="none",
+        disable_tqdm=True,
+        **extra,
+    )
 
 
 def measure_callback(seen: dict[str, Any], probe: "MemoryProbe", clock: "StepClock"):
@@ -282,13 +314,19 @@ def timed_window(r: dict[str, Any]) -> dict[str, Any]:
     durations = [b - a for a, b in zip([0.0, *ends], ends)]
     real = sum(r["step_tokens"][first:])
     seconds = window(ends)
-    out = {"timed_steps": len(ends) - first, "timed_real_tokens": real, "timed_seconds": round(seconds, 3),
-           "tokens_per_s": round(real / seconds, 1), "timed_cpu_seconds": round(window(r["step_end_cpu_s"]), 3),
-           "first_step_s": round(ends[0], 3), "median_step_s": round(statistics.median(durations[first:]), 3),
-           "fastest_step_s": round(min(durations[first:]), 3),
-           # Both frameworks train the same batch at step k, so the best single step compares too.
-           "best_step_tokens_per_s": round(max(n / d for n, d in zip(r["step_tokens"][first:], durations[first:])), 1),
-           "final_loss": r["step_loss"][-1]}
+    out = {
+        "timed_steps": len(ends) - first,
+        "timed_real_tokens": real,
+        "timed_seconds": round(seconds, 3),
+        "tokens_per_s": round(real / seconds, 1),
+        "timed_cpu_seconds": round(window(r["step_end_cpu_s"]), 3),
+        "first_step_s": round(ends[0], 3),
+        "median_step_s": round(statistics.median(durations[first:]), 3),
+        "fastest_step_s": round(min(durations[first:]), 3),
+        # Both frameworks train the same batch at step k, so the best single step compares too.
+        "best_step_tokens_per_s": round(max(n / d for n, d in zip(r["step_tokens"][first:], durations[first:])), 1),
+        "final_loss": r["step_loss"][-1],
+    }
     if "engine_step_end_s" in r:
         out["engine_clock_timed_seconds"] = round(window(r["engine_step_end_s"]), 3)
     return out

@@ -83,9 +83,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import (MemoryProbe, StepClock, machine_info, markdown_table, measure_callback, run_worker, timed_window,
-                     trainable_hash,
-                     save_results, trl_fair_args, write_json_atomic)
+from _common import (
+    MemoryProbe,
+    StepClock,
+    machine_info,
+    markdown_table,
+    measure_callback,
+    run_worker,
+    timed_window,
+    trainable_hash,
+    save_results,
+    trl_fair_args,
+    write_json_atomic,
+)
 
 HERE = Path(__file__).resolve().parent
 FRAMEWORKS = ("instructkit", "trl")
@@ -114,9 +124,22 @@ class Settings:
     reference: str = "precompute"
 
     def argv(self) -> list[str]:
-        return ["--model", self.model, "--data", self.data, "--steps", str(self.steps), "--batch-size",
-                str(self.batch_size), "--max-length", str(self.max_length), "--seed", str(self.seed),
-                "--reference", self.reference]
+        return [
+            "--model",
+            self.model,
+            "--data",
+            self.data,
+            "--steps",
+            str(self.steps),
+            "--batch-size",
+            str(self.batch_size),
+            "--max-length",
+            str(self.max_length),
+            "--seed",
+            str(self.seed),
+            "--reference",
+            self.reference,
+        ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,6 +148,7 @@ class Settings:
 
 def pair_row(pair) -> dict[str, Any]:
     """A preference pair as an instructkit preference record (messages as plain dicts)."""
+
     def messages(ms):
         return [{"role": m.role, "content": m.content} for m in ms]
 
@@ -140,17 +164,30 @@ def select_pairs(s: Settings) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 
     tokenizer = load_tokenizer(s.model)
     pairs = as_pairs(load_records(s.data).records, s.data)
-    fits = [p for p in pairs if all(
-        encode_prompt_response(tokenizer, p.prompt, response, max_length=s.max_length,
-                               truncation=Truncation.WHOLE_TURNS) is not None
-        for response in (p.chosen, p.rejected))]
+    fits = [
+        p
+        for p in pairs
+        if all(
+            encode_prompt_response(
+                tokenizer, p.prompt, response, max_length=s.max_length, truncation=Truncation.WHOLE_TURNS
+            )
+            is not None
+            for response in (p.chosen, p.rejected)
+        )
+    ]
     needed = s.steps * s.batch_size
     used = fits[:needed]
     if len(used) < s.batch_size:
-        raise SystemExit(f"only {len(fits)} of {len(pairs)} pairs fit in {s.max_length} tokens; "
-                         f"raise --max-length or lower --batch-size")
-    info = {"pairs_in_data": len(pairs), "pairs_that_fit": len(fits), "pairs_used": len(used),
-            "epochs": round(needed / (len(used) // s.batch_size * s.batch_size), 3)}
+        raise SystemExit(
+            f"only {len(fits)} of {len(pairs)} pairs fit in {s.max_length} tokens; "
+            f"raise --max-length or lower --batch-size"
+        )
+    info = {
+        "pairs_in_data": len(pairs),
+        "pairs_that_fit": len(fits),
+        "pairs_used": len(used),
+        "epochs": round(needed / (len(used) // s.batch_size * s.batch_size), 3),
+    }
     return [pair_row(p) for p in used], info
 
 
@@ -236,11 +273,29 @@ def worker_instructkit(s: Settings, pairs_path: str) -> dict[str, Any]:
             "out": out,
             "data": {"path": pairs_path, "val_fraction": 0.0, "max_length": s.max_length},
             "peft": {"method": "lora", **LORA},
-            "optim": {"name": "adamw", "lr": LR, "betas": list(BETAS), "weight_decay": WEIGHT_DECAY,
-                      "scheduler": "constant", "warmup_steps": 0, "max_grad_norm": MAX_GRAD_NORM},
-            "train": {"batch_size": s.batch_size, "grad_accum": 1, "max_steps": s.steps, "seed": s.seed,
-                      "eval_every": 0, "save_every": 0, "log_every": 1, "dtype": "fp32", "device": "cpu",
-                      "gradient_checkpointing": False, "progress": False, "dropout": 0.0},
+            "optim": {
+                "name": "adamw",
+                "lr": LR,
+                "betas": list(BETAS),
+                "weight_decay": WEIGHT_DECAY,
+                "scheduler": "constant",
+                "warmup_steps": 0,
+                "max_grad_norm": MAX_GRAD_NORM,
+            },
+            "train": {
+                "batch_size": s.batch_size,
+                "grad_accum": 1,
+                "max_steps": s.steps,
+                "seed": s.seed,
+                "eval_every": 0,
+                "save_every": 0,
+                "log_every": 1,
+                "dtype": "fp32",
+                "device": "cpu",
+                "gradient_checkpointing": False,
+                "progress": False,
+                "dropout": 0.0,
+            },
             "loss": "sigmoid",
             "beta": BETA,
             "reference": s.reference,
@@ -296,11 +351,18 @@ def worker_trl(s: Settings, pairs_path: str) -> dict[str, Any]:
     pairs = load_records(pairs_path).records
     plan = StepPlan(len(pairs), s.batch_size, s.seed)
     order = [j for step in range(s.steps) for j in plan.indices(step)]
-    ours = [{side: encode_prompt_response(ours_tokenizer, p.prompt, getattr(p, side))
-             for side in ("chosen", "rejected")} for p in pairs]
-    text = [{"prompt": ours_tokenizer.decode(encode_prompt(ours_tokenizer, p.prompt)),
-             "chosen": response_text(p.chosen, f"pair {i} chosen"),
-             "rejected": response_text(p.rejected, f"pair {i} rejected")} for i, p in enumerate(pairs)]
+    ours = [
+        {side: encode_prompt_response(ours_tokenizer, p.prompt, getattr(p, side)) for side in ("chosen", "rejected")}
+        for p in pairs
+    ]
+    text = [
+        {
+            "prompt": ours_tokenizer.decode(encode_prompt(ours_tokenizer, p.prompt)),
+            "chosen": response_text(p.chosen, f"pair {i} chosen"),
+            "rejected": response_text(p.rejected, f"pair {i} rejected"),
+        }
+        for i, p in enumerate(pairs)
+    ]
     dataset = datasets.Dataset.from_list([text[j] for j in order])
 
     # 2. Model and trainer; TRL seeds, then wraps the model with peft (initial adapters checked by
@@ -319,21 +381,47 @@ def worker_trl(s: Settings, pairs_path: str) -> dict[str, Any]:
     DPOTrainer._precompute_ref_logps = timed_precompute
 
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as out:
-        args = trl_fair_args(DPOConfig, out=out, steps=s.steps, batch_size=s.batch_size, lr=LR, seed=s.seed,
-                             max_length=s.max_length, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
-                             max_grad_norm=MAX_GRAD_NORM, disable_dropout=True, loss_type=["sigmoid"], beta=BETA,
-                             precompute_ref_log_probs=s.reference == "precompute",
-                             # instructkit precomputes in training-size batches
-                             precompute_ref_batch_size=s.batch_size)
-        peft_config = peft.LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                                      target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
-        trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                             peft_config=peft_config, callbacks=[measure_callback(seen, probe, clock)])
+        args = trl_fair_args(
+            DPOConfig,
+            out=out,
+            steps=s.steps,
+            batch_size=s.batch_size,
+            lr=LR,
+            seed=s.seed,
+            max_length=s.max_length,
+            betas=BETAS,
+            eps=EPS,
+            weight_decay=WEIGHT_DECAY,
+            max_grad_norm=MAX_GRAD_NORM,
+            disable_dropout=True,
+            loss_type=["sigmoid"],
+            beta=BETA,
+            precompute_ref_log_probs=s.reference == "precompute",
+            # instructkit precomputes in training-size batches
+            precompute_ref_batch_size=s.batch_size,
+        )
+        peft_config = peft.LoraConfig(
+            r=LORA["r"],
+            lora_alpha=LORA["alpha"],
+            lora_dropout=LORA["dropout"],
+            target_modules=LORA["target_modules"],
+            task_type="CAUSAL_LM",
+        )
+        trainer = DPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[measure_callback(seen, probe, clock)],
+        )
         if args.gradient_checkpointing or args.bf16 or args.fp16:
             raise SystemExit(f"TRL {trl_version}: expected fp32 without gradient checkpointing")
         if (s.reference == "precompute") != bool(precompute) or trainer.ref_model is not None:
-            raise SystemExit(f"TRL {trl_version}: reference {s.reference} not set up as expected "
-                             f"(precomputed: {bool(precompute)}, separate ref model: {trainer.ref_model is not None})")
+            raise SystemExit(
+                f"TRL {trl_version}: reference {s.reference} not set up as expected "
+                f"(precomputed: {bool(precompute)}, separate ref model: {trainer.ref_model is not None})"
+            )
 
         # 3. The very same tokens, scored at the very same positions: TRL's prompt+response is
         #    instructkit's row without the newline after <|im_end|>, and TRL's completion is
@@ -349,9 +437,11 @@ def worker_trl(s: Settings, pairs_path: str) -> dict[str, Any]:
                 ids = row["prompt_ids"] + row[f"{side}_ids"]
                 enc = ours[j][side]
                 scored = [i for i, label in enumerate(enc.labels) if label != -100]
-                ok &= (enc.input_ids[:len(ids)] == ids
-                       and scored == list(range(len(row["prompt_ids"]), len(ids)))
-                       and len(ids) <= s.max_length)
+                ok &= (
+                    enc.input_ids[: len(ids)] == ids
+                    and scored == list(range(len(row["prompt_ids"]), len(ids)))
+                    and len(ids) <= s.max_length
+                )
             same += ok
         if same != len(order):
             raise SystemExit(f"only {same} of {len(order)} pairs have the same tokens and scored positions")
@@ -371,8 +461,9 @@ def worker_trl(s: Settings, pairs_path: str) -> dict[str, Any]:
     log = [entry for entry in trainer.state.log_history if "loss" in entry]
     counts = counts[: s.steps]  # a prefetch may run ahead
     if len(clock.step_end_s) != s.steps or len(log) != s.steps or len(counts) != s.steps:
-        raise SystemExit(f"expected {s.steps} steps, got {len(clock.step_end_s)} timed, {len(log)} logged, "
-                         f"{len(counts)} batches")
+        raise SystemExit(
+            f"expected {s.steps} steps, got {len(clock.step_end_s)} timed, {len(log)} logged, {len(counts)} batches"
+        )
     return {
         **_worker_common("trl", s),
         "steps": trainer.state.global_step,
@@ -409,8 +500,13 @@ def agreement(a: list[float], b: list[float]) -> dict[str, Any]:
     diffs = [abs(x - y) for x, y in zip(a, b)]
     rel = [d / max(abs(x), abs(y)) if max(abs(x), abs(y)) > 0 else 0.0 for d, x, y in zip(diffs, a, b)]
     scale = max(abs(x) for x in [*a, *b])
-    return {"max_abs_diff": max(diffs), "max_rel_diff": max(rel), "step_of_max_rel": rel.index(max(rel)) + 1,
-            "scale": scale, "max_diff_over_scale": max(diffs) / scale if scale > 0 else 0.0}
+    return {
+        "max_abs_diff": max(diffs),
+        "max_rel_diff": max(rel),
+        "step_of_max_rel": rel.index(max(rel)) + 1,
+        "scale": scale,
+        "max_diff_over_scale": max(diffs) / scale if scale > 0 else 0.0,
+    }
 
 
 def checks(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -427,16 +523,42 @@ def checks(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def report(results: dict[str, dict[str, Any]], machine: dict[str, Any], check: dict[str, Any],
-           data: dict[str, Any], s: Settings) -> str:
-    headers = ["framework", "reference", "steps", "real tokens", "train s", "tokens/s", "precompute s",
-               "peak RSS MiB", "above baseline MiB", "final loss"]
+def report(
+    results: dict[str, dict[str, Any]],
+    machine: dict[str, Any],
+    check: dict[str, Any],
+    data: dict[str, Any],
+    s: Settings,
+) -> str:
+    headers = [
+        "framework",
+        "reference",
+        "steps",
+        "real tokens",
+        "train s",
+        "tokens/s",
+        "precompute s",
+        "peak RSS MiB",
+        "above baseline MiB",
+        "final loss",
+    ]
     rows = []
     for name, r in results.items():
         m, mem, pre = r["summary"], r["memory"], r["precompute"]
-        rows.append([name, s.reference, r["steps"], m["timed_real_tokens"], round(m["timed_seconds"], 2),
-                     m["tokens_per_s"], round(pre["seconds"], 2) if pre else "-", round(mem["peak_rss_mib"]),
-                     round(mem["peak_above_baseline_mib"]), round(m["final_loss"], 5)])
+        rows.append(
+            [
+                name,
+                s.reference,
+                r["steps"],
+                m["timed_real_tokens"],
+                round(m["timed_seconds"], 2),
+                m["tokens_per_s"],
+                round(pre["seconds"], 2) if pre else "-",
+                round(mem["peak_rss_mib"]),
+                round(mem["peak_above_baseline_mib"]),
+                round(m["final_loss"], 5),
+            ]
+        )
     timed = next(iter(results.values()))["summary"]["timed_steps"]
     first = ", ".join(f"{n} {r['summary']['first_step_s']:.2f} s" for n, r in results.items())
     cpu = ", ".join(f"{n} {r['summary']['timed_cpu_seconds']:.2f} s" for n, r in results.items())
@@ -451,8 +573,11 @@ def report(results: dict[str, dict[str, Any]], machine: dict[str, Any], check: d
         f"{data['pairs_in_data']} fit {s.max_length} tokens whole), {s.batch_size} pairs a step, "
         f"{data['epochs']} epoch(s). Real tokens: prompt+chosen+rejected of the timed batches.",
         f"Timed: the last {timed} steps (step 1 is warm-up: {first}); reference log-probs "
-        + ("precomputed before training, timed apart (precompute s)." if s.reference == "precompute"
-           else "from the adapter-disabled model inside every step.")
+        + (
+            "precomputed before training, timed apart (precompute s)."
+            if s.reference == "precompute"
+            else "from the adapter-disabled model inside every step."
+        )
         + f" Process CPU time of the timed steps: {cpu}; best single timed step, tokens/s: {best}.",
         f"Same batches every step: {yes[check['same_batches']]}; same scored tokens: "
         f"{yes[check['same_scored_tokens']]}; same initial adapter: {yes[check['same_initial_adapter']]}; "
@@ -461,7 +586,8 @@ def report(results: dict[str, dict[str, Any]], machine: dict[str, Any], check: d
         f"{loss['max_rel_diff']:.2e} (step {loss['step_of_max_rel']}, abs {loss['max_abs_diff']:.2e}); "
         f"mean reward margin: max abs difference {margin['max_abs_diff']:.2e} ({margin['max_diff_over_scale']:.2e} "
         f"of the largest margin, {margin['scale']:.2e}); "
-        f"step-1 loss " + ", ".join(f"{k} {x:.6f}" for k, x in check["step1_loss"].items())
+        f"step-1 loss "
+        + ", ".join(f"{k} {x:.6f}" for k, x in check["step1_loss"].items())
         + f" (ln 2 = {math.log(2):.6f}).",
         f"Machine: {machine['cpu']}, {machine['usable_cpus']} usable of {machine['cpu_count']} CPUs, "
         f"load avg {machine['load_avg_1m']} before, torch threads {results['instructkit']['torch_threads']}; "
@@ -472,26 +598,44 @@ def report(results: dict[str, dict[str, Any]], machine: dict[str, Any], check: d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=Settings.model, help="model spec (default: %(default)s)")
     parser.add_argument("--data", default=Settings.data, help="preference pairs (default: LLaMA-Factory's dpo_en_demo)")
     parser.add_argument("--steps", type=int, default=Settings.steps, help="optimizer steps (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=Settings.batch_size, help="pairs a step (default: %(default)s)")
-    parser.add_argument("--max-length", type=int, default=Settings.max_length,
-                        help="pairs longer than this are left out, not cut (default: %(default)s)")
+    parser.add_argument(
+        "--batch-size", type=int, default=Settings.batch_size, help="pairs a step (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=Settings.max_length,
+        help="pairs longer than this are left out, not cut (default: %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=Settings.seed, help="default: %(default)s")
-    parser.add_argument("--reference", choices=("precompute", "adapter"), default=Settings.reference,
-                        help="reference log-probs: once before training, or every step from the "
-                             "adapter-disabled model (default: %(default)s)")
+    parser.add_argument(
+        "--reference",
+        choices=("precompute", "adapter"),
+        default=Settings.reference,
+        help="reference log-probs: once before training, or every step from the "
+        "adapter-disabled model (default: %(default)s)",
+    )
     parser.add_argument("--quick", action="store_true", help="a 3-step smoke run")
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default: benchmarks/results/)")
     parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     parser.add_argument("--pairs", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    settings = Settings(args.model, args.data, 3 if args.quick else args.steps, args.batch_size, args.max_length,
-                        args.seed, args.reference)
+    settings = Settings(
+        args.model,
+        args.data,
+        3 if args.quick else args.steps,
+        args.batch_size,
+        args.max_length,
+        args.seed,
+        args.reference,
+    )
     if settings.steps < 1 or settings.batch_size < 1:
         parser.error("--steps and --batch-size must be at least 1")
 
@@ -515,8 +659,11 @@ def main(argv: list[str] | None = None) -> int:
         if [pair_row(p) for p in load_records(str(pairs_path)).records] != rows:
             raise SystemExit(f"{pairs_path} does not read back as the pairs written")
         for name in FRAMEWORKS:
-            print(f"running {name} ({settings.steps} steps, reference {settings.reference}) ...",
-                  file=sys.stderr, flush=True)
+            print(
+                f"running {name} ({settings.steps} steps, reference {settings.reference}) ...",
+                file=sys.stderr,
+                flush=True,
+            )
             results[name] = run_worker(__file__, name, [*settings.argv(), "--pairs", str(pairs_path)])
             results[name]["summary"] = summarise(results[name])
     machine["load_avg_1m_after"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
@@ -525,8 +672,15 @@ def main(argv: list[str] | None = None) -> int:
 
     suffix = ("-adapter" if settings.reference == "adapter" else "") + ("-quick" if args.quick else "")
     out = args.out or HERE / "results" / f"dpo_vs_trl{suffix}.json"
-    save_results(out, "dpo_vs_trl", settings=dataclasses.asdict(settings), data=data, machine=machine,
-                 checks=check, results=results)
+    save_results(
+        out,
+        "dpo_vs_trl",
+        settings=dataclasses.asdict(settings),
+        data=data,
+        machine=machine,
+        checks=check,
+        results=results,
+    )
     return 0
 
 

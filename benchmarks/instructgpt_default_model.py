@@ -33,8 +33,14 @@ def no_comma_prompts(alpaca: Path, out: Path, n: int, seed: int = 0) -> tuple[Pa
     """Instructions without inputs, each asking for no commas; returns (train file, held-out rows)."""
     rows = [r for r in json.loads(alpaca.read_text()) if not r.get("input") and len(r["instruction"]) < 200]
     random.Random(seed).shuffle(rows)
-    rows = [{"prompt": r["instruction"].strip() + " Do not use any commas in your response.",
-             "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]} for r in rows[:n]]
+    rows = [
+        {
+            "prompt": r["instruction"].strip() + " Do not use any commas in your response.",
+            "instruction_id_list": ["punctuation:no_comma"],
+            "kwargs": [{}],
+        }
+        for r in rows[:n]
+    ]
     held = len(rows) // 5
     train = out / "no_comma_train.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in rows[held:]))
@@ -47,16 +53,26 @@ def pass_rate(model_spec: str, rows: list[dict], max_new_tokens: int, batch_size
     from instructkit.verifiers import aggregate, evaluate_response
 
     model, tokenizer = load_model_and_tokenizer(model_spec)
-    responses = generate(model, tokenizer, [[{"role": "user", "content": r["prompt"]}] for r in rows],
-                         max_new_tokens=max_new_tokens, batch_size=batch_size)
-    results = [evaluate_response(r["prompt"], resp, r["instruction_id_list"], r["kwargs"])
-               for r, resp in zip(rows, responses)]
+    responses = generate(
+        model,
+        tokenizer,
+        [[{"role": "user", "content": r["prompt"]}] for r in rows],
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+    )
+    results = [
+        evaluate_response(r["prompt"], resp, r["instruction_id_list"], r["kwargs"]) for r, resp in zip(rows, responses)
+    ]
     agg = aggregate(results)
-    return {"prompt_level_strict": agg["prompt_level_strict"], "prompt_level_loose": agg["prompt_level_loose"],
-            "instruction_level_strict": agg["instruction_level_strict"],
-            "instruction_level_loose": agg["instruction_level_loose"], "n": len(rows),
-            "mean_words": sum(len(r.split()) for r in responses) / max(len(responses), 1),
-            "examples": [{"prompt": r["prompt"], "response": resp} for r, resp in list(zip(rows, responses))[:3]]}
+    return {
+        "prompt_level_strict": agg["prompt_level_strict"],
+        "prompt_level_loose": agg["prompt_level_loose"],
+        "instruction_level_strict": agg["instruction_level_strict"],
+        "instruction_level_loose": agg["instruction_level_loose"],
+        "n": len(rows),
+        "mean_words": sum(len(r.split()) for r in responses) / max(len(responses), 1),
+        "examples": [{"prompt": r["prompt"], "response": resp} for r, resp in list(zip(rows, responses))[:3]],
+    }
 
 
 def main() -> None:
@@ -66,9 +82,12 @@ def main() -> None:
     p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     p.add_argument("--out", default="runs/instructgpt-default")
     p.add_argument("--small", action="store_true", help="CPU-sized runs")
-    p.add_argument("--ppo-cpu", action="store_true",
-                   help="ppo sized for a 2-core CPU: 16 prompts a step, 48 new tokens, 20 steps, lr 1e-4, "
-                        "still 400 train / 100 held-out prompts")
+    p.add_argument(
+        "--ppo-cpu",
+        action="store_true",
+        help="ppo sized for a 2-core CPU: 16 prompts a step, 48 new tokens, 20 steps, lr 1e-4, "
+        "still 400 train / 100 held-out prompts",
+    )
     p.add_argument("--ppo-steps", type=int, default=None)
     p.add_argument("--advantage", default="gae", help="gae (PPO with a value model), grpo or rloo")
     p.add_argument("--ppo-lr", type=float, default=None)
@@ -97,22 +116,49 @@ def main() -> None:
         from instructkit.train.reward import rm
 
         t = time.time()
-        s = rm({"model": args.model, "out": str(out / "rm"), "data": common_data,
-                "peft": {"method": "full"}, "optim": {"lr": 1e-5, "scheduler": "cosine", "warmup_ratio": 0.1},
-                "train": train})
-        results["rm"] = {k: s[k] for k in ("val_accuracy", "val_accuracy_before", "val_pairs", "train_loss",
-                                          "val_loss", "steps", "bias", "tokens_per_s")} | {"seconds": time.time() - t}
+        s = rm(
+            {
+                "model": args.model,
+                "out": str(out / "rm"),
+                "data": common_data,
+                "peft": {"method": "full"},
+                "optim": {"lr": 1e-5, "scheduler": "cosine", "warmup_ratio": 0.1},
+                "train": train,
+            }
+        )
+        results["rm"] = {
+            k: s[k]
+            for k in (
+                "val_accuracy",
+                "val_accuracy_before",
+                "val_pairs",
+                "train_loss",
+                "val_loss",
+                "steps",
+                "bias",
+                "tokens_per_s",
+            )
+        } | {"seconds": time.time() - t}
         save()
 
     if "dpo" in stages:
         from instructkit.train.dpo import dpo
 
         t = time.time()
-        s = dpo({"model": args.model, "out": str(out / "dpo"), "data": common_data,
-                 "peft": {"method": "lora", "r": 16, "alpha": 32}, "beta": 0.1,
-                 "optim": {"lr": 5e-5, "scheduler": "cosine", "warmup_ratio": 0.1}, "train": train})
-        results["dpo"] = {k: v for k, v in s.items() if k.startswith("val_") or k in ("train_loss", "steps",
-                                                                                      "tokens_per_s")}
+        s = dpo(
+            {
+                "model": args.model,
+                "out": str(out / "dpo"),
+                "data": common_data,
+                "peft": {"method": "lora", "r": 16, "alpha": 32},
+                "beta": 0.1,
+                "optim": {"lr": 5e-5, "scheduler": "cosine", "warmup_ratio": 0.1},
+                "train": train,
+            }
+        )
+        results["dpo"] = {
+            k: v for k, v in s.items() if k.startswith("val_") or k in ("train_loss", "steps", "tokens_per_s")
+        }
         results["dpo"]["seconds"] = time.time() - t
         save()
 
@@ -120,46 +166,82 @@ def main() -> None:
         from instructkit.train.ppo import ppo
 
         cpu = args.ppo_cpu  # 100 held-out prompts as on a GPU, CPU-sized rollouts
-        prompts, held = no_comma_prompts(data / "peers" / "llama-factory" / "alpaca_en_demo.json", out,
-                                         n=100 if small and not cpu else 500)
+        prompts, held = no_comma_prompts(
+            data / "peers" / "llama-factory" / "alpaca_en_demo.json", out, n=100 if small and not cpu else 500
+        )
         new_tokens = args.ppo_new_tokens or (48 if small or cpu else 128)
         eval_batch = 50 if cpu else 16 if small else 64
         rollout = 16 if cpu else 8 if small else 64
         results["ppo_before"] = pass_rate(args.model, held, new_tokens, eval_batch)
         save()
         t = time.time()
-        s = ppo({"model": args.model, "out": str(out / "ppo"), "data": {"path": str(prompts)},
-                 "reward": {"function": "instructkit.verifiers:ifeval_reward"},
-                 "peft": {"method": "lora", "r": 16, "alpha": 32}, "advantage": args.advantage,
-                 "group_size": 1 if args.advantage == "gae" else 4,
-                 "rollout_batch_size": rollout // (1 if args.advantage == "gae" else 4),
-                 "max_new_tokens": new_tokens, "temperature": 1.0,
-                 "ppo_epochs": 2, "kl_coef": 0.05, "missing_eos_penalty": None,
-                 "optim": {"lr": args.ppo_lr or (1e-4 if cpu else 5e-5), "scheduler": "constant"},
-                 "train": {"max_steps": args.ppo_steps or (20 if cpu else 8 if small else 40),
-                           "batch_size": 16 if cpu else 8 if small else 32, "progress": False, "dtype": args.dtype}})
-        results["ppo_settings"] = {"advantage": args.advantage, "steps": args.ppo_steps, "lr": args.ppo_lr,
-                                   "max_new_tokens": new_tokens, "dtype": args.dtype, "cpu_preset": cpu,
-                                   "prompts_per_step": rollout, "held_out": len(held)}
+        s = ppo(
+            {
+                "model": args.model,
+                "out": str(out / "ppo"),
+                "data": {"path": str(prompts)},
+                "reward": {"function": "instructkit.verifiers:ifeval_reward"},
+                "peft": {"method": "lora", "r": 16, "alpha": 32},
+                "advantage": args.advantage,
+                "group_size": 1 if args.advantage == "gae" else 4,
+                "rollout_batch_size": rollout // (1 if args.advantage == "gae" else 4),
+                "max_new_tokens": new_tokens,
+                "temperature": 1.0,
+                "ppo_epochs": 2,
+                "kl_coef": 0.05,
+                "missing_eos_penalty": None,
+                "optim": {"lr": args.ppo_lr or (1e-4 if cpu else 5e-5), "scheduler": "constant"},
+                "train": {
+                    "max_steps": args.ppo_steps or (20 if cpu else 8 if small else 40),
+                    "batch_size": 16 if cpu else 8 if small else 32,
+                    "progress": False,
+                    "dtype": args.dtype,
+                },
+            }
+        )
+        results["ppo_settings"] = {
+            "advantage": args.advantage,
+            "steps": args.ppo_steps,
+            "lr": args.ppo_lr,
+            "max_new_tokens": new_tokens,
+            "dtype": args.dtype,
+            "cpu_preset": cpu,
+            "prompts_per_step": rollout,
+            "held_out": len(held),
+        }
         results["ppo"] = {k: v for k, v in s.items() if isinstance(v, (int, float))} | {"seconds": time.time() - t}
         results["ppo_after"] = pass_rate(str(out / "ppo"), held, new_tokens, eval_batch)
         metrics = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
-        results["ppo_curve"] = [{k: m.get(k) for k in ("step", "reward_mean", "kl", "response_length")}
-                                for m in metrics]
+        results["ppo_curve"] = [
+            {k: m.get(k) for k in ("step", "reward_mean", "kl", "response_length")} for m in metrics
+        ]
         save()
 
     if "ifeval" in stages:
         from instructkit.verifiers import read_ifeval_jsonl
 
-        rows = [{"prompt": r.prompt, "instruction_id_list": r.instruction_id_list, "kwargs": r.kwargs}
-                for r in read_ifeval_jsonl(data / "ifeval" / "input_data.jsonl")][: args.ifeval_limit]
+        rows = [
+            {"prompt": r.prompt, "instruction_id_list": r.instruction_id_list, "kwargs": r.kwargs}
+            for r in read_ifeval_jsonl(data / "ifeval" / "input_data.jsonl")
+        ][: args.ifeval_limit]
         t = time.time()
         results["ifeval"] = pass_rate(args.model, rows, args.ifeval_max_new_tokens, 64) | {
-            "max_new_tokens": args.ifeval_max_new_tokens, "decoding": "greedy", "seconds": time.time() - t}
+            "max_new_tokens": args.ifeval_max_new_tokens,
+            "decoding": "greedy",
+            "seconds": time.time() - t,
+        }
         save()
 
-    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "examples"} if isinstance(v, dict) else v
-                      for k, v in results.items() if k != "ppo_curve"}, indent=1))
+    print(
+        json.dumps(
+            {
+                k: {kk: vv for kk, vv in v.items() if kk != "examples"} if isinstance(v, dict) else v
+                for k, v in results.items()
+                if k != "ppo_curve"
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

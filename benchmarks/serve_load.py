@@ -50,18 +50,60 @@ HERE = Path(__file__).resolve().parent
 PACKAGES = ("instructkit", "torch", "transformers", "fastapi", "uvicorn", "httpx")
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
-TOPICS = ["the moon", "coffee", "rivers", "bicycles", "volcanoes", "libraries", "honeybees", "winter",
-          "chess", "lighthouses", "bread", "octopuses", "trains", "deserts", "violins", "glaciers",
-          "tomatoes", "owls", "bridges", "thunderstorms", "paper", "whales", "gardens", "clocks",
-          "mountains", "salt", "kites", "coral reefs", "maps", "candles", "penguins", "windmills"]
-STYLES = ["Write one sentence about {}.", "Explain {} to a child in two sentences.",
-          "Give three facts about {}, as a short list.", "What is the most surprising thing about {}? Be brief."]
+TOPICS = [
+    "the moon",
+    "coffee",
+    "rivers",
+    "bicycles",
+    "volcanoes",
+    "libraries",
+    "honeybees",
+    "winter",
+    "chess",
+    "lighthouses",
+    "bread",
+    "octopuses",
+    "trains",
+    "deserts",
+    "violins",
+    "glaciers",
+    "tomatoes",
+    "owls",
+    "bridges",
+    "thunderstorms",
+    "paper",
+    "whales",
+    "gardens",
+    "clocks",
+    "mountains",
+    "salt",
+    "kites",
+    "coral reefs",
+    "maps",
+    "candles",
+    "penguins",
+    "windmills",
+]
+STYLES = [
+    "Write one sentence about {}.",
+    "Explain {} to a child in two sentences.",
+    "Give three facts about {}, as a short list.",
+    "What is the most surprising thing about {}? Be brief.",
+]
 
 
 def prompts(n: int) -> list[list[dict]]:
     """N different one-turn chats of varied length."""
-    return [[{"role": "user", "content": STYLES[i % len(STYLES)].format(TOPICS[i % len(TOPICS)])
-              + ("" if i < len(TOPICS) else f" (variant {i // len(TOPICS)})")}] for i in range(n)]
+    return [
+        [
+            {
+                "role": "user",
+                "content": STYLES[i % len(STYLES)].format(TOPICS[i % len(TOPICS)])
+                + ("" if i < len(TOPICS) else f" (variant {i // len(TOPICS)})"),
+            }
+        ]
+        for i in range(n)
+    ]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -115,10 +157,16 @@ def worker_hf(args: argparse.Namespace) -> dict[str, Any]:
     def run(messages, streamer=None) -> list[int]:
         ids = torch.tensor([encode_prompt(tokenizer, messages)])
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_tokens,
-                                 do_sample=False, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
-                                 streamer=streamer)
-        new = out[0, ids.shape[1]:].tolist()
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=args.max_tokens,
+                do_sample=False,
+                eos_token_id=stop_ids,
+                pad_token_id=tokenizer.pad_token_id,
+                streamer=streamer,
+            )
+        new = out[0, ids.shape[1] :].tolist()
         cut = next((k for k, t in enumerate(new) if t in stop_ids), len(new))
         return new[:cut]
 
@@ -128,8 +176,14 @@ def worker_hf(args: argparse.Namespace) -> dict[str, Any]:
     for messages in prompts(args.clients):
         streamer = FirstToken()
         tokens = run(messages, streamer)
-        requests.append({"ttft_s": streamer.first - t0, "done_s": time.perf_counter() - t0,
-                         "tokens": len(tokens), "text": tokenizer.decode(tokens, skip_special_tokens=True)})
+        requests.append(
+            {
+                "ttft_s": streamer.first - t0,
+                "done_s": time.perf_counter() - t0,
+                "tokens": len(tokens),
+                "text": tokenizer.decode(tokens, skip_special_tokens=True),
+            }
+        )
     return {"wall_s": time.perf_counter() - t0, "requests": requests, "torch_threads": torch.get_num_threads()}
 
 
@@ -159,8 +213,10 @@ def worker_serve(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
     thread.join()
     sizes = app.state.engine.step_sizes
-    write_json_atomic(str(args.result) + ".stats", {"step_sizes": {str(k): v for k, v in sorted(sizes.items())},
-                                                    "torch_threads": torch.get_num_threads()})
+    write_json_atomic(
+        str(args.result) + ".stats",
+        {"step_sizes": {str(k): v for k, v in sorted(sizes.items())}, "torch_threads": torch.get_num_threads()},
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,8 +224,13 @@ def worker_serve(args: argparse.Namespace) -> None:
 
 
 async def one_client(http, url: str, messages: list[dict], max_tokens: int, t0: float) -> dict[str, Any]:
-    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     result: dict[str, Any] = {"ttft_s": None, "done_s": None, "tokens": 0, "text": "", "error": None, "done": False}
     try:
         async with http.stream("POST", url, json=body) as r:
@@ -208,16 +269,17 @@ async def load(port: int, args: argparse.Namespace) -> dict[str, Any]:
     async with httpx.AsyncClient(timeout=httpx.Timeout(1800.0), limits=limits) as http:
         await one_client(http, url, prompts(1)[0], args.max_tokens, time.perf_counter())  # warm-up
         t0 = time.perf_counter()
-        requests = await asyncio.gather(*(one_client(http, url, m, args.max_tokens, t0)
-                                          for m in prompts(args.clients)))
+        requests = await asyncio.gather(*(one_client(http, url, m, args.max_tokens, t0) for m in prompts(args.clients)))
         return {"wall_s": time.perf_counter() - t0, "requests": list(requests)}
 
 
 def run_server_load(args: argparse.Namespace) -> dict[str, Any]:
     log_dir = HERE / "results" / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp, \
-            open(log_dir / "serve_load-serve.log", "w", encoding="utf-8") as log:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp,
+        open(log_dir / "serve_load-serve.log", "w", encoding="utf-8") as log,
+    ):
         port_file = Path(tmp) / "port.json"
         cmd = [sys.executable, __file__, "--worker", "serve", *settings_argv(args), "--result", str(port_file)]
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -244,12 +306,17 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
     ok = [r for r in requests if not r.get("error") and r.get("done", True)]
     ttft = [r["ttft_s"] for r in ok if r["ttft_s"] is not None]
     tokens = sum(r["tokens"] for r in ok)
-    return {"requests": len(requests), "errors": sum(bool(r.get("error")) for r in requests),
-            "lost": sum(not r.get("done", True) and not r.get("error") for r in requests),
-            "tokens": tokens, "wall_s": round(result["wall_s"], 2), "tokens_per_s": round(tokens / result["wall_s"], 2),
-            "ttft_p50_s": round(percentile(ttft, 50), 2) if ttft else None,
-            "ttft_p95_s": round(percentile(ttft, 95), 2) if ttft else None,
-            "mean_batch_rows": mean_batch(result.get("step_sizes"))}
+    return {
+        "requests": len(requests),
+        "errors": sum(bool(r.get("error")) for r in requests),
+        "lost": sum(not r.get("done", True) and not r.get("error") for r in requests),
+        "tokens": tokens,
+        "wall_s": round(result["wall_s"], 2),
+        "tokens_per_s": round(tokens / result["wall_s"], 2),
+        "ttft_p50_s": round(percentile(ttft, 50), 2) if ttft else None,
+        "ttft_p95_s": round(percentile(ttft, 95), 2) if ttft else None,
+        "mean_batch_rows": mean_batch(result.get("step_sizes")),
+    }
 
 
 def mean_batch(step_sizes: dict[str, int] | None) -> float | None:
@@ -262,39 +329,76 @@ def mean_batch(step_sizes: dict[str, int] | None) -> float | None:
 def report(results: dict[str, Any], machine: dict[str, Any], args: argparse.Namespace, same_text: int) -> str:
     s, h = results["serve"]["summary"], results["hf"]["summary"]
     headers = ["", "requests", "errors", "lost", "tokens", "wall s", "tokens/s", "TTFT p50 s", "TTFT p95 s"]
-    rows = [[f"instructkit serve (max_batch {args.max_batch}, streaming)", s["requests"], s["errors"], s["lost"],
-             s["tokens"], s["wall_s"], s["tokens_per_s"], s["ttft_p50_s"], s["ttft_p95_s"]],
-            ["HF generate, one request at a time", h["requests"], h["errors"], h["lost"], h["tokens"], h["wall_s"],
-             h["tokens_per_s"], h["ttft_p50_s"], h["ttft_p95_s"]]]
+    rows = [
+        [
+            f"instructkit serve (max_batch {args.max_batch}, streaming)",
+            s["requests"],
+            s["errors"],
+            s["lost"],
+            s["tokens"],
+            s["wall_s"],
+            s["tokens_per_s"],
+            s["ttft_p50_s"],
+            s["ttft_p95_s"],
+        ],
+        [
+            "HF generate, one request at a time",
+            h["requests"],
+            h["errors"],
+            h["lost"],
+            h["tokens"],
+            h["wall_s"],
+            h["tokens_per_s"],
+            h["ttft_p50_s"],
+            h["ttft_p95_s"],
+        ],
+    ]
     speedup = s["tokens_per_s"] / h["tokens_per_s"] if h["tokens_per_s"] else float("nan")
-    return "\n".join([
-        f"{args.clients} concurrent streaming clients, {args.max_tokens} new tokens each, greedy, model {args.model}",
-        "",
-        markdown_table(headers, rows),
-        "",
-        f"throughput x{speedup:.2f}; server decode steps ran {s['mean_batch_rows']} rows on average (the 1-row "
-        f"warm-up request included); "
-        f"same text as HF greedy: {same_text}/{args.clients}",
-        f"machine: {machine['cpu']}, {machine['usable_cpus']} usable CPUs, load average (1 min) "
-        f"{machine['load_avg_1m']} before, {machine.get('load_avg_1m_after')} after; torch threads "
-        f"{results['serve'].get('torch_threads')} (server), {results['hf'].get('torch_threads')} (HF)",
-    ])
+    return "\n".join(
+        [
+            f"{args.clients} concurrent streaming clients, {args.max_tokens} new tokens each, greedy, model {args.model}",
+            "",
+            markdown_table(headers, rows),
+            "",
+            f"throughput x{speedup:.2f}; server decode steps ran {s['mean_batch_rows']} rows on average (the 1-row "
+            f"warm-up request included); "
+            f"same text as HF greedy: {same_text}/{args.clients}",
+            f"machine: {machine['cpu']}, {machine['usable_cpus']} usable CPUs, load average (1 min) "
+            f"{machine['load_avg_1m']} before, {machine.get('load_avg_1m_after')} after; torch threads "
+            f"{results['serve'].get('torch_threads')} (server), {results['hf'].get('torch_threads')} (HF)",
+        ]
+    )
 
 
 def settings_argv(args: argparse.Namespace) -> list[str]:
-    return ["--model", args.model, "--clients", str(args.clients), "--max-tokens", str(args.max_tokens),
-            "--max-batch", str(args.max_batch), "--threads", str(args.threads)]
+    return [
+        "--model",
+        args.model,
+        "--clients",
+        str(args.clients),
+        "--max-tokens",
+        str(args.max_tokens),
+        "--max-batch",
+        str(args.max_batch),
+        "--threads",
+        str(args.threads),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model spec (default: %(default)s)")
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients (default: %(default)s)")
     parser.add_argument("--max-tokens", type=int, default=32, help="new tokens per request (default: %(default)s)")
     parser.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads in both workers (default 0: torch's default, one per core)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads in both workers (default 0: torch's default, one per core)",
+    )
     parser.add_argument("--quick", action="store_true", help="8 clients x 8 tokens (smoke run)")
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default: benchmarks/results/)")
     parser.add_argument("--worker", choices=("hf", "serve"), help=argparse.SUPPRESS)

@@ -70,9 +70,19 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from _common import (MemoryProbe, StepClock, machine_info, markdown_table, measure_callback, run_worker, timed_window,
-                     trainable_hash,
-                     save_results, trl_fair_args, write_json_atomic)
+from _common import (
+    MemoryProbe,
+    StepClock,
+    machine_info,
+    markdown_table,
+    measure_callback,
+    run_worker,
+    timed_window,
+    trainable_hash,
+    save_results,
+    trl_fair_args,
+    write_json_atomic,
+)
 
 HERE = Path(__file__).resolve().parent
 FRAMEWORKS = ("instructkit", "trl")
@@ -95,8 +105,18 @@ class Settings:
     seed: int = 0
 
     def argv(self) -> list[str]:
-        return ["--model", self.model, "--steps", str(self.steps), "--batch-size", str(self.batch_size),
-                "--max-length", str(self.max_length), "--seed", str(self.seed)]
+        return [
+            "--model",
+            self.model,
+            "--steps",
+            str(self.steps),
+            "--batch-size",
+            str(self.batch_size),
+            "--max-length",
+            str(self.max_length),
+            "--seed",
+            str(self.seed),
+        ]
 
 
 def data_path() -> Path:
@@ -171,15 +191,36 @@ def worker_instructkit(s: Settings) -> dict[str, Any]:
         config = {
             "model": s.model,
             "out": out,
-            "data": {"path": str(data_path()), "val_fraction": 0.0, "max_length": s.max_length,
-                     "packing": False},
-            "peft": {"method": "lora", "r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout,
-                     "target_modules": lora.target_modules},
-            "optim": {"name": "adamw", "lr": LR, "betas": list(BETAS), "weight_decay": WEIGHT_DECAY,
-                      "scheduler": "constant", "warmup_steps": 0, "max_grad_norm": MAX_GRAD_NORM},
-            "train": {"batch_size": s.batch_size, "grad_accum": 1, "max_steps": s.steps, "seed": s.seed,
-                      "eval_every": 0, "save_every": 0, "log_every": 1, "dtype": "fp32", "device": "cpu",
-                      "gradient_checkpointing": False, "progress": False},
+            "data": {"path": str(data_path()), "val_fraction": 0.0, "max_length": s.max_length, "packing": False},
+            "peft": {
+                "method": "lora",
+                "r": lora.r,
+                "alpha": lora.alpha,
+                "dropout": lora.dropout,
+                "target_modules": lora.target_modules,
+            },
+            "optim": {
+                "name": "adamw",
+                "lr": LR,
+                "betas": list(BETAS),
+                "weight_decay": WEIGHT_DECAY,
+                "scheduler": "constant",
+                "warmup_steps": 0,
+                "max_grad_norm": MAX_GRAD_NORM,
+            },
+            "train": {
+                "batch_size": s.batch_size,
+                "grad_accum": 1,
+                "max_steps": s.steps,
+                "seed": s.seed,
+                "eval_every": 0,
+                "save_every": 0,
+                "log_every": 1,
+                "dtype": "fp32",
+                "device": "cpu",
+                "gradient_checkpointing": False,
+                "progress": False,
+            },
         }
         summary = sft(config, on_step=lambda step: clock.stamp())
     fit = seen["fit"]
@@ -210,8 +251,10 @@ def to_prompt_completion(conversation) -> dict[str, list[dict[str, str]]]:
     messages = [{"role": m.role, "content": m.content} for m in conversation.messages]
     roles = [m["role"] for m in messages]
     if roles[-1] != "assistant" or roles.count("assistant") != 1:
-        raise SystemExit(f"expected one assistant turn at the end, got roles {roles}: prompt-completion "
-                         "form would not train the same tokens as instructkit")
+        raise SystemExit(
+            f"expected one assistant turn at the end, got roles {roles}: prompt-completion "
+            "form would not train the same tokens as instructkit"
+        )
     return {"prompt": messages[:-1], "completion": messages[-1:]}
 
 
@@ -233,8 +276,7 @@ def worker_trl(s: Settings) -> dict[str, Any]:
     records = load_records(str(data_path())).records
     kept, ours = [], []
     for i, record in enumerate(records):
-        encoded, _ = encode_records(tokenizer, [record], template=None, max_length=s.max_length,
-                                    where=str(data_path()))
+        encoded, _ = encode_records(tokenizer, [record], template=None, max_length=s.max_length, where=str(data_path()))
         if encoded:
             kept.append(i)
             ours.append(encoded[0])
@@ -250,13 +292,36 @@ def worker_trl(s: Settings) -> dict[str, Any]:
     seen: dict[str, Any] = {}
 
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as out:
-        args = trl_fair_args(SFTConfig, out=out, steps=s.steps, batch_size=s.batch_size, lr=LR, seed=s.seed,
-                             max_length=s.max_length, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
-                             max_grad_norm=MAX_GRAD_NORM, packing=False, shuffle_dataset=False)
-        peft_config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                      target_modules=lora.target_modules, task_type="CAUSAL_LM")
-        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                             peft_config=peft_config, callbacks=[measure_callback(seen, probe, clock)])
+        args = trl_fair_args(
+            SFTConfig,
+            out=out,
+            steps=s.steps,
+            batch_size=s.batch_size,
+            lr=LR,
+            seed=s.seed,
+            max_length=s.max_length,
+            betas=BETAS,
+            eps=EPS,
+            weight_decay=WEIGHT_DECAY,
+            max_grad_norm=MAX_GRAD_NORM,
+            packing=False,
+            shuffle_dataset=False,
+        )
+        peft_config = peft.LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[measure_callback(seen, probe, clock)],
+        )
         if args.gradient_checkpointing or args.bf16 or args.fp16:
             raise SystemExit(f"TRL {trl_version}: expected fp32 without gradient checkpointing")
         if not trainer.completion_only_loss:
@@ -269,9 +334,14 @@ def worker_trl(s: Settings) -> dict[str, Any]:
         same_ids = sum(theirs[n]["input_ids"] == ours[j]["input_ids"] for n, j in enumerate(order))
         if same_ids != len(order):
             raise SystemExit(f"only {same_ids} of {len(order)} examples tokenise to the same input_ids")
-        extra = sorted({tokenizer.decode([t]) for n, j in enumerate(order)
-                        for t, a, b in zip(theirs[n]["input_ids"], theirs[n]["labels"], ours[j]["labels"])
-                        if (a != -100) != (b != -100)})
+        extra = sorted(
+            {
+                tokenizer.decode([t])
+                for n, j in enumerate(order)
+                for t, a, b in zip(theirs[n]["input_ids"], theirs[n]["labels"], ours[j]["labels"])
+                if (a != -100) != (b != -100)
+            }
+        )
 
         # 4. Count the real tokens of every batch TRL trains.
         step_tokens: list[int] = []
@@ -332,13 +402,31 @@ def checks(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def report(results: dict[str, dict[str, Any]], machine: dict[str, Any], check: dict[str, Any]) -> str:
-    headers = ["framework", "steps", "real tokens", "train s", "tokens/s", "peak RSS MiB",
-               "above baseline MiB", "final loss"]
+    headers = [
+        "framework",
+        "steps",
+        "real tokens",
+        "train s",
+        "tokens/s",
+        "peak RSS MiB",
+        "above baseline MiB",
+        "final loss",
+    ]
     rows = []
     for name, r in results.items():
         m, mem = r["summary"], r["memory"]
-        rows.append([name, r["steps"], m["timed_real_tokens"], round(m["timed_seconds"], 2), m["tokens_per_s"],
-                     round(mem["peak_rss_mib"]), round(mem["peak_above_baseline_mib"]), round(m["final_loss"], 4)])
+        rows.append(
+            [
+                name,
+                r["steps"],
+                m["timed_real_tokens"],
+                round(m["timed_seconds"], 2),
+                m["tokens_per_s"],
+                round(mem["peak_rss_mib"]),
+                round(mem["peak_above_baseline_mib"]),
+                round(m["final_loss"], 4),
+            ]
+        )
     timed = next(iter(results.values()))["summary"]["timed_steps"]
     first = ", ".join(f"{n} {r['summary']['first_step_s']:.2f} s" for n, r in results.items())
     cpu = ", ".join(f"{n} {r['summary']['timed_cpu_seconds']:.2f} s" for n, r in results.items())
@@ -364,8 +452,9 @@ def report(results: dict[str, dict[str, Any]], machine: dict[str, Any], check: d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=Settings.model, help="model spec (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=Settings.steps, help="optimizer steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=Settings.batch_size, help="default: %(default)s")
@@ -400,8 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     print(report(results, machine, check))
 
     out = args.out or HERE / "results" / ("sft_vs_trl-quick.json" if args.quick else "sft_vs_trl.json")
-    save_results(out, "sft_vs_trl", settings=dataclasses.asdict(settings), machine=machine, checks=check,
-                 results=results)
+    save_results(
+        out, "sft_vs_trl", settings=dataclasses.asdict(settings), machine=machine, checks=check, results=results
+    )
     return 0
 
 

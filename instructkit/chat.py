@@ -12,19 +12,44 @@ def _messages(system: str | None, turns: list[Message]) -> list[Message]:
     return ([Message("system", system)] if system else []) + turns
 
 
-def generate_text(model: str, prompt: str, *, system: str | None = None, max_new_tokens: int = 256,
-                  temperature: float = 0.7, top_p: float = 0.95, seed: int = 0, loaded: Any = None) -> str:
+def generate_text(
+    model: str,
+    prompt: str,
+    *,
+    system: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.7,
+    top_p: float = 0.95,
+    seed: int = 0,
+    loaded: Any = None,
+) -> str:
     """One response to one user message."""
     from instructkit.generation import generate
     from instructkit.models.loading import load_model_and_tokenizer
 
     model_obj, tokenizer = loaded or load_model_and_tokenizer(model)
-    return generate(model_obj, tokenizer, [_messages(system, [Message("user", prompt)])],
-                    max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)[0]
+    return generate(
+        model_obj,
+        tokenizer,
+        [_messages(system, [Message("user", prompt)])],
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+    )[0]
 
 
-def chat(model: str, *, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.7,
-         top_p: float = 0.95, seed: int = 0, input_fn=input, print_fn=print) -> list[Message]:
+def chat(
+    model: str,
+    *,
+    system: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.7,
+    top_p: float = 0.95,
+    seed: int = 0,
+    input_fn=input,
+    print_fn=print,
+) -> list[Message]:
     """A terminal chat that keeps the conversation; /reset clears it, /exit or EOF ends it."""
     from instructkit.generation import generate
     from instructkit.models.loading import load_model_and_tokenizer
@@ -45,8 +70,15 @@ def chat(model: str, *, system: str | None = None, max_new_tokens: int = 256, te
         if not text:
             continue
         turns.append(Message("user", text))
-        reply = generate(model_obj, tokenizer, [_messages(system, turns)], max_new_tokens=max_new_tokens,
-                         temperature=temperature, top_p=top_p, seed=seed + len(turns))[0]
+        reply = generate(
+            model_obj,
+            tokenizer,
+            [_messages(system, turns)],
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed + len(turns),
+        )[0]
         turns.append(Message("assistant", reply))
         print_fn(f"assistant> {reply}")
     return turns

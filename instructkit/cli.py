@@ -70,9 +70,18 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     from instructkit.inspect import inspect_data, parse_columns
 
     columns = parse_columns(args.columns) if args.columns is not None else None
-    print(inspect_data(args.file, format=args.format, columns=columns, dataset_info=args.dataset_info,
-                       model=args.model, template=args.template, max_length=args.max_length,
-                       color=not args.no_color and sys.stdout.isatty()))
+    print(
+        inspect_data(
+            args.file,
+            format=args.format,
+            columns=columns,
+            dataset_info=args.dataset_info,
+            model=args.model,
+            template=args.template,
+            max_length=args.max_length,
+            color=not args.no_color and sys.stdout.isatty(),
+        )
+    )
     return 0
 
 
@@ -109,12 +118,24 @@ examples:
 def cmd_eval(args: argparse.Namespace) -> int:
     from instructkit.eval.run import evaluate
 
-    result = evaluate(model=args.model, suites=args.suite.split(","), data=args.data, out=args.out,
-                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, k_shot=args.k_shot,
-                      limit=args.limit, shots_data=args.shots_from, responses=args.responses,
-                      reward_model=args.reward_model, baseline=args.baseline,
-                      baseline_responses=args.baseline_responses, seed=args.seed, temperature=args.temperature,
-                      tie_margin=args.tie_margin)
+    result = evaluate(
+        model=args.model,
+        suites=args.suite.split(","),
+        data=args.data,
+        out=args.out,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        k_shot=args.k_shot,
+        limit=args.limit,
+        shots_data=args.shots_from,
+        responses=args.responses,
+        reward_model=args.reward_model,
+        baseline=args.baseline,
+        baseline_responses=args.baseline_responses,
+        seed=args.seed,
+        temperature=args.temperature,
+        tie_margin=args.tie_margin,
+    )
     print(json.dumps({k: v for k, v in result["metrics"].items() if k not in ("per_type", "per_label")}, indent=2))
     return 0
 
@@ -122,16 +143,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from instructkit.chat import generate_text
 
-    print(generate_text(args.model, args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, top_p=args.top_p, seed=args.seed))
+    print(
+        generate_text(
+            args.model,
+            args.prompt,
+            system=args.system,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+    )
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from instructkit.chat import chat
 
-    chat(args.model, system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-         top_p=args.top_p, seed=args.seed)
+    chat(
+        args.model,
+        system=args.system,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
     return 0
 
 
@@ -149,9 +185,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         LabelStore(args.label_store)  # a missing or foreign file fails now, before the model loads
     model, tokenizer = load_model_and_tokenizer(args.model)
-    app = create_app(model, tokenizer, args.model, api_key=api_key, max_queue=args.max_queue,
-                     max_batch=args.max_batch,
-                     label_store=args.label_store, runs_dir=args.runs)
+    app = create_app(
+        model,
+        tokenizer,
+        args.model,
+        api_key=api_key,
+        max_queue=args.max_queue,
+        max_batch=args.max_batch,
+        label_store=args.label_store,
+        runs_dir=args.runs,
+    )
     uvicorn.run(app, host=args.host, port=args.port)
     return 0
 
@@ -159,10 +202,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_label_create(args: argparse.Namespace) -> int:
     from instructkit.serve.labels import create_label_store
 
-    print(json.dumps(create_label_store(args.prompts, args.model, k=args.k, out=args.out, seed=args.seed,
-                                        temperature=args.temperature, top_p=args.top_p,
-                                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                        limit=args.limit), indent=2))
+    print(
+        json.dumps(
+            create_label_store(
+                args.prompts,
+                args.model,
+                k=args.k,
+                out=args.out,
+                seed=args.seed,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                max_new_tokens=args.max_new_tokens,
+                batch_size=args.batch_size,
+                limit=args.limit,
+            ),
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -178,8 +234,11 @@ def cmd_label_export(args: argparse.Namespace) -> int:
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"model: embedded name, HF folder or cached id, GGUF file or run folder (default {DEFAULT_MODEL})")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"model: embedded name, HF folder or cached id, GGUF file or run folder (default {DEFAULT_MODEL})",
+    )
     p.add_argument("--system", default=None, help="system message (default: the template's own)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate (default 256)")
     p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy (default 0.7)")
@@ -191,33 +250,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="instructkit",
         description="Make a pretrained language model follow instructions: SFT, reward models, "
-                    "preference tuning, evaluation. Start with `instructkit run`.",
+        "preference tuning, evaluation. Start with `instructkit run`.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-               "  instructkit run                                # the quickstart on the embedded model\n"
-               "  instructkit sft --config recipes/quickstart.yaml train.max_steps=50\n"
-               "  instructkit rm --config recipes/instructgpt.yaml\n"
-               "  instructkit dpo --config recipes/dpo.yaml loss=ipo beta=0.5\n"
-               "  instructkit data inspect data.jsonl --model smollm2-135m-instruct\n"
-               "  instructkit eval --model runs/quickstart/sft --suite exact_match --data test.jsonl\n"
-               "  instructkit generate --model runs/quickstart/sft --prompt 'Hello!'",
+        "  instructkit run                                # the quickstart on the embedded model\n"
+        "  instructkit sft --config recipes/quickstart.yaml train.max_steps=50\n"
+        "  instructkit rm --config recipes/instructgpt.yaml\n"
+        "  instructkit dpo --config recipes/dpo.yaml loss=ipo beta=0.5\n"
+        "  instructkit data inspect data.jsonl --model smollm2-135m-instruct\n"
+        "  instructkit eval --model runs/quickstart/sft --suite exact_match --data test.jsonl\n"
+        "  instructkit generate --model runs/quickstart/sft --prompt 'Hello!'",
     )
     parser.add_argument("--version", action="version", version=f"instructkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("run", help="run a recipe's stages in order (default: the quickstart)",
-                       description="Run a recipe: its stages in order, each feeding the next. With no "
-                                   "recipe, the built-in quickstart on the embedded default model.")
+    p = sub.add_parser(
+        "run",
+        help="run a recipe's stages in order (default: the quickstart)",
+        description="Run a recipe: its stages in order, each feeding the next. With no "
+        "recipe, the built-in quickstart on the embedded default model.",
+    )
     # One positional list, split in cmd_run: argparse cannot take an optional positional, then
     # options, then more positionals (`run dpo --out X a=b` would reject `a=b`).
-    p.add_argument("recipe_and_overrides", nargs="*", default=[], metavar="[RECIPE] [KEY=VALUE ...]",
-                   help="a recipe YAML or shipped recipe name (quickstart, instructgpt, dpo, rlvr; default "
-                        "quickstart), then overrides such as sft.optim.lr=1e-4 or eval.limit=20")
+    p.add_argument(
+        "recipe_and_overrides",
+        nargs="*",
+        default=[],
+        metavar="[RECIPE] [KEY=VALUE ...]",
+        help="a recipe YAML or shipped recipe name (quickstart, instructgpt, dpo, rlvr; default "
+        "quickstart), then overrides such as sft.optim.lr=1e-4 or eval.limit=20",
+    )
     p.add_argument("--out", default=None, help="run folder (default: runs/<recipe name>)")
     p.add_argument("--from", dest="from_stage", default=None, help="rerun from this stage on")
-    p.add_argument("--overwrite", action="store_true",
-                   help="rerun from the first stage whose folder holds a run of another config "
-                        "(default: stop and list the changes)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="rerun from the first stage whose folder holds a run of another config "
+        "(default: stop and list the changes)",
+    )
     p.add_argument("--list", action="store_true", help="list the shipped recipes and exit")
     p.set_defaults(func=cmd_run)
 
@@ -226,106 +296,179 @@ def build_parser() -> argparse.ArgumentParser:
     for name, entry in STAGES.items():
         if not entry.command:
             continue
-        p = sub.add_parser(name, help=entry.help, description=entry.description + " Writes a run folder with "
-                           "config.yaml, metrics.jsonl, summary.json, checkpoints/ and final/; rerunning the "
-                           "same command resumes from the last checkpoint (or does nothing when finished); a "
-                           "rerun with a changed config stops and lists the changes.")
-        p.add_argument("--config", required=True,
-                       help=f"stage config YAML, or a recipe YAML (its {name} section runs)")
-        p.add_argument("--overwrite", action="store_true",
-                       help="replace a run folder made with another config (default: stop and list the changes)")
+        p = sub.add_parser(
+            name,
+            help=entry.help,
+            description=entry.description + " Writes a run folder with "
+            "config.yaml, metrics.jsonl, summary.json, checkpoints/ and final/; rerunning the "
+            "same command resumes from the last checkpoint (or does nothing when finished); a "
+            "rerun with a changed config stops and lists the changes.",
+        )
+        p.add_argument("--config", required=True, help=f"stage config YAML, or a recipe YAML (its {name} section runs)")
+        p.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace a run folder made with another config (default: stop and list the changes)",
+        )
         p.add_argument("overrides", nargs="*", default=[], help=OVERRIDES_HELP)
         p.set_defaults(func=_stage_command(name))
 
     p = sub.add_parser("data", help="look at a data file before training on it")
     dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
-    q = dsub.add_parser("inspect", help="format, counts, token lengths, one rendered example",
-                        description="Print the detected format, record counts, token-length statistics "
-                                    "under a model's tokenizer, and one example with its trained tokens marked.")
-    q.add_argument("file", help="data file (json, jsonl, csv, parquet, txt), shipped:NAME/SPLIT, or with "
-                                "--dataset-info the name of a dataset in it")
+    q = dsub.add_parser(
+        "inspect",
+        help="format, counts, token lengths, one rendered example",
+        description="Print the detected format, record counts, token-length statistics "
+        "under a model's tokenizer, and one example with its trained tokens marked.",
+    )
+    q.add_argument(
+        "file",
+        help="data file (json, jsonl, csv, parquet, txt), shipped:NAME/SPLIT, or with "
+        "--dataset-info the name of a dataset in it",
+    )
     q.add_argument("--format", default=None, help="force a format instead of detecting it")
-    q.add_argument("--columns", default=None, metavar="KEY=COLUMN[,KEY=COLUMN...]",
-                   help="map keys to your columns, as data.columns does, e.g. prompt=question,response=answer")
-    q.add_argument("--dataset-info", default=None, metavar="PATH",
-                   help="a LLaMA-Factory dataset_info.json; FILE is then the name of a dataset in it")
+    q.add_argument(
+        "--columns",
+        default=None,
+        metavar="KEY=COLUMN[,KEY=COLUMN...]",
+        help="map keys to your columns, as data.columns does, e.g. prompt=question,response=answer",
+    )
+    q.add_argument(
+        "--dataset-info",
+        default=None,
+        metavar="PATH",
+        help="a LLaMA-Factory dataset_info.json; FILE is then the name of a dataset in it",
+    )
     q.add_argument("--model", default=DEFAULT_MODEL, help=f"whose tokenizer and template (default {DEFAULT_MODEL})")
     q.add_argument("--template", default=None, help="chat template: chatml, llama-3, alpaca (default: the tokenizer's)")
     q.add_argument("--max-length", type=int, default=512, help="length limit to report against (default 512)")
     q.add_argument("--no-color", action="store_true", help="mark trained tokens with brackets, not colour")
     q.set_defaults(func=cmd_data_inspect)
 
-    p = sub.add_parser("eval", help="evaluate a model on held-out data", description=EVAL_DESCRIPTION,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None,
-                   help=f"model or run folder that generates the responses (model A for winrate), "
-                        f"e.g. {DEFAULT_MODEL}; required unless --responses")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a model on held-out data",
+        description=EVAL_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"model or run folder that generates the responses (model A for winrate), "
+        f"e.g. {DEFAULT_MODEL}; required unless --responses",
+    )
     p.add_argument("--suite", default="exact_match", help="comma-separated suites (default exact_match)")
     p.add_argument("--data", default=None, help="held-out file (default: the shipped extraction test split)")
     p.add_argument("--out", default=None, help="write metrics JSON here, and per-example JSONL beside it")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--k-shot", type=int, default=0, help="in-context examples taken from --shots-from data")
-    p.add_argument("--shots-from", default=None,
-                   help="conversations to take k-shot examples from (default: the shipped extraction train split)")
+    p.add_argument(
+        "--shots-from",
+        default=None,
+        help="conversations to take k-shot examples from (default: the shipped extraction train split)",
+    )
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
-    p.add_argument("--responses", default=None,
-                   help="score responses made elsewhere (JSONL with key or prompt, and response; every row is "
-                        "scored); instead of --model")
+    p.add_argument(
+        "--responses",
+        default=None,
+        help="score responses made elsewhere (JSONL with key or prompt, and response; every row is "
+        "scored); instead of --model",
+    )
     p.add_argument("--reward-model", default=None, help="reward-model folder that judges the reward and winrate suites")
     p.add_argument("--baseline", default=None, help="winrate: model B, whose responses A is compared with")
-    p.add_argument("--baseline-responses", default=None,
-                   help="winrate: model B's responses made elsewhere (same JSONL shape as --responses)")
-    p.add_argument("--tie-margin", type=float, default=0.0,
-                   help="winrate: reward differences within this are ties (default 0: exact ties only)")
+    p.add_argument(
+        "--baseline-responses",
+        default=None,
+        help="winrate: model B's responses made elsewhere (same JSONL shape as --responses)",
+    )
+    p.add_argument(
+        "--tie-margin",
+        type=float,
+        default=0.0,
+        help="winrate: reward differences within this are ties (default 0: exact ties only)",
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily; > 0 samples")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("generate", help="sample one response", description="Sample a response to one prompt, "
-                       "rendered with the model's chat template.")
+    p = sub.add_parser(
+        "generate",
+        help="sample one response",
+        description="Sample a response to one prompt, rendered with the model's chat template.",
+    )
     p.add_argument("--prompt", required=True, help="the user message")
     _sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("chat", help="chat in the terminal", description="Interactive chat with a model "
-                       "(the conversation is kept; /reset clears it, /exit or Ctrl-D quits).")
+    p = sub.add_parser(
+        "chat",
+        help="chat in the terminal",
+        description="Interactive chat with a model "
+        "(the conversation is kept; /reset clears it, /exit or Ctrl-D quits).",
+    )
     _sampling_args(p)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
-                       description="Serve a model at /v1/chat/completions and /v1/completions (OpenAI's API; "
-                                   "see docs/serve.md). Concurrent requests generate together in one batch "
-                                   "(continuous batching: a request joins the running batch at the next token).")
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve a model at /v1/chat/completions and /v1/completions (OpenAI's API; "
+        "see docs/serve.md). Concurrent requests generate together in one batch "
+        "(continuous batching: a request joins the running batch at the next token).",
+    )
     p.add_argument("--model", default=DEFAULT_MODEL, help="model or run folder")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $INSTRUCTKIT_API_KEY)")
-    p.add_argument("--max-batch", type=int, default=8,
-                   help="most choices (rows) generating together; a request with n=4 takes 4 (default 8)")
-    p.add_argument("--max-queue", type=int, default=16,
-                   help="requests that may wait while the batch is full; more get 503 (default 16)")
-    p.add_argument("--label-store", default=None, metavar="STORE.sqlite",
-                   help="serve the ranking page (/rank) over this store from `instructkit label create`")
-    p.add_argument("--runs", default="runs", metavar="DIR",
-                   help="run folders listed on the runs page (/runs) (default runs/)")
+    p.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $INSTRUCTKIT_API_KEY)"
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        help="most choices (rows) generating together; a request with n=4 takes 4 (default 8)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=16,
+        help="requests that may wait while the batch is full; more get 503 (default 16)",
+    )
+    p.add_argument(
+        "--label-store",
+        default=None,
+        metavar="STORE.sqlite",
+        help="serve the ranking page (/rank) over this store from `instructkit label create`",
+    )
+    p.add_argument(
+        "--runs", default="runs", metavar="DIR", help="run folders listed on the runs page (/runs) (default runs/)"
+    )
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("label", help="human feedback: sample K responses per prompt, rank them, export",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="The InstructGPT labelling loop (see docs/label.md):\n"
-                                   "  1. instructkit label create --prompts prompts.jsonl --model M --k 4 --out store.sqlite\n"
-                                   "  2. instructkit serve --model M --label-store store.sqlite   # people rank at /rank\n"
-                                   "  3. instructkit label export store.sqlite --out rankings.jsonl\n"
-                                   "  4. instructkit rm --config rm.yaml data.path=rankings.jsonl")
+    p = sub.add_parser(
+        "label",
+        help="human feedback: sample K responses per prompt, rank them, export",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="The InstructGPT labelling loop (see docs/label.md):\n"
+        "  1. instructkit label create --prompts prompts.jsonl --model M --k 4 --out store.sqlite\n"
+        "  2. instructkit serve --model M --label-store store.sqlite   # people rank at /rank\n"
+        "  3. instructkit label export store.sqlite --out rankings.jsonl\n"
+        "  4. instructkit rm --config rm.yaml data.path=rankings.jsonl",
+    )
     lsub = p.add_subparsers(dest="label_command", metavar="SUBCOMMAND", required=True)
-    q = lsub.add_parser("create", help="sample K responses to each prompt into a new label store",
-                        description="Sample K responses to each prompt (temperature sampling, seeded) and write "
-                                    "them to a new SQLite label store. Prompts: JSONL/JSON/CSV/Parquet records with "
-                                    "'prompt', a string or a list of {role, content} messages ending with a user "
-                                    "turn (other fields are ignored). The store appears whole or not at all.")
+    q = lsub.add_parser(
+        "create",
+        help="sample K responses to each prompt into a new label store",
+        description="Sample K responses to each prompt (temperature sampling, seeded) and write "
+        "them to a new SQLite label store. Prompts: JSONL/JSON/CSV/Parquet records with "
+        "'prompt', a string or a list of {role, content} messages ending with a user "
+        "turn (other fields are ignored). The store appears whole or not at all.",
+    )
     q.add_argument("--prompts", required=True, help="prompts file, or shipped:NAME/SPLIT")
-    q.add_argument("--model", default=DEFAULT_MODEL, help=f"model or run folder to sample from (default {DEFAULT_MODEL})")
+    q.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"model or run folder to sample from (default {DEFAULT_MODEL})"
+    )
     q.add_argument("--k", type=int, default=4, help="responses per prompt, at least 2 (default 4)")
     q.add_argument("--out", required=True, help="the new store (.sqlite); must not exist yet")
     q.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
@@ -335,11 +478,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=16, help="sequences generated together (default 16)")
     q.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     q.set_defaults(func=cmd_label_create)
-    q = lsub.add_parser("export", help="write the rankings as the ranking data `instructkit rm` reads",
-                        description="Write every ranking in the store (skips left out) as JSONL records "
-                                    "{prompt, responses, ranks, annotator, ranked_at, ...}, ranks[i] being the rank "
-                                    "of responses[i] (0 = best, equal = tie): the ranking format `instructkit rm` "
-                                    "trains on. Written to a temporary file, then renamed.")
+    q = lsub.add_parser(
+        "export",
+        help="write the rankings as the ranking data `instructkit rm` reads",
+        description="Write every ranking in the store (skips left out) as JSONL records "
+        "{prompt, responses, ranks, annotator, ranked_at, ...}, ranks[i] being the rank "
+        "of responses[i] (0 = best, equal = tie): the ranking format `instructkit rm` "
+        "trains on. Written to a temporary file, then renamed.",
+    )
     q.add_argument("store", help="label store from `instructkit label create`")
     q.add_argument("--out", required=True, help="rankings file to write (.jsonl)")
     q.set_defaults(func=cmd_label_export)

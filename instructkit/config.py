@@ -30,10 +30,12 @@ Advantage = Literal["gae", "grpo", "rloo"]
 GROUP_RELATIVE = ("grpo", "rloo")  # advantages compare the responses within a prompt's group
 KLEstimator = Literal["k1", "k3"]
 DType = Literal["fp32", "bf16", "fp16"]
-DataFormat = Literal["alpaca", "messages", "sharegpt", "preference", "ranking", "kto", "text", "classification",
-                     "prompts"]
-Suite = Literal["exact_match", "accuracy", "bleu", "rouge", "reward", "winrate", "perplexity", "ifeval",
-                "preference", "loss", "f1"]
+DataFormat = Literal[
+    "alpaca", "messages", "sharegpt", "preference", "ranking", "kto", "text", "classification", "prompts"
+]
+Suite = Literal[
+    "exact_match", "accuracy", "bleu", "rouge", "reward", "winrate", "perplexity", "ifeval", "preference", "loss", "f1"
+]
 NAMED_TEMPLATES = ("tokenizer", "chatml", "llama-3", "alpaca")
 PEFT_ADAPTERS = ("lora", "dora", "ia3")  # methods that leave the base weights untouched
 
@@ -57,8 +59,11 @@ def _check_template(template: str | None, key: str = "template") -> None:
         return
     if "{{" in template or "{%" in template:
         return
-    raise FieldError(key, f"unknown chat template '{template}'{did_you_mean(template, NAMED_TEMPLATES)}; "
-                          f"expected one of {', '.join(NAMED_TEMPLATES)}, a .jinja file or a Jinja string")
+    raise FieldError(
+        key,
+        f"unknown chat template '{template}'{did_you_mean(template, NAMED_TEMPLATES)}; "
+        f"expected one of {', '.join(NAMED_TEMPLATES)}, a .jinja file or a Jinja string",
+    )
 
 
 def _check_device(device: str | None) -> None:
@@ -66,8 +71,10 @@ def _check_device(device: str | None) -> None:
         return
     if device.startswith("cuda:") and device[5:].isdigit():
         return
-    raise FieldError("device", f"unknown device '{device}'{did_you_mean(device, ('cpu', 'cuda', 'mps'))}; "
-                               "expected cpu, cuda, cuda:N or mps")
+    raise FieldError(
+        "device",
+        f"unknown device '{device}'{did_you_mean(device, ('cpu', 'cuda', 'mps'))}; expected cpu, cuda, cuda:N or mps",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,8 +142,11 @@ class OptimConfig:
         require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         require(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
         require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
-        require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm",
-                "must be positive (null disables clipping)")
+        require(
+            self.max_grad_norm is None or self.max_grad_norm > 0,
+            "max_grad_norm",
+            "must be positive (null disables clipping)",
+        )
 
 
 @dataclasses.dataclass
@@ -164,8 +174,11 @@ class TrainConfig:
         for name in ("eval_every", "early_stopping_patience", "save_every"):
             require(getattr(self, name) >= 0, name, "must be >= 0 (0 turns it off)")
         require(self.epochs > 0, "epochs", "must be positive")
-        require(self.max_steps is None or self.max_steps >= 1, "max_steps",
-                "must be at least 1 (or null to train train.epochs epochs)")
+        require(
+            self.max_steps is None or self.max_steps >= 1,
+            "max_steps",
+            "must be at least 1 (or null to train train.epochs epochs)",
+        )
         require(self.dropout is None or 0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
         _check_device(self.device)
 
@@ -222,8 +235,11 @@ class DPOConfig:
         require(self.beta > 0, "beta", "must be positive")
         require(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
         require(self.orpo_lambda >= 0, "orpo_lambda", "must be >= 0")
-        require(self.reference != "adapter" or self.peft.method in PEFT_ADAPTERS, "reference",
-                f"reference: adapter needs a peft method ({', '.join(PEFT_ADAPTERS)}); use precompute")
+        require(
+            self.reference != "adapter" or self.peft.method in PEFT_ADAPTERS,
+            "reference",
+            f"reference: adapter needs a peft method ({', '.join(PEFT_ADAPTERS)}); use precompute",
+        )
 
 
 @dataclasses.dataclass
@@ -284,8 +300,7 @@ class PPOConfig:
     data: PromptDataConfig = dataclasses.field(default_factory=PromptDataConfig)
     reward: RewardSourceConfig = dataclasses.field(default_factory=RewardSourceConfig)
     peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
-    optim: OptimConfig = dataclasses.field(
-        default_factory=lambda: OptimConfig(lr=1e-5, scheduler="constant"))
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=1e-5, scheduler="constant"))
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(max_steps=100))
     advantage: Advantage = "gae"  # gae | grpo | rloo (group-relative, no value model)
     rollout_batch_size: int = 16  # prompts per PPO step
@@ -319,21 +334,39 @@ class PPOConfig:
         require(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", "must be in (0, 1)")
         for name in ("ptx_coef", "kl_coef", "vf_coef"):
             require(getattr(self, name) >= 0, name, "must be >= 0")
-        require(self.advantage not in GROUP_RELATIVE or self.group_size >= 2, "group_size",
-                f"{self.advantage} compares responses within a group: set group_size >= 2")
+        require(
+            self.advantage not in GROUP_RELATIVE or self.group_size >= 2,
+            "group_size",
+            f"{self.advantage} compares responses within a group: set group_size >= 2",
+        )
         n_seq, mini = self.rollout_batch_size * self.group_size, self.train.batch_size * self.train.grad_accum
-        require(n_seq % mini == 0, "train.batch_size",
-                f"rollout_batch_size x group_size = {n_seq} responses do not split into mini-batches of "
-                f"train.batch_size x train.grad_accum = {mini}")
+        require(
+            n_seq % mini == 0,
+            "train.batch_size",
+            f"rollout_batch_size x group_size = {n_seq} responses do not split into mini-batches of "
+            f"train.batch_size x train.grad_accum = {mini}",
+        )
         require(not self.train.eval_every, "train.eval_every", "PPO has no validation loss to evaluate or stop on")
-        require(not self.train.early_stopping_patience, "train.early_stopping_patience",
-                "PPO has no validation loss to evaluate or stop on")
-        require(not self.train.dropout, "train.dropout",
-                "PPO runs with dropout off (log-probs must match between sampling and training)")
-        require(not self.peft.dropout, "peft.dropout",
-                "PPO runs with LoRA dropout off (log-probs must match between sampling and training)")
-        require(self.train.epochs == 1.0, "train.epochs", "PPO runs train.max_steps steps; epochs over the "
-                                                           "prompts do not apply")
+        require(
+            not self.train.early_stopping_patience,
+            "train.early_stopping_patience",
+            "PPO has no validation loss to evaluate or stop on",
+        )
+        require(
+            not self.train.dropout,
+            "train.dropout",
+            "PPO runs with dropout off (log-probs must match between sampling and training)",
+        )
+        require(
+            not self.peft.dropout,
+            "peft.dropout",
+            "PPO runs with LoRA dropout off (log-probs must match between sampling and training)",
+        )
+        require(
+            self.train.epochs == 1.0,
+            "train.epochs",
+            "PPO runs train.max_steps steps; epochs over the prompts do not apply",
+        )
         require(self.train.max_steps is not None, "train.max_steps", "set the number of PPO steps")
 
 
@@ -490,8 +523,15 @@ class Origin:
         return InputError(problem, file=self.file, line=line, field=dotted or None)
 
 
-def from_dict(cls: type[T], data: dict[str, Any], *, file: str | None = None,
-              lines: dict[str, int] | None = None, prefix: str = "", origin: Origin | None = None) -> T:
+def from_dict(
+    cls: type[T],
+    data: dict[str, Any],
+    *,
+    file: str | None = None,
+    lines: dict[str, int] | None = None,
+    prefix: str = "",
+    origin: Origin | None = None,
+) -> T:
     """Build dataclass ``cls`` from a nested mapping, rejecting unknown keys and bad values.
 
     ``prefix`` is the dotted path of this section in the whole config (``sft.`` in a recipe);
@@ -579,8 +619,9 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
         raise InputError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", file=str(path)) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        raise InputError(f"invalid YAML: {getattr(exc, 'problem', exc)}", file=str(path),
-                         line=mark.line + 1 if mark else None) from None
+        raise InputError(
+            f"invalid YAML: {getattr(exc, 'problem', exc)}", file=str(path), line=mark.line + 1 if mark else None
+        ) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -588,11 +629,12 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
     return data, _key_lines(text)
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
-                base: dict[str, Any] | None = None) -> T:
+def load_config(
+    cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
+) -> T:
     """Load stage config ``cls``: ``base``, then an optional YAML file, then ``key=value``
     overrides, validated once as a whole (so an override may supply what the file lacks)."""
-    data, lines = (read_yaml(path) if path else ({}, {}))
+    data, lines = read_yaml(path) if path else ({}, {})
     data = merge(merge(base or {}, data), parse_overrides(overrides))
     origin = Origin(str(path) if path else None, lines, override_origins(overrides))
     return from_dict(cls, data, origin=origin)

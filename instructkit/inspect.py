@@ -27,20 +27,34 @@ def parse_columns(text: str) -> dict[str, str]:
     for item in text.split(","):
         key, sep, column = (part.strip() for part in item.partition("="))
         if not sep or not key or not column:
-            raise InputError(f"expected {COLUMNS_SYNTAX}, e.g. prompt=question,response=answer; got {item.strip()!r}",
-                             field="--columns")
+            raise InputError(
+                f"expected {COLUMNS_SYNTAX}, e.g. prompt=question,response=answer; got {item.strip()!r}",
+                field="--columns",
+            )
         if key not in COLUMN_KEYS + MEDIA_KEYS:
-            raise InputError(f"unknown column key '{key}'{did_you_mean(key, COLUMN_KEYS)}; expected one of "
-                             + ", ".join(COLUMN_KEYS), field="--columns")
+            raise InputError(
+                f"unknown column key '{key}'{did_you_mean(key, COLUMN_KEYS)}; expected one of "
+                + ", ".join(COLUMN_KEYS),
+                field="--columns",
+            )
         if key in columns:
             raise InputError(f"key '{key}' is given twice", field="--columns")
         columns[key] = column
     return columns
 
 
-def inspect_data(path: str, *, format: str | None = None, columns: Mapping[str, str] | None = None,
-                 dataset_info: str | Path | None = None, model: str = DEFAULT_MODEL, template: str | None = None,
-                 max_length: int = 512, color: bool = False, example: int = 0) -> str:
+def inspect_data(
+    path: str,
+    *,
+    format: str | None = None,
+    columns: Mapping[str, str] | None = None,
+    dataset_info: str | Path | None = None,
+    model: str = DEFAULT_MODEL,
+    template: str | None = None,
+    max_length: int = 512,
+    color: bool = False,
+    example: int = 0,
+) -> str:
     """A readable report: format, counts, token lengths and one example with trained tokens marked.
 
     ``path`` is a data file, a Hub dataset id in the local cache, or ``shipped:NAME/SPLIT``; with
@@ -61,5 +75,14 @@ def inspect_data(path: str, *, format: str | None = None, columns: Mapping[str, 
         loaded = load_records(resolve_data_path(path), format=format, columns=columns)
         source = path
     tokenizer = load_tokenizer(model)
-    return describe(loaded, tokenizer, source=source, tokenizer_name=model, format_given=format is not None,
-                    template=template, max_length=max_length, color=color, example=example)
+    return describe(
+        loaded,
+        tokenizer,
+        source=source,
+        tokenizer_name=model,
+        format_given=format is not None,
+        template=template,
+        max_length=max_length,
+        color=color,
+        example=example,
+    )

@@ -48,8 +48,14 @@ def list_recipes() -> str:
     return "\n".join(lines)
 
 
-def run(recipe: str | Path | None = None, *, out: str | Path | None = None, overrides: list[str] | None = None,
-        from_stage: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+def run(
+    recipe: str | Path | None = None,
+    *,
+    out: str | Path | None = None,
+    overrides: list[str] | None = None,
+    from_stage: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Run a recipe's stages in order; returns (and writes) the recipe summary."""
     # 1. Load and validate the whole recipe: every stage's config, errors at file:line or override.
     loaded = load_recipe(recipe, overrides)
@@ -71,9 +77,15 @@ def run(recipe: str | Path | None = None, *, out: str | Path | None = None, over
     from instructkit.report import write_report
 
     final_model = next((str(p.path) for p in reversed(plan) if p.entry.output == "policy"), loaded.config.model)
-    summary = {"recipe": loaded.config.name, "out": str(root), "final_model": final_model,
-               "seconds": round(time.time() - started, 1), "stages": summaries,
-               "table": summaries.get("eval", {}).get("table", {}), "report": str(root / "report.html")}
+    summary = {
+        "recipe": loaded.config.name,
+        "out": str(root),
+        "final_model": final_model,
+        "seconds": round(time.time() - started, 1),
+        "stages": summaries,
+        "table": summaries.get("eval", {}).get("table", {}),
+        "report": str(root / "report.html"),
+    }
     write_report(root, summary)
     atomic_write_json(root / "summary.json", summary)
     _print_table(summary)
@@ -124,8 +136,11 @@ def check_stage_folders(plan: list[PlannedStage], from_stage: str | None, overwr
     Raises InputError when a folder holds another config's run and neither option says what to do."""
     names = [p.name for p in plan]
     if from_stage is not None and from_stage not in names:
-        raise InputError(f"--from: '{from_stage}' is not a stage of this recipe ({', '.join(names)})"
-                         f"{did_you_mean(from_stage, names)}", field="from")
+        raise InputError(
+            f"--from: '{from_stage}' is not a stage of this recipe ({', '.join(names)})"
+            f"{did_you_mean(from_stage, names)}",
+            field="from",
+        )
     first = names.index(from_stage) if from_stage is not None else len(plan)
     for i, planned in enumerate(plan[:first]):
         try:
@@ -145,8 +160,10 @@ def run_stages(plan: list[PlannedStage], start_model: str) -> dict[str, Any]:
     for planned in plan:
         run_dir = RunDir(planned.path)
         done = run_dir.is_finished()
-        print(f"== stage {planned.name}: {'already finished, skipped' if done else 'running'} ({planned.path})",
-              flush=True)
+        print(
+            f"== stage {planned.name}: {'already finished, skipped' if done else 'running'} ({planned.path})",
+            flush=True,
+        )
         if planned.entry.output == "evaluation":
             if not done:
                 planned.entry.load()(planned.config, trained, planned.path, reward_model=reward_model)
@@ -172,8 +189,10 @@ def _print_table(summary: dict[str, Any]) -> None:
     widths = [max(10, len(m) + 2) for m in metrics]
     print("\n" + "model".ljust(width) + "".join(m.rjust(w) for m, w in zip(metrics, widths)))
     for name, row in table.items():
-        cells = "".join((f"{row[m]:.3f}" if isinstance(row.get(m), float) else str(row.get(m, "-"))).rjust(w)
-                        for m, w in zip(metrics, widths))
+        cells = "".join(
+            (f"{row[m]:.3f}" if isinstance(row.get(m), float) else str(row.get(m, "-"))).rjust(w)
+            for m, w in zip(metrics, widths)
+        )
         print(name.ljust(width) + cells)
     print(f"\nrun folder: {summary['out']}  (summary.json)")
     if summary.get("report"):

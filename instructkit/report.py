@@ -30,11 +30,25 @@ PANELS: dict[str, tuple[str, ...]] = {
 
 # Evaluation metric -> the suite it belongs to, by exact name or prefix; the rest go to "other".
 SUITE_OF_METRIC: tuple[tuple[str, str], ...] = (
-    ("exact_match", "exact_match"), ("pref_", "preference"), ("prompt_", "ifeval"), ("instruction_", "ifeval"),
-    ("bleu", "bleu"), ("chrf", "bleu"), ("rouge", "rouge"), ("accuracy", "accuracy"), ("f1", "accuracy"),
-    ("macro_", "accuracy"), ("micro_", "accuracy"), ("precision", "accuracy"), ("recall", "accuracy"),
-    ("loss", "perplexity"), ("perplexity", "perplexity"), ("reward", "reward"), ("win", "winrate"),
-    ("tie", "winrate"), ("loss_rate", "winrate"),
+    ("exact_match", "exact_match"),
+    ("pref_", "preference"),
+    ("prompt_", "ifeval"),
+    ("instruction_", "ifeval"),
+    ("bleu", "bleu"),
+    ("chrf", "bleu"),
+    ("rouge", "rouge"),
+    ("accuracy", "accuracy"),
+    ("f1", "accuracy"),
+    ("macro_", "accuracy"),
+    ("micro_", "accuracy"),
+    ("precision", "accuracy"),
+    ("recall", "accuracy"),
+    ("loss", "perplexity"),
+    ("perplexity", "perplexity"),
+    ("reward", "reward"),
+    ("win", "winrate"),
+    ("tie", "winrate"),
+    ("loss_rate", "winrate"),
 )
 HIDDEN_METRICS = {"k_shot", "n", "pref_pairs", "seed", "temperature", "max_new_tokens"}
 LOWER_IS_BETTER = ("loss", "perplexity")
@@ -118,11 +132,17 @@ def results_tables(table: dict[str, dict[str, Any]]) -> str:
         head = "".join(f"<th>{html.escape(m)}</th>" for m in names)
         body = "".join(
             f"<tr><td>{html.escape(model)}</td>"
-            + "".join(f"<td>{_fmt(row.get(m, '-'))}{'' if row is start else _delta(m, row.get(m), start.get(m))}</td>"
-                      for m in names) + "</tr>"
-            for model, row in table.items())
-        parts.append(f'<h3>{html.escape(suite)}</h3><table class="results" data-suite="{html.escape(suite)}">'
-                     f"<tr><th>model</th>{head}</tr>{body}</table>")
+            + "".join(
+                f"<td>{_fmt(row.get(m, '-'))}{'' if row is start else _delta(m, row.get(m), start.get(m))}</td>"
+                for m in names
+            )
+            + "</tr>"
+            for model, row in table.items()
+        )
+        parts.append(
+            f'<h3>{html.escape(suite)}</h3><table class="results" data-suite="{html.escape(suite)}">'
+            f"<tr><th>model</th>{head}</tr>{body}</table>"
+        )
     return "\n".join(parts)
 
 
@@ -138,8 +158,10 @@ def read_samples(eval_dir: Path, models: list[str], limit: int) -> list[dict[str
         return []
     first = next(iter(per_model.values()))
     prompts = [p for p in first if all(p in rows for rows in per_model.values())][:limit]
-    return [{"prompt": p, "reference": first[p].get("reference"),
-             "responses": {m: per_model[m][p] for m in models}} for p in prompts]
+    return [
+        {"prompt": p, "reference": first[p].get("reference"), "responses": {m: per_model[m][p] for m in models}}
+        for p in prompts
+    ]
 
 
 def samples_table(samples: list[dict[str, Any]], models: list[str]) -> str:
@@ -151,8 +173,11 @@ def samples_table(samples: list[dict[str, Any]], models: list[str]) -> str:
         cells = []
         for m in models:
             r = s["responses"][m]
-            mark = "" if "correct" not in r else (' <span class="up">✓</span>' if r["correct"]
-                                                  else ' <span class="down">✗</span>')
+            mark = (
+                ""
+                if "correct" not in r
+                else (' <span class="up">✓</span>' if r["correct"] else ' <span class="down">✗</span>')
+            )
             cells.append(f"<td><pre>{html.escape(str(r['response']))}</pre>{mark}</td>")
         ref = f"<pre>{html.escape(str(s['reference']))}</pre>" if s.get("reference") is not None else "-"
         rows.append(f"<tr><td><pre>{html.escape(s['prompt'])}</pre></td><td>{ref}</td>{''.join(cells)}</tr>")
@@ -171,8 +196,12 @@ def render(summary: dict[str, Any], root: Path, *, sample_limit: int = 6) -> str
     """The report's HTML for a recipe folder whose stages have run."""
     stages: dict[str, Any] = summary.get("stages", {})
     table: dict[str, dict[str, Any]] = summary.get("table") or {}
-    facts = [("recipe", summary.get("recipe")), ("stages", " → ".join(stages)),
-             ("final model", summary.get("final_model")), ("seconds", summary.get("seconds"))]
+    facts = [
+        ("recipe", summary.get("recipe")),
+        ("stages", " → ".join(stages)),
+        ("final model", summary.get("final_model")),
+        ("seconds", summary.get("seconds")),
+    ]
     for stage, info in stages.items():
         for key in ("loss", "steps", "train_seconds", "tokens_per_s", "val_accuracy", "val_reward_margin"):
             if isinstance(info, dict) and key in info:
@@ -185,8 +214,10 @@ def render(summary: dict[str, Any], root: Path, *, sample_limit: int = 6) -> str
             continue
         image = plot_stage(stage, read_metrics(root / stage / "metrics.jsonl"))
         if image:
-            curves.append(f'<figure><img alt="{html.escape(stage)} curves" src="{image}">'
-                          f"<figcaption>{html.escape(stage)}</figcaption></figure>")
+            curves.append(
+                f'<figure><img alt="{html.escape(stage)} curves" src="{image}">'
+                f"<figcaption>{html.escape(stage)}</figcaption></figure>"
+            )
     models = list(table)
     samples = read_samples(root / "eval", [m for m in models], sample_limit)
     return f"""<!doctype html>

@@ -34,9 +34,7 @@ def load_reward_function(spec: str) -> RewardFunction:
     """
     module_name, colon, attribute = spec.partition(":")
     if not colon or not module_name.strip() or not attribute.strip():
-        raise InputError(
-            f"reward function '{spec}': expected 'module:function', e.g. '{EXAMPLE_SPEC}'"
-        )
+        raise InputError(f"reward function '{spec}': expected 'module:function', e.g. '{EXAMPLE_SPEC}'")
     module = _import_module(spec, module_name.strip())
     target: Any = module
     where = module_name.strip()
@@ -44,15 +42,12 @@ def load_reward_function(spec: str) -> RewardFunction:
         if not hasattr(target, name):
             public = [a for a in dir(target) if not a.startswith("_")]
             raise InputError(
-                f"reward function '{spec}': '{where}' has no attribute '{name}'"
-                f"{did_you_mean(name, public)}"
+                f"reward function '{spec}': '{where}' has no attribute '{name}'{did_you_mean(name, public)}"
             )
         target = getattr(target, name)
         where = f"{where}.{name}"
     if not callable(target):
-        raise InputError(
-            f"reward function '{spec}': '{attribute}' is a {type(target).__name__}, not a function"
-        )
+        raise InputError(f"reward function '{spec}': '{attribute}' is a {type(target).__name__}, not a function")
     return target
 
 
@@ -72,9 +67,7 @@ def _import_module(spec: str, module_name: str) -> Any:
             siblings = [m.name for m in pkgutil.iter_modules(getattr(package, "__path__", []))]
         except ImportError:
             pass
-    raise InputError(
-        f"reward function '{spec}': no module named '{missing}'{did_you_mean(leaf, siblings)}"
-    )
+    raise InputError(f"reward function '{spec}': no module named '{missing}'{did_you_mean(leaf, siblings)}")
 
 
 def exact_match(prompt: str, response: str, *, answer: str, **data: Any) -> float:

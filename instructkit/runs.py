@@ -28,8 +28,7 @@ import yaml
 from instructkit.config import to_dict
 from instructkit.errors import InputError
 
-RERUN_NEUTRAL = frozenset({"out", "train.progress", "train.log_every", "train.save_every",
-                           "train.keep_checkpoints"})
+RERUN_NEUTRAL = frozenset({"out", "train.progress", "train.log_every", "train.save_every", "train.keep_checkpoints"})
 """Dotted keys that may differ on a rerun: the folder's own name (a run folder may be moved, or
 named relative or absolute), progress display, logging and checkpoint cadence (resume is exact
 whatever the cadence)."""
@@ -105,8 +104,12 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 UNSET = "(unset)"
 
 
-def config_changes(saved: dict[str, Any], new: dict[str, Any], neutral: frozenset[str] = RERUN_NEUTRAL,
-                   defaults: dict[str, Any] | None = None) -> list[tuple[str, Any, Any]]:
+def config_changes(
+    saved: dict[str, Any],
+    new: dict[str, Any],
+    neutral: frozenset[str] = RERUN_NEUTRAL,
+    defaults: dict[str, Any] | None = None,
+) -> list[tuple[str, Any, Any]]:
     """(dotted key, saved value, new value) for every key whose value differs, neutral keys
     left out. Both sides are plain YAML data (see :func:`instructkit.config.to_dict`); a key the
     saved config lacks counts as its value in ``defaults`` (a field added since it was saved)."""
@@ -136,13 +139,13 @@ def rerun_state(path: str | Path, cfg: Any, *, overwrite: bool = False, stage: s
     saved = _read_saved_config(run)
     changes = config_changes(saved, _plain(cfg), defaults=_defaults(cfg))
     if changes:
-        how = ("rerun the recipe from this stage (instructkit run ... --from "
-               f"{stage})" if stage else "")
+        how = f"rerun the recipe from this stage (instructkit run ... --from {stage})" if stage else ""
         raise InputError(
             f"the run there was made with another config ({describe_changes(changes)}); nothing was changed. "
             f"To keep it, write elsewhere (a new out=... or --out); to replace it, pass --overwrite"
             + (f"; or {how}" if how else ""),
-            file=str(run.path))
+            file=str(run.path),
+        )
     return RunState.FINISHED if run.is_finished() else RunState.RESUME
 
 
@@ -160,13 +163,17 @@ def _defaults(cfg: Any) -> dict[str, Any]:
 
 def _read_saved_config(run: RunDir) -> dict[str, Any]:
     if not run.config.is_file():
-        raise InputError("the folder holds a run without its config.yaml, so a rerun cannot tell whether it "
-                         "matches; use a new out=... or --overwrite", file=str(run.path))
+        raise InputError(
+            "the folder holds a run without its config.yaml, so a rerun cannot tell whether it "
+            "matches; use a new out=... or --overwrite",
+            file=str(run.path),
+        )
     try:
         data = yaml.safe_load(run.config.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise InputError(f"unreadable config.yaml ({exc}); use a new out=... or --overwrite",
-                         file=str(run.config)) from None
+        raise InputError(
+            f"unreadable config.yaml ({exc}); use a new out=... or --overwrite", file=str(run.config)
+        ) from None
     return data if isinstance(data, dict) else {}
 
 

@@ -113,34 +113,72 @@ def _eval_data(cfg: EvalStageConfig) -> list[DataFile]:
     return out
 
 
-STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("sft", SFTConfig, "instructkit.train.sft:sft", "supervised fine-tuning on demonstrations",
-          "Supervised fine-tuning: full, frozen layers, or LoRA/DoRA/IA3, on demonstrations (assistant "
-          "turns trained) or plain text. See docs/sft.md.", "policy", _training_data("demonstrations")),
-    Stage("rm", RewardConfig, "instructkit.train.reward:rm", "train a reward model on ranked comparisons",
-          "Reward model: a scalar head on a causal-LM backbone (usually the SFT run), trained on preference "
-          "pairs or K-wise rankings with the InstructGPT loss (all C(K,2) comparisons of a prompt together). "
-          "Reports held-out pairwise accuracy; final/ is a plain sequence classifier. See docs/rm.md.",
-          "reward_model", _training_data("comparisons")),
-    Stage("dpo", DPOConfig, "instructkit.train.dpo:dpo", "preference tuning: DPO, IPO, hinge, SimPO, ORPO, KTO",
-          "Direct preference optimisation and its relatives on preference pairs (loss=sigmoid|ipo|hinge|"
-          "simpo|orpo|kto). Logs implicit rewards, margins and accuracies. See docs/dpo.md.", "policy", _dpo_data),
-    Stage("ppo", PPOConfig, "instructkit.train.ppo:ppo",
-          "RL from a reward model or a reward function: PPO-ptx, GRPO, RLOO",
-          "PPO with a per-token KL penalty against the SFT reference and the pretraining mix (PPO-ptx), or "
-          "group-relative GRPO/RLOO, with rewards from a reward model or a Python function "
-          "(module:function). See docs/ppo.md.", "policy", _ppo_data, missing=_ppo_missing),
-    Stage("eval", EvalStageConfig, "instructkit.eval.stage:eval_stage",
-          "evaluate every model of a recipe on held-out data",
-          "The recipe's evaluation: the starting model and every trained stage on the same held-out data "
-          "with the configured suites. See docs/run.md.", "evaluation", _eval_data, command=False),
-)}
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage(
+            "sft",
+            SFTConfig,
+            "instructkit.train.sft:sft",
+            "supervised fine-tuning on demonstrations",
+            "Supervised fine-tuning: full, frozen layers, or LoRA/DoRA/IA3, on demonstrations (assistant "
+            "turns trained) or plain text. See docs/sft.md.",
+            "policy",
+            _training_data("demonstrations"),
+        ),
+        Stage(
+            "rm",
+            RewardConfig,
+            "instructkit.train.reward:rm",
+            "train a reward model on ranked comparisons",
+            "Reward model: a scalar head on a causal-LM backbone (usually the SFT run), trained on preference "
+            "pairs or K-wise rankings with the InstructGPT loss (all C(K,2) comparisons of a prompt together). "
+            "Reports held-out pairwise accuracy; final/ is a plain sequence classifier. See docs/rm.md.",
+            "reward_model",
+            _training_data("comparisons"),
+        ),
+        Stage(
+            "dpo",
+            DPOConfig,
+            "instructkit.train.dpo:dpo",
+            "preference tuning: DPO, IPO, hinge, SimPO, ORPO, KTO",
+            "Direct preference optimisation and its relatives on preference pairs (loss=sigmoid|ipo|hinge|"
+            "simpo|orpo|kto). Logs implicit rewards, margins and accuracies. See docs/dpo.md.",
+            "policy",
+            _dpo_data,
+        ),
+        Stage(
+            "ppo",
+            PPOConfig,
+            "instructkit.train.ppo:ppo",
+            "RL from a reward model or a reward function: PPO-ptx, GRPO, RLOO",
+            "PPO with a per-token KL penalty against the SFT reference and the pretraining mix (PPO-ptx), or "
+            "group-relative GRPO/RLOO, with rewards from a reward model or a Python function "
+            "(module:function). See docs/ppo.md.",
+            "policy",
+            _ppo_data,
+            missing=_ppo_missing,
+        ),
+        Stage(
+            "eval",
+            EvalStageConfig,
+            "instructkit.eval.stage:eval_stage",
+            "evaluate every model of a recipe on held-out data",
+            "The recipe's evaluation: the starting model and every trained stage on the same held-out data "
+            "with the configured suites. See docs/run.md.",
+            "evaluation",
+            _eval_data,
+            command=False,
+        ),
+    )
+}
 
 
 def stage(name: str, *, field: str = "stage") -> Stage:
     if name not in STAGES:
-        raise InputError(f"unknown stage '{name}' (one of {', '.join(STAGES)}){did_you_mean(name, STAGES)}",
-                         field=field)
+        raise InputError(
+            f"unknown stage '{name}' (one of {', '.join(STAGES)}){did_you_mean(name, STAGES)}", field=field
+        )
     return STAGES[name]
 
 
@@ -187,12 +225,15 @@ def recipe_path(recipe: str | Path | None) -> Path:
     shipped = shipped_recipes()
     if str(recipe) in shipped:
         return shipped[str(recipe)]
-    raise InputError(f"no such recipe file or shipped recipe{did_you_mean(str(recipe), shipped)}; "
-                     f"shipped: {', '.join(shipped)}", file=str(recipe))
+    raise InputError(
+        f"no such recipe file or shipped recipe{did_you_mean(str(recipe), shipped)}; shipped: {', '.join(shipped)}",
+        file=str(recipe),
+    )
 
 
-def load_recipe(recipe: str | Path | None, overrides: list[str] | None = None, *,
-                override_prefix: str = "") -> LoadedRecipe:
+def load_recipe(
+    recipe: str | Path | None, overrides: list[str] | None = None, *, override_prefix: str = ""
+) -> LoadedRecipe:
     """Load and validate a recipe, including the config of every stage it has a section for.
 
     ``overrides`` are dotted ``key=value`` from the recipe's root (``sft.optim.lr=1e-4``), or
@@ -203,8 +244,9 @@ def load_recipe(recipe: str | Path | None, overrides: list[str] | None = None, *
     cfg = from_dict(RecipeConfig, merge(data, parse_overrides(overrides, override_prefix)), origin=origin)
     for i, name in enumerate(cfg.stages):
         if name not in STAGES:
-            raise origin.error(f"unknown stage '{name}' (one of {', '.join(STAGES)}){did_you_mean(name, STAGES)}",
-                               "stages")
+            raise origin.error(
+                f"unknown stage '{name}' (one of {', '.join(STAGES)}){did_you_mean(name, STAGES)}", "stages"
+            )
     if len(set(cfg.stages)) != len(cfg.stages):
         raise origin.error("a stage may appear only once", "stages")
     stages, sections = {}, {}

@@ -67,7 +67,7 @@ def build(pairs: int, prompts: int, seed: int = 0) -> dict[str, list[dict]]:
     return {
         "prefs_train": [pair(r) for r in train[-pairs:]],
         "prefs_val": [pair(r) for r in val],
-        "prompts_train": [prompt_row(r) for r in train[-pairs - prompts:-pairs]],
+        "prompts_train": [prompt_row(r) for r in train[-pairs - prompts : -pairs]],
         "prompts_test": [prompt_row(r) for r in test],
     }
 

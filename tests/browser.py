@@ -12,8 +12,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 
 
 @contextlib.contextmanager
@@ -21,8 +29,9 @@ def chromium_page(viewport: dict[str, int] | None = None) -> Iterator[object]:
     """A fresh page in a fresh headless browser; closed afterwards."""
     from playwright.sync_api import sync_playwright
 
-    assert CHROMIUM.is_file() or shutil.which("chromium"), \
+    assert CHROMIUM.is_file() or shutil.which("chromium"), (
         "Debian's chromium is not installed: `make test` installs it (apt-get install chromium)"
+    )
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
         try:

@@ -14,21 +14,34 @@ GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "c
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "instructkit", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "instructkit", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
 
 
 BAD_FILES = {
-    "bad_json": (lambda p: p.write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n{\"messages\": [\n"),
-                 ["bad.jsonl:3", "JSON"]),
-    "missing_field": (lambda p: p.write_text(json.dumps(GOOD) + "\n" + json.dumps({"instruction": "x"}) + "\n"),
-                      ["bad.jsonl:2", "missing field 'messages'"]),
-    "wrong_role": (lambda p: p.write_text(json.dumps(GOOD) + "\n" + json.dumps(
-        {"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}) + "\n"),
-                   ["bad.jsonl:2", "messages[1].role", "bot"]),
+    "bad_json": (
+        lambda p: p.write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD) + '\n{"messages": [\n'),
+        ["bad.jsonl:3", "JSON"],
+    ),
+    "missing_field": (
+        lambda p: p.write_text(json.dumps(GOOD) + "\n" + json.dumps({"instruction": "x"}) + "\n"),
+        ["bad.jsonl:2", "missing field 'messages'"],
+    ),
+    "wrong_role": (
+        lambda p: p.write_text(
+            json.dumps(GOOD)
+            + "\n"
+            + json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]})
+            + "\n"
+        ),
+        ["bad.jsonl:2", "messages[1].role", "bot"],
+    ),
     "empty_file": (lambda p: p.write_text(""), ["bad.jsonl", "empty"]),
-    "non_utf8": (lambda p: p.write_bytes(json.dumps(GOOD).encode() + b"\n{\"text\": \"caf\xe9\"}\n"),
-                 ["bad.jsonl:2", "UTF-8"]),
+    "non_utf8": (
+        lambda p: p.write_bytes(json.dumps(GOOD).encode() + b'\n{"text": "caf\xe9"}\n'),
+        ["bad.jsonl:2", "UTF-8"],
+    ),
 }
 
 
@@ -49,8 +62,14 @@ def test_sft_with_bad_data_writes_no_model_and_no_checkpoint(tmp_path):
     data = tmp_path / "bad.jsonl"
     BAD_FILES["wrong_role"][0](data)
     out = tmp_path / "run"
-    proc = run_cli("sft", "--config", str(REPO / "recipes" / "quickstart.yaml"), f"data.path={data}",
-                   "data.val_path=null", f"out={out}")
+    proc = run_cli(
+        "sft",
+        "--config",
+        str(REPO / "recipes" / "quickstart.yaml"),
+        f"data.path={data}",
+        "data.val_path=null",
+        f"out={out}",
+    )
     assert proc.returncode == 2 and "messages[1].role" in proc.stderr
     assert not (out / "final").exists() and not (out / "checkpoints").exists()
 

@@ -24,8 +24,17 @@ def test_unknown_key_names_file_line_and_closest_key(tmp_path):
 
 
 def test_overrides_are_typed_and_validated():
-    cfg = load_config(SFTConfig, None, ["optim.lr=3e-4", "train.batch_size=2", "peft.target_modules=[q_proj,v_proj]",
-                                        "data.packing=true", "optim.max_grad_norm=null"])
+    cfg = load_config(
+        SFTConfig,
+        None,
+        [
+            "optim.lr=3e-4",
+            "train.batch_size=2",
+            "peft.target_modules=[q_proj,v_proj]",
+            "data.packing=true",
+            "optim.max_grad_norm=null",
+        ],
+    )
     assert cfg.optim.lr == 3e-4 and cfg.train.batch_size == 2 and cfg.data.packing is True
     assert cfg.peft.target_modules == ["q_proj", "v_proj"] and cfg.optim.max_grad_norm is None
     with pytest.raises(InputError, match="train.batch_size.*expected an integer"):
@@ -44,8 +53,9 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "instructkit", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "instructkit", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_unknown_config_key_exits_2_without_traceback_or_output(tmp_path):
@@ -60,8 +70,15 @@ def test_cli_unknown_config_key_exits_2_without_traceback_or_output(tmp_path):
 
 
 def test_every_command_has_help():
-    for args in (["--help"], ["run", "--help"], ["sft", "--help"], ["data", "inspect", "--help"],
-                 ["eval", "--help"], ["generate", "--help"], ["chat", "--help"]):
+    for args in (
+        ["--help"],
+        ["run", "--help"],
+        ["sft", "--help"],
+        ["data", "inspect", "--help"],
+        ["eval", "--help"],
+        ["generate", "--help"],
+        ["chat", "--help"],
+    ):
         proc = run_cli(*args)
         assert proc.returncode == 0 and "usage: instructkit" in proc.stdout, args
 

@@ -92,8 +92,10 @@ RUNNABLE_SHARE = 0.9
 BLOCK_TIMEOUT = 600
 # The quickstart as every page's world has it: the same overrides wherever a doc runs it, so a
 # rerun finds the same config (and skips what is finished) instead of a changed one.
-QUICKSTART_SCALE = ("model={tiny} sft.train.max_steps=1 sft.data.limit=16 dpo.train.max_steps=1 dpo.data.limit=16 "
-                    "eval.limit=2 eval.max_new_tokens=4")
+QUICKSTART_SCALE = (
+    "model={tiny} sft.train.max_steps=1 sft.data.limit=16 dpo.train.max_steps=1 dpo.data.limit=16 "
+    "eval.limit=2 eval.max_new_tokens=4"
+)
 
 MARKER = re.compile(r"^\s*<!--\s*docs-test:\s*(.*?)\s*-->\s*$", re.S)
 FENCE = re.compile(r"^(\s*)```(\S*)\s*$")
@@ -156,7 +158,7 @@ def _comment_before(lines: list[str], fence: int) -> str:
     if end < 0 or not lines[end].rstrip().endswith("-->"):
         return ""
     start = next((j for j in range(end, -1, -1) if "<!--" in lines[j]), end)
-    return " ".join(line.strip() for line in lines[start:end + 1])
+    return " ".join(line.strip() for line in lines[start : end + 1])
 
 
 def parse_page(page: str) -> list[Block]:
@@ -171,8 +173,9 @@ def parse_page(page: str) -> list[Block]:
             continue
         indent, lang = fence.groups()
         end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() == "```"), len(lines))
-        body = textwrap.dedent("\n".join(line[len(indent):] if line.startswith(indent) else line
-                                         for line in lines[i + 1:end]))
+        body = textwrap.dedent(
+            "\n".join(line[len(indent) :] if line.startswith(indent) else line for line in lines[i + 1 : end])
+        )
         block = Block(page, i + 1, lang.lower(), body + "\n", heading)
         comment = MARKER.match(_comment_before(lines, i))
         parse_marker(block, comment.group(1) if comment else None)
@@ -186,26 +189,29 @@ ALL_BLOCKS = [block for page in PAGES for block in parse_page(page)]
 
 def test_every_block_is_marked():
     problems = [f"{b.id} ({b.lang or 'plain'}, under '{b.heading}'): {b.problem}" for b in ALL_BLOCKS if b.problem]
-    assert not problems, "fenced blocks without a valid docs-test marker (see tests/test_docs.py):\n" + \
-        "\n".join(problems)
+    assert not problems, "fenced blocks without a valid docs-test marker (see tests/test_docs.py):\n" + "\n".join(
+        problems
+    )
 
 
 def test_nearly_every_shell_and_python_block_runs():
     code = [b for b in ALL_BLOCKS if b.lang in SHELL + PYTHON]
     runs = [b for b in code if b.kind == "run"]
     skipped = "\n".join(f"  {b.id}: {b.kind} {b.reason}" for b in code if b.kind != "run")
-    assert code and len(runs) / len(code) >= RUNNABLE_SHARE, \
+    assert code and len(runs) / len(code) >= RUNNABLE_SHARE, (
         f"{len(runs)} of {len(code)} shell and Python blocks run (need {RUNNABLE_SHARE:.0%}); not run:\n{skipped}"
+    )
 
 
 def test_the_marker_checks_can_fail():
     """The checks above are only as good as the parser: feed it what they must catch."""
+
     def marked(comment: str | None, lang: str = "bash") -> str | None:
         block = Block("x.md", 1, lang, "true\n", "")
         parse_marker(block, comment)
         return block.problem
 
-    assert marked(None) and marked("skip") and marked("runn") and marked("run scael=\"x\"")
+    assert marked(None) and marked("skip") and marked("runn") and marked('run scael="x"')
     assert marked("run", lang="json") and marked("file") and marked('data format="x"', lang="yaml")
     assert marked('run scale="--limit 2"', lang="python") and marked('run server="x"')
     assert marked("skip (a GPU)") is None and marked('run scale.2="--limit 2"') is None
@@ -311,9 +317,15 @@ for line in sys.stdin:
 
 def docs_env(folder: Path) -> dict[str, str]:
     bin_dir = str(Path(sys.executable).parent)
-    return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": "", "OMP_NUM_THREADS": "1",  # the cores are shared
-            "PET_MASTER_PORT": str(free_port())}  # torchrun's port, away from other runs
+    return {
+        **os.environ,
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "PYTHONPATH": "",
+        "OMP_NUM_THREADS": "1",  # the cores are shared
+        "PET_MASTER_PORT": str(free_port()),
+    }  # torchrun's port, away from other runs
 
 
 class Session:
@@ -326,9 +338,16 @@ class Session:
         read, write = os.pipe()
         # open for the interpreter's life, closed with it (close())
         self.log = open(self.folder / ".docs-test-session.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-c", WORKER, str(write)], cwd=self.folder, stdin=subprocess.PIPE,
-                                     stdout=self.log, stderr=self.log, pass_fds=(write,), env=docs_env(self.folder),
-                                     text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(write)],
+            cwd=self.folder,
+            stdin=subprocess.PIPE,
+            stdout=self.log,
+            stderr=self.log,
+            pass_fds=(write,),
+            env=docs_env(self.folder),
+            text=True,
+        )
         os.close(write)
         self.replies = os.fdopen(read)
 
@@ -369,8 +388,15 @@ class Server:
         self.port = free_port()
         self.line = scaled(line, f"--host 127.0.0.1 --port {self.port}")  # the last --host/--port wins
         env, words = program(shlex.split(self.line))
-        self.proc = subprocess.Popen(words, cwd=folder, env={**docs_env(folder), **env}, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.proc = subprocess.Popen(
+            words,
+            cwd=folder,
+            env={**docs_env(folder), **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
 
     def wait_up(self, timeout: float = 180) -> tuple[bool, str]:
         deadline = time.monotonic() + timeout
@@ -398,6 +424,7 @@ class Server:
 def rank_everything(url: str, annotators: list[str]) -> int:
     """What the people of label.md's step 2 do on /rank, through the page's JSON API: each one
     ranks every prompt they are handed, in the order the responses came, until none are left."""
+
     def call(path: str, body: dict | None = None) -> dict:
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
@@ -408,8 +435,15 @@ def rank_everything(url: str, annotators: list[str]) -> int:
     for name in annotators:
         while (prompt := call(f"/label/next?annotator={name}")["prompt"]) is not None:
             order = [r["index"] for r in prompt["responses"]]
-            call("/label/rank", {"submission_id": f"{name}-{prompt['prompt_id']}", "prompt_id": prompt["prompt_id"],
-                                 "annotator": name, "order": order})
+            call(
+                "/label/rank",
+                {
+                    "submission_id": f"{name}-{prompt['prompt_id']}",
+                    "prompt_id": prompt["prompt_id"],
+                    "annotator": name,
+                    "order": order,
+                },
+            )
             ranked += 1
     return ranked
 
@@ -518,8 +552,14 @@ class Page:
             status, output = self.session.call({"op": "cli", "argv": words[1:]})
         else:
             try:
-                proc = subprocess.run(["bash", "-c", line], cwd=self.folder, env=docs_env(self.folder),
-                                      capture_output=True, text=True, timeout=BLOCK_TIMEOUT)
+                proc = subprocess.run(
+                    ["bash", "-c", line],
+                    cwd=self.folder,
+                    env=docs_env(self.folder),
+                    capture_output=True,
+                    text=True,
+                    timeout=BLOCK_TIMEOUT,
+                )
                 status, output = proc.returncode, proc.stdout + proc.stderr
             except subprocess.TimeoutExpired as exc:
                 status, output = 124, f"timed out after {exc.timeout} s"
@@ -586,16 +626,31 @@ def _write_data(folder: Path, shared_data: Path) -> None:
         _write_jsonl(folder / name, _shipped("extract_prefs", "val", 8))
     _write_jsonl(folder / "prompts.jsonl", _shipped("extract_prompts", "train", 8))
     # responses made elsewhere: the references themselves, keyed by position
-    _write_jsonl(folder / "vllm_outputs.jsonl",
-                 [{"key": i, "response": r["messages"][-1]["content"]} for i, r in enumerate(test)])
+    _write_jsonl(
+        folder / "vllm_outputs.jsonl",
+        [{"key": i, "response": r["messages"][-1]["content"]} for i, r in enumerate(test)],
+    )
     ifeval = (shared_data / "ifeval" / "input_data.jsonl").read_text(encoding="utf-8").splitlines()[:4]
     (folder / "input_data.jsonl").write_text("\n".join(ifeval) + "\n", encoding="utf-8")
     rows = [{"question": r["messages"][1]["content"], "answer": r["messages"][2]["content"]} for r in train]
-    (folder / "train.csv").write_text("question,answer\n" + "".join(
-        f"{json.dumps(r['question'])},{json.dumps(r['answer'])}\n" for r in rows), encoding="utf-8")
+    (folder / "train.csv").write_text(
+        "question,answer\n" + "".join(f"{json.dumps(r['question'])},{json.dumps(r['answer'])}\n" for r in rows),
+        encoding="utf-8",
+    )
     speakers = {"user": "me", "assistant": "bot"}
-    _write_jsonl(folder / "chats.jsonl", [{"dialog": [{"speaker": speakers[m["role"]], "text": m["content"]}
-                                                      for m in r["messages"] if m["role"] in speakers]} for r in train])
+    _write_jsonl(
+        folder / "chats.jsonl",
+        [
+            {
+                "dialog": [
+                    {"speaker": speakers[m["role"]], "text": m["content"]}
+                    for m in r["messages"]
+                    if m["role"] in speakers
+                ]
+            }
+            for r in train
+        ],
+    )
     shutil.copytree(shared_data / "peers" / "llama-factory", folder / "data", ignore=shutil.ignore_patterns("mllm*"))
 
 
@@ -638,8 +693,11 @@ def build_world(folder: Path, shared_data: Path) -> World:
     page = Page("(world)", folder, world)
     page.session = session
     # runs the docs read: the quickstart, and the runs sft.md and rm.md configure
-    steps = [scaled("instructkit run", page.expand("{quickstart}")),
-             "instructkit sft --config my_sft.yaml", "instructkit rm --config my_rm.yaml"]
+    steps = [
+        scaled("instructkit run", page.expand("{quickstart}")),
+        "instructkit sft --config my_sft.yaml",
+        "instructkit rm --config my_rm.yaml",
+    ]
     for step in steps:
         if not page.command(step, log)[0]:
             world.problems.append(log[-1])
@@ -656,9 +714,18 @@ def _tiny_reward_model(path: Path, tokenizer) -> None:
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, num_labels=1,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     LlamaForSequenceClassification(config).save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
 

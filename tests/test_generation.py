@@ -35,10 +35,17 @@ def model(tokenizer):
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
     )
     return LlamaForCausalLM(config)
 
@@ -131,7 +138,7 @@ def test_model_mode_is_restored(model, tokenizer):
 
 
 def test_a_one_token_stop_string_that_starts_in_the_previous_token_is_cut_there():
-    """"\\n" then the single token "\\n\\n": the text "\\n\\n\\n" holds the stop "\\n\\n" from its
+    """ "\\n" then the single token "\\n\\n": the text "\\n\\n\\n" holds the stop "\\n\\n" from its
     first character, so nothing is returned (before the fix: "\\n")."""
     from instructkit.generation import decode_response
     from tests.tiny import real_tokenizer

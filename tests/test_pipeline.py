@@ -37,12 +37,22 @@ def test_recipe_runs_stages_in_order_and_skips_finished_ones(tmp_path, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", rows)
     test = write_jsonl(tmp_path / "test.jsonl", rows[:4])
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(json.dumps({
-        "name": "tiny", "model": str(model), "stages": ["sft", "eval"],
-        "sft": {"data": {"path": str(data), "val_fraction": 0.0, "max_length": 64}, "peft": {"method": "full"},
-                "optim": {"lr": 1e-2}, "train": {"batch_size": 4, "max_steps": 3, "progress": False}},
-        "eval": {"suites": ["exact_match", "loss"], "data": str(test), "max_new_tokens": 4},
-    }))
+    recipe.write_text(
+        json.dumps(
+            {
+                "name": "tiny",
+                "model": str(model),
+                "stages": ["sft", "eval"],
+                "sft": {
+                    "data": {"path": str(data), "val_fraction": 0.0, "max_length": 64},
+                    "peft": {"method": "full"},
+                    "optim": {"lr": 1e-2},
+                    "train": {"batch_size": 4, "max_steps": 3, "progress": False},
+                },
+                "eval": {"suites": ["exact_match", "loss"], "data": str(test), "max_new_tokens": 4},
+            }
+        )
+    )
     out = tmp_path / "run"
     summary = run(recipe, out=out)
     assert set(summary["table"]) == {"base", "sft"}
@@ -68,18 +78,39 @@ def test_instructgpt_chain_feeds_each_stage_the_previous_output(tmp_path):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in toy_preferences(8)])
     train = {"batch_size": 4, "max_steps": 2, "progress": False}
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(json.dumps({
-        "name": "chain", "model": str(model), "stages": ["sft", "rm", "ppo", "dpo", "eval"],
-        "sft": {"data": {"path": str(convs), "val_fraction": 0.0, "max_length": 64}, "peft": {"method": "full"},
-                "train": train},
-        "rm": {"data": {"path": str(pairs), "val_fraction": 0.25, "max_length": 64}, "peft": {"method": "full"},
-               "train": train},
-        "ppo": {"data": {"path": str(prompts)}, "peft": {"method": "lora", "r": 2}, "rollout_batch_size": 4,
-                "max_new_tokens": 4, "ppo_epochs": 1, "train": train},
-        "dpo": {"data": {"path": str(pairs), "val_fraction": 0.0, "max_length": 64},
-                "peft": {"method": "lora", "r": 2}, "train": train},
-        "eval": {"suites": ["loss"], "data": str(convs), "limit": 4},
-    }))
+    recipe.write_text(
+        json.dumps(
+            {
+                "name": "chain",
+                "model": str(model),
+                "stages": ["sft", "rm", "ppo", "dpo", "eval"],
+                "sft": {
+                    "data": {"path": str(convs), "val_fraction": 0.0, "max_length": 64},
+                    "peft": {"method": "full"},
+                    "train": train,
+                },
+                "rm": {
+                    "data": {"path": str(pairs), "val_fraction": 0.25, "max_length": 64},
+                    "peft": {"method": "full"},
+                    "train": train,
+                },
+                "ppo": {
+                    "data": {"path": str(prompts)},
+                    "peft": {"method": "lora", "r": 2},
+                    "rollout_batch_size": 4,
+                    "max_new_tokens": 4,
+                    "ppo_epochs": 1,
+                    "train": train,
+                },
+                "dpo": {
+                    "data": {"path": str(pairs), "val_fraction": 0.0, "max_length": 64},
+                    "peft": {"method": "lora", "r": 2},
+                    "train": train,
+                },
+                "eval": {"suites": ["loss"], "data": str(convs), "limit": 4},
+            }
+        )
+    )
     out = tmp_path / "run"
     summary = run(recipe, out=out)
     config = lambda stage: (out / stage / "config.yaml").read_text()  # noqa: E731
@@ -128,22 +159,45 @@ def test_killed_recipe_reruns_skipping_finished_stages_and_matches_an_uninterrup
     convs = write_jsonl(tmp_path / "sft.jsonl", toy_conversations(16))
     pairs = write_jsonl(tmp_path / "pairs.jsonl", toy_preferences(24))
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(json.dumps({
-        "name": "killed", "model": str(model), "stages": ["sft", "dpo", "eval"],
-        "sft": {"data": {"path": str(convs), "val_fraction": 0.0, "max_length": 64}, "peft": {"method": "full"},
-                "optim": {"lr": 1e-2}, "train": {"batch_size": 4, "max_steps": 4, "progress": False}},
-        "dpo": {"data": {"path": str(pairs), "val_fraction": 0.25, "max_length": 64}, "peft": {"method": "full"},
-                "optim": {"lr": 5e-3}, "train": {"batch_size": 4, "max_steps": 10, "save_every": 5,
-                                                 "progress": False}},
-        "eval": {"suites": ["loss", "exact_match", "preference"], "data": str(convs), "limit": 4,
-                 "max_new_tokens": 4, "preference_data": str(pairs)},
-    }))
+    recipe.write_text(
+        json.dumps(
+            {
+                "name": "killed",
+                "model": str(model),
+                "stages": ["sft", "dpo", "eval"],
+                "sft": {
+                    "data": {"path": str(convs), "val_fraction": 0.0, "max_length": 64},
+                    "peft": {"method": "full"},
+                    "optim": {"lr": 1e-2},
+                    "train": {"batch_size": 4, "max_steps": 4, "progress": False},
+                },
+                "dpo": {
+                    "data": {"path": str(pairs), "val_fraction": 0.25, "max_length": 64},
+                    "peft": {"method": "full"},
+                    "optim": {"lr": 5e-3},
+                    "train": {"batch_size": 4, "max_steps": 10, "save_every": 5, "progress": False},
+                },
+                "eval": {
+                    "suites": ["loss", "exact_match", "preference"],
+                    "data": str(convs),
+                    "limit": 4,
+                    "max_new_tokens": 4,
+                    "preference_data": str(pairs),
+                },
+            }
+        )
+    )
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     killer = tmp_path / "killer.py"
     killer.write_text(KILLER)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.run([sys.executable, str(killer), "run", str(recipe), "--out", str(killed)], env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(killer), "run", str(recipe), "--out", str(killed)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert (killed / "sft" / "summary.json").is_file() and not (killed / "dpo" / "summary.json").exists()
     assert (killed / "dpo" / "metrics.jsonl").read_text().endswith('{"step": 7, "lo')
@@ -156,8 +210,16 @@ def test_killed_recipe_reruns_skipping_finished_stages_and_matches_an_uninterrup
     assert (killed / "sft" / "summary.json").stat().st_mtime_ns == sft_stamp
 
     uninterrupted = run(recipe, out=whole)
-    curve = lambda root: [(r["step"], r["loss"]) for r in map(json.loads, (root / "dpo" / "metrics.jsonl")  # noqa: E731
-                                                               .read_text().splitlines()) if "loss" in r]
+    curve = lambda root: [
+        (r["step"], r["loss"])
+        for r in map(
+            json.loads,
+            (root / "dpo" / "metrics.jsonl")  # noqa: E731
+            .read_text()
+            .splitlines(),
+        )
+        if "loss" in r
+    ]
     assert [s for s, _ in curve(killed)] == list(range(1, 11))
     for (_, a), (_, b) in zip(curve(killed), curve(whole)):
         assert a == pytest.approx(b, rel=1e-6, abs=1e-7)
@@ -177,12 +239,21 @@ def _tiny_recipe(tmp_path: Path) -> Path:
     rows = toy_conversations(16)
     data = write_jsonl(tmp_path / "train.jsonl", rows)
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(json.dumps({
-        "name": "tiny", "model": str(model), "stages": ["sft", "eval"],
-        "sft": {"data": {"path": str(data), "val_fraction": 0.0, "max_length": 64}, "peft": {"method": "full"},
-                "train": {"batch_size": 4, "max_steps": 2, "progress": False}},
-        "eval": {"suites": ["loss"], "data": str(data), "limit": 4},
-    }))
+    recipe.write_text(
+        json.dumps(
+            {
+                "name": "tiny",
+                "model": str(model),
+                "stages": ["sft", "eval"],
+                "sft": {
+                    "data": {"path": str(data), "val_fraction": 0.0, "max_length": 64},
+                    "peft": {"method": "full"},
+                    "train": {"batch_size": 4, "max_steps": 2, "progress": False},
+                },
+                "eval": {"suites": ["loss"], "data": str(data), "limit": 4},
+            }
+        )
+    )
     return recipe
 
 

@@ -16,23 +16,36 @@ def make_run_folder(root: Path) -> dict:
     (root / "dpo").mkdir()
     (root / "eval").mkdir()
     sft_rows = [{"step": s, "loss": 2.0 / s, "lr": 1e-3} for s in range(1, 6)] + [{"step": 5, "val_loss": 0.5}]
-    (root / "sft" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft_rows)
-                                                + '{"step": 6, "loss"')  # torn last line of a killed run
-    dpo_rows = [{"step": s, "loss": 0.7 - 0.1 * s, "reward_margin": 0.2 * s, "reward_accuracy": 0.5 + 0.1 * s}
-                for s in range(1, 4)]
+    (root / "sft" / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in sft_rows) + '{"step": 6, "loss"'
+    )  # torn last line of a killed run
+    dpo_rows = [
+        {"step": s, "loss": 0.7 - 0.1 * s, "reward_margin": 0.2 * s, "reward_accuracy": 0.5 + 0.1 * s}
+        for s in range(1, 4)
+    ]
     (root / "dpo" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dpo_rows))
     prompts = ["p1 <b>", "p2", "p3"]
     for model, answers in {"base": ["x", "y", "z"], "sft": ["a1", "a2", "z"], "dpo": ["a1", "a2", "a3"]}.items():
-        rows = [{"key": i, "prompt": p, "response": r, "reference": f"a{i + 1}", "correct": r == f"a{i + 1}"}
-                for i, (p, r) in enumerate(zip(prompts, answers))]
+        rows = [
+            {"key": i, "prompt": p, "response": r, "reference": f"a{i + 1}", "correct": r == f"a{i + 1}"}
+            for i, (p, r) in enumerate(zip(prompts, answers))
+        ]
         if model == "dpo":
             rows = rows[::-1]  # order differs: samples are matched by prompt
         (root / "eval" / f"{model}.samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    table = {"base": {"exact_match": 0.0, "loss": 2.0, "pref_accuracy": 0.5, "n": 3},
-             "sft": {"exact_match": 2 / 3, "loss": 1.0, "pref_accuracy": 0.5, "n": 3},
-             "dpo": {"exact_match": 1.0, "loss": 2.5, "pref_accuracy": 0.9, "n": 3}}
-    return {"recipe": "toy", "out": str(root), "final_model": str(root / "dpo"), "seconds": 1.0,
-            "stages": {"sft": {"steps": 5}, "dpo": {"steps": 3}, "eval": {"table": table}}, "table": table}
+    table = {
+        "base": {"exact_match": 0.0, "loss": 2.0, "pref_accuracy": 0.5, "n": 3},
+        "sft": {"exact_match": 2 / 3, "loss": 1.0, "pref_accuracy": 0.5, "n": 3},
+        "dpo": {"exact_match": 1.0, "loss": 2.5, "pref_accuracy": 0.9, "n": 3},
+    }
+    return {
+        "recipe": "toy",
+        "out": str(root),
+        "final_model": str(root / "dpo"),
+        "seconds": 1.0,
+        "stages": {"sft": {"steps": 5}, "dpo": {"steps": 3}, "eval": {"table": table}},
+        "table": table,
+    }
 
 
 def test_metrics_map_to_suites():

@@ -24,8 +24,12 @@ def test_report_renders_in_chromium_with_every_section_and_image(tmp_path):
         sample_rows = page.locator("#samples table.samples tr").count()
         page.screenshot(path=str(shot), full_page=True)
 
-    assert [h.split(",")[0] for h in headings] == ["Summary", "Held-out results", "Training curves",
-                                                   "Sample responses on held-out prompts"]
+    assert [h.split(",")[0] for h in headings] == [
+        "Summary",
+        "Held-out results",
+        "Training curves",
+        "Sample responses on held-out prompts",
+    ]
     assert [i["alt"] for i in images] == ["sft curves", "dpo curves"]
     assert all(i["complete"] and i["width"] > 100 and i["height"] > 100 for i in images), images
     assert tables == 3 and sample_rows == 1 + 3

@@ -19,8 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "instructkit", *args], capture_output=True, text=True,
-                          cwd=cwd or REPO, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "instructkit", *args], capture_output=True, text=True, cwd=cwd or REPO, timeout=120
+    )
 
 
 def test_cli_stage_commands_are_the_registry_entries():
@@ -33,13 +34,16 @@ def test_cli_stage_commands_are_the_registry_entries():
         assert callable(STAGES[name].load())
 
 
-@pytest.mark.parametrize(("literal", "registry"), [
-    ("PeftMethod", "instructkit.models.peft_methods:METHODS"),
-    ("PreferenceLoss", "instructkit.losses.preference:PREFERENCE_LOSSES"),
-    ("Advantage", "instructkit.losses.rl:ADVANTAGE_ESTIMATORS"),
-    ("KLEstimator", "instructkit.losses.rl:KL_ESTIMATORS"),
-    ("DataFormat", "instructkit.data.formats:FORMATS_BY_NAME"),
-])
+@pytest.mark.parametrize(
+    ("literal", "registry"),
+    [
+        ("PeftMethod", "instructkit.models.peft_methods:METHODS"),
+        ("PreferenceLoss", "instructkit.losses.preference:PREFERENCE_LOSSES"),
+        ("Advantage", "instructkit.losses.rl:ADVANTAGE_ESTIMATORS"),
+        ("KLEstimator", "instructkit.losses.rl:KL_ESTIMATORS"),
+        ("DataFormat", "instructkit.data.formats:FORMATS_BY_NAME"),
+    ],
+)
 def test_config_enumerations_equal_their_registries(literal, registry):
     import importlib
 
@@ -59,8 +63,10 @@ def test_suite_and_template_choices_equal_their_registries():
 
 
 def test_help_imports_no_torch():
-    code = "import sys; from instructkit.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\n" \
-           "print('torch' in sys.modules)"
+    code = (
+        "import sys; from instructkit.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\n"
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert out.stdout.strip().splitlines()[-1] == "False"
 
@@ -78,10 +84,14 @@ def test_shipped_recipes_have_one_source():
 def _recipe(tmp_path: Path, **changes) -> Path:
     convs = write_jsonl(tmp_path / "train.jsonl", toy_conversations(8))
     prefs = write_jsonl(tmp_path / "pairs.jsonl", toy_preferences(8))
-    recipe = {"name": "t", "model": "smollm2-135m-instruct", "stages": ["sft", "dpo", "eval"],
-              "sft": {"data": {"path": str(convs)}, "train": {"max_steps": 1}},
-              "dpo": {"data": {"path": str(prefs)}, "loss": "sigmoid", "train": {"max_steps": 1}},
-              "eval": {"suites": ["exact_match"], "data": str(convs)}}
+    recipe = {
+        "name": "t",
+        "model": "smollm2-135m-instruct",
+        "stages": ["sft", "dpo", "eval"],
+        "sft": {"data": {"path": str(convs)}, "train": {"max_steps": 1}},
+        "dpo": {"data": {"path": str(prefs)}, "loss": "sigmoid", "train": {"max_steps": 1}},
+        "eval": {"suites": ["exact_match"], "data": str(convs)},
+    }
     for dotted, value in changes.items():
         node = recipe
         *parents, last = dotted.split("__")
@@ -161,8 +171,9 @@ def test_every_shipped_recipe_passes_the_up_front_checks():
 
 def test_recipe_stage_sections_are_validated_even_when_not_run(tmp_path):
     path = tmp_path / "r.yaml"
-    path.write_text(json.dumps({"stages": ["sft"], "sft": {"data": {"path": "x.jsonl"}},
-                                "ppo": {"advantage": "grpoo"}}))
+    path.write_text(
+        json.dumps({"stages": ["sft"], "sft": {"data": {"path": "x.jsonl"}}, "ppo": {"advantage": "grpoo"}})
+    )
     from instructkit.errors import InputError
 
     with pytest.raises(InputError, match="did you mean 'grpo'"):

@@ -20,9 +20,18 @@ def tiny_llama(vocab_size: int, seed: int = 0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, attention_dropout=0.0, **overrides)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        attention_dropout=0.0,
+        **overrides,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -49,8 +58,14 @@ def toy_conversations(n: int = 32) -> list[dict]:
     for i in range(n):
         k = 1 + i % 4
         ws = [words[(i * 3 + j) % len(words)] for j in range(k)]
-        rows.append({"messages": [{"role": "user", "content": "reverse: " + " ".join(ws)},
-                                  {"role": "assistant", "content": " ".join(reversed(ws))}]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": "reverse: " + " ".join(ws)},
+                    {"role": "assistant", "content": " ".join(reversed(ws))},
+                ]
+            }
+        )
     return rows
 
 
@@ -62,6 +77,5 @@ def toy_preferences(n: int = 32) -> list[dict]:
         prompt, answer = conv["messages"]
         words = prompt["content"].removeprefix("reverse: ")
         wrong = words + " wrong"
-        rows.append({"prompt": [prompt], "chosen": [answer],
-                     "rejected": [{"role": "assistant", "content": wrong}]})
+        rows.append({"prompt": [prompt], "chosen": [answer], "rejected": [{"role": "assistant", "content": wrong}]})
     return rows

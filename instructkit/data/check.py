@@ -28,8 +28,14 @@ def missing_file_problem(path: str) -> str | None:
     return f"no such file '{path}'" + (f" (did you mean '{folder / best}'?)" if best else "")
 
 
-def check_data_file(path: str | None, kind: str, *, format: str | None = None,
-                    columns: dict[str, str] | None = None, dataset_info: str | None = None) -> int:
+def check_data_file(
+    path: str | None,
+    kind: str,
+    *,
+    format: str | None = None,
+    columns: dict[str, str] | None = None,
+    dataset_info: str | None = None,
+) -> int:
     """Read ``path`` as the stage will; returns the number of records. Raises InputError."""
     from instructkit.data import encoders
     from instructkit.data.formats import load_records
@@ -52,8 +58,9 @@ def check_data_file(path: str | None, kind: str, *, format: str | None = None,
 
         return len(read_rows(resolve_data_path(path)))
     if dataset_info:
-        records = load_records(dataset_info=resolve_data_path(dataset_info), name=path, format=format,
-                               columns=columns).records
+        records = load_records(
+            dataset_info=resolve_data_path(dataset_info), name=path, format=format, columns=columns
+        ).records
     else:
         records = load_records(resolve_data_path(path), format=format, columns=columns).records
     where = str(path)
@@ -69,7 +76,8 @@ def check_data_file(path: str | None, kind: str, *, format: str | None = None,
         for i, record in enumerate(records):
             if not isinstance(record, allowed):
                 names = " or ".join(t.__name__ for t in allowed)
-                raise InputError(f"expected {kind} ({names} records), not {type(record).__name__}",
-                                 file=where, record=i)
+                raise InputError(
+                    f"expected {kind} ({names} records), not {type(record).__name__}", file=where, record=i
+                )
         converted = records
     return len(converted)

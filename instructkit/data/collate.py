@@ -132,9 +132,7 @@ def pack_examples(examples: Sequence[Any], max_length: int) -> list[Packed]:
     return rows
 
 
-def packed_attention_mask(
-    segment_ids: torch.Tensor, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
+def packed_attention_mask(segment_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Additive 4-D mask (B, 1, T, T) that is causal and block-diagonal over examples.
 
     ``segment_ids`` (B, T) numbers each token's example, 0 for padding. Query t may attend to
@@ -227,8 +225,8 @@ def ranking_collate(pad_id: int) -> Callable[[list[dict[str, Any]]], dict[str, t
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
-            input_ids[i, :len(r)] = torch.tensor(r)
-            attention_mask[i, :len(r)] = 1
+            input_ids[i, : len(r)] = torch.tensor(r)
+            attention_mask[i, : len(r)] = 1
         group = torch.tensor([g for g, example in enumerate(batch) for _ in example["input_ids"]])
         rank = torch.tensor([r for example in batch for r in example["ranks"]])
         return {"input_ids": input_ids, "attention_mask": attention_mask, "group": group, "rank": rank}
@@ -243,13 +241,17 @@ def preference_collate(pad_id: int) -> Callable[[list[dict[str, Any]]], dict[str
 
     def collate(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         paired = "chosen" in batch[0]
-        rows = ([e["chosen"] for e in batch] + [e["rejected"] for e in batch]) if paired \
+        rows = (
+            ([e["chosen"] for e in batch] + [e["rejected"] for e in batch])
+            if paired
             else [e["completion"] for e in batch]
+        )
         out = pad_batch([{"input_ids": ids, "labels": labels} for ids, labels in rows], pad_id=pad_id)
         if "ref" in batch[0]:
             refs = [e["ref"] for e in batch]
-            out["ref_logps"] = torch.tensor([r[0] for r in refs] + ([r[1] for r in refs] if paired else []),
-                                            dtype=torch.float64)
+            out["ref_logps"] = torch.tensor(
+                [r[0] for r in refs] + ([r[1] for r in refs] if paired else []), dtype=torch.float64
+            )
         if not paired:
             out["desirable"] = torch.tensor([bool(e["label"]) for e in batch])
         return out

@@ -35,8 +35,11 @@ def as_rankings(records: Sequence[Any], where: str) -> list[Ranking]:
         elif isinstance(record, Preference):
             out.append(Ranking(record.prompt, [record.chosen, record.rejected], [0, 1]))
         else:
-            raise InputError(f"a reward model trains on preference pairs or rankings, not "
-                             f"{type(record).__name__} records", file=where, record=i)
+            raise InputError(
+                f"a reward model trains on preference pairs or rankings, not {type(record).__name__} records",
+                file=where,
+                record=i,
+            )
     return out
 
 
@@ -53,8 +56,12 @@ def as_pairs(records: Sequence[Any], where: str) -> list[Preference]:
                     if ranks[a] < ranks[b]:
                         out.append(Preference(record.prompt, record.responses[a], record.responses[b]))
         else:
-            raise InputError(f"DPO trains on preference pairs or rankings, not {type(record).__name__} records "
-                             f"(KTO takes unpaired examples: set loss: kto)", file=where, record=i)
+            raise InputError(
+                f"DPO trains on preference pairs or rankings, not {type(record).__name__} records "
+                f"(KTO takes unpaired examples: set loss: kto)",
+                file=where,
+                record=i,
+            )
     return out
 
 
@@ -68,8 +75,11 @@ def as_unpaired(records: Sequence[Any], where: str) -> list[Unpaired]:
             for pair in as_pairs([record], where):
                 out += [Unpaired(pair.prompt, pair.chosen, True), Unpaired(pair.prompt, pair.rejected, False)]
         else:
-            raise InputError(f"KTO trains on labelled (unpaired) examples or pairs, not {type(record).__name__} "
-                             f"records", file=where, record=i)
+            raise InputError(
+                f"KTO trains on labelled (unpaired) examples or pairs, not {type(record).__name__} records",
+                file=where,
+                record=i,
+            )
     return out
 
 
@@ -77,21 +87,24 @@ def as_unpaired(records: Sequence[Any], where: str) -> list[Unpaired]:
 # Encoders
 
 
-def encode_records(tokenizer, records: list[Any], *, template: str | None, max_length: int,
-                   where: str) -> tuple[list[dict[str, list[int]]], int]:
+def encode_records(
+    tokenizer, records: list[Any], *, template: str | None, max_length: int, where: str
+) -> tuple[list[dict[str, list[int]]], int]:
     """Encode conversations (assistant turns trained) or plain text; count dropped examples."""
     from instructkit.data.templates import encode_conversation, encode_text
 
     encoded, dropped = [], 0
     for i, record in enumerate(records):
         if isinstance(record, Conversation):
-            enc = encode_conversation(tokenizer, record.messages, template=template, max_length=max_length,
-                                      tools=record.tools)
+            enc = encode_conversation(
+                tokenizer, record.messages, template=template, max_length=max_length, tools=record.tools
+            )
         elif isinstance(record, Text):
             enc = encode_text(tokenizer, record.text, max_length=max_length)
         else:
-            raise InputError(f"SFT trains on demonstrations or plain text, not {type(record).__name__} "
-                             f"records", file=where, record=i)
+            raise InputError(
+                f"SFT trains on demonstrations or plain text, not {type(record).__name__} records", file=where, record=i
+            )
         if enc is None or not any(label != -100 for label in enc.labels):
             dropped += 1
             continue
@@ -99,8 +112,9 @@ def encode_records(tokenizer, records: list[Any], *, template: str | None, max_l
     return encoded, dropped
 
 
-def encode_rankings(tokenizer, rankings: Sequence[Ranking], *, template: str | None,
-                    max_length: int) -> tuple[list[dict[str, Any]], int]:
+def encode_rankings(
+    tokenizer, rankings: Sequence[Ranking], *, template: str | None, max_length: int
+) -> tuple[list[dict[str, Any]], int]:
     """Each ranking as {"input_ids": [K sequences], "ranks": [K]}; responses that do not fit are
     cut (never their end-of-turn, where the score is read); a ranking left without an untied
     pair is dropped and counted."""
@@ -110,8 +124,14 @@ def encode_rankings(tokenizer, rankings: Sequence[Ranking], *, template: str | N
     for ranking in rankings:
         ids, ranks = [], []
         for response, rank in zip(ranking.responses, ranking.ranks):
-            enc = encode_prompt_response(tokenizer, ranking.prompt, response, template=template,
-                                         max_length=max_length, truncation=Truncation.CUT_RESPONSE)
+            enc = encode_prompt_response(
+                tokenizer,
+                ranking.prompt,
+                response,
+                template=template,
+                max_length=max_length,
+                truncation=Truncation.CUT_RESPONSE,
+            )
             if enc is not None:
                 ids.append(list(enc.input_ids))
                 ranks.append(rank)
@@ -122,16 +142,18 @@ def encode_rankings(tokenizer, rankings: Sequence[Ranking], *, template: str | N
     return encoded, dropped
 
 
-def encode_preferences(tokenizer, records: Sequence[Any], *, template: str | None, max_length: int,
-                       paired: bool) -> tuple[list[dict[str, Any]], int]:
+def encode_preferences(
+    tokenizer, records: Sequence[Any], *, template: str | None, max_length: int, paired: bool
+) -> tuple[list[dict[str, Any]], int]:
     """Pairs as {"chosen": (ids, labels), "rejected": (ids, labels)}; unpaired examples as
     {"completion": (ids, labels), "label": bool}. Only response tokens are labelled; a response
     that does not fit is cut (keeping its end-of-turn)."""
     from instructkit.data.templates import Truncation, encode_prompt_response
 
     def encode(prompt, response):
-        enc = encode_prompt_response(tokenizer, prompt, response, template=template, max_length=max_length,
-                                     truncation=Truncation.CUT_RESPONSE)
+        enc = encode_prompt_response(
+            tokenizer, prompt, response, template=template, max_length=max_length, truncation=Truncation.CUT_RESPONSE
+        )
         return None if enc is None else (list(enc.input_ids), list(enc.labels))
 
     out, dropped = [], 0

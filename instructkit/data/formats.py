@@ -91,8 +91,7 @@ def make_tags(tags: Mapping[str, str] | None, *, file: str | None = None) -> Tag
     for key, value in tags.items():
         if key not in TAG_KEYS:
             raise InputError(
-                f"unknown tag '{key}'{did_you_mean(key, TAG_KEYS)}; expected one of "
-                + ", ".join(TAG_KEYS),
+                f"unknown tag '{key}'{did_you_mean(key, TAG_KEYS)}; expected one of " + ", ".join(TAG_KEYS),
                 file=file,
                 field=f"tags.{key}",
             )
@@ -184,8 +183,7 @@ def _message(item: Any, path: str, f: _Fields, tags: Tags) -> Message | None:
     """One message object; None for an empty system message, which is dropped."""
     if not isinstance(item, dict):
         raise f.error(
-            f"expected a message object with '{tags.role_tag}' and '{tags.content_tag}',"
-            f" got {_type_name(item)}",
+            f"expected a message object with '{tags.role_tag}' and '{tags.content_tag}', got {_type_name(item)}",
             path,
         )
     name = item.get(tags.role_tag)
@@ -621,8 +619,7 @@ FORMATS_BY_NAME: dict[str, Format] = {
         Format(
             "prompts",
             _prompt_only,
-            {"prompt": ("prompt", "instruction"), "query": ("input",), "system": ("system",),
-             "history": ("history",)},
+            {"prompt": ("prompt", "instruction"), "query": ("input",), "system": ("system",), "history": ("history",)},
             _is_prompt_only,
             tier=4,  # last: a prompt column alone says least, so any other match wins
             signature="prompt, no response",
@@ -673,8 +670,7 @@ def detect_format(
             return matches[0]
         if matches:
             raise first.error(
-                f"the keys {sorted(first.data)} fit several formats ({', '.join(matches)});"
-                " choose one with --format"
+                f"the keys {sorted(first.data)} fit several formats ({', '.join(matches)}); choose one with --format"
             )
     known = "; ".join(f"{fmt.name} ({fmt.signature})" for fmt in FORMATS_BY_NAME.values())
     raise first.error(
@@ -757,9 +753,7 @@ def _check_columns_apply(columns: Mapping[str, str], fmt: Format, source: str) -
     for key in columns:
         if key not in fmt.columns:
             raise InputError(
-                f"column key '{key}' does not apply to the {fmt.name} format (it reads "
-                + ", ".join(fmt.columns)
-                + ")",
+                f"column key '{key}' does not apply to the {fmt.name} format (it reads " + ", ".join(fmt.columns) + ")",
                 file=source,
                 field=f"columns.{key}",
             )
@@ -863,8 +857,7 @@ def _read_entry_source(entry: Mapping[str, Any], info_path: Path, name: str) -> 
         source = str(info_path.parent / entry["file_name"])
         return read_rows(source), source
     raise InputError(
-        "no 'file_name' or 'hf_hub_url' (ModelScope, Modelers, scripts and cloud files are not"
-        " supported)",
+        "no 'file_name' or 'hf_hub_url' (ModelScope, Modelers, scripts and cloud files are not supported)",
         file=file,
         field=name,
     )

@@ -52,12 +52,24 @@ def length_stats(values: list[int]) -> str:
         return "n/a"
     ordered = sorted(values)
     p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
-    return (f"min {ordered[0]}, mean {statistics.mean(ordered):.1f}, median {statistics.median(ordered):g}, "
-            f"p95 {p95}, max {ordered[-1]}")
+    return (
+        f"min {ordered[0]}, mean {statistics.mean(ordered):.1f}, median {statistics.median(ordered):g}, "
+        f"p95 {p95}, max {ordered[-1]}"
+    )
 
 
-def describe(loaded: LoadedData, tokenizer: Any, *, source: str, tokenizer_name: str, format_given: bool = False,
-             template: str | None = None, max_length: int = 512, color: bool = False, example: int = 0) -> str:
+def describe(
+    loaded: LoadedData,
+    tokenizer: Any,
+    *,
+    source: str,
+    tokenizer_name: str,
+    format_given: bool = False,
+    template: str | None = None,
+    max_length: int = 512,
+    color: bool = False,
+    example: int = 0,
+) -> str:
     """The report: source, format, counts, token lengths, and record ``example`` rendered with
     its trained tokens marked (green when ``color``, else between « and »)."""
     records = loaded.records

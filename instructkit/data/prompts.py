@@ -43,21 +43,26 @@ def read_prompts(path: str) -> list[PromptRecord]:
                 if not isinstance(item, dict) or not isinstance(item.get("content"), str):
                     raise row.error("expected a message object with 'role' and string 'content'", field=where)
                 if item.get("role") not in ROLES:
-                    raise row.error(f"unknown role {item.get('role')!r} (expected one of {', '.join(ROLES)})",
-                                    field=f"{where}.role")
+                    raise row.error(
+                        f"unknown role {item.get('role')!r} (expected one of {', '.join(ROLES)})", field=f"{where}.role"
+                    )
                 messages.append(Message(item["role"], item["content"]))
             if messages[-1].role not in ("user", "tool"):
                 raise row.error(f"the prompt must end with a user turn, not {messages[-1].role}", field="prompt")
         else:
             raise row.error("expected a string or a non-empty list of messages", field="prompt")
-        text = value if isinstance(value, str) else \
-            next((m.content for m in reversed(messages) if m.role == "user"), messages[-1].content)
+        text = (
+            value
+            if isinstance(value, str)
+            else next((m.content for m in reversed(messages) if m.role == "user"), messages[-1].content)
+        )
         records.append(PromptRecord(messages, text, {k: v for k, v in row.data.items() if k != "prompt"}))
     return records
 
 
-def encode_prompts(tokenizer, prompts: list[PromptRecord], *, template: str | None,
-                   max_length: int) -> tuple[list[PromptRecord], int]:
+def encode_prompts(
+    tokenizer, prompts: list[PromptRecord], *, template: str | None, max_length: int
+) -> tuple[list[PromptRecord], int]:
     """Render each prompt with the chat template and the generation prompt (into ``.ids``);
     prompts longer than ``max_length`` tokens are left out and counted."""
     from instructkit.data.templates import encode_prompt

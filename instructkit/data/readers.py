@@ -88,8 +88,7 @@ def _read_text(path: Path) -> str:
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
         raise InputError(
-            f"not valid UTF-8: byte 0x{data[err.start]:02x} at byte offset {err.start}"
-            " (save the file as UTF-8)",
+            f"not valid UTF-8: byte 0x{data[err.start]:02x} at byte offset {err.start} (save the file as UTF-8)",
             file=str(path),
             line=line,
         ) from None
@@ -115,8 +114,7 @@ def _read_json(path: Path) -> list[Row]:
     except json.JSONDecodeError as err:
         raise _json_error(err, file) from None
     raise InputError(
-        f"expected a JSON array of records ([{{...}}, ...]) or one JSON object per line, "
-        f"got {_json_type(value)}",
+        f"expected a JSON array of records ([{{...}}, ...]) or one JSON object per line, got {_json_type(value)}",
         file=file,
     )
 
@@ -203,9 +201,7 @@ def _parse_json_lines(text: str, file: str) -> list[Row]:
         try:
             value = json.loads(line)
         except json.JSONDecodeError as err:
-            raise InputError(
-                f"invalid JSON: {err.msg} (column {err.colno})", file=file, line=number
-            ) from None
+            raise InputError(f"invalid JSON: {err.msg} (column {err.colno})", file=file, line=number) from None
         rows.append(_as_row(value, file, line=number))
     return rows
 

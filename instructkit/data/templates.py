@@ -87,7 +87,6 @@ _ALPACA = (
 )
 
 
-
 @dataclass(frozen=True)
 class ChatTemplate:
     """A named fallback template and the marker strings it writes around turns."""
@@ -175,8 +174,7 @@ def resolve_template(tokenizer: Any, name: str | None = None) -> str:
             return own
         if name == OWN_TEMPLATE:
             raise InputError(
-                "the tokenizer has no chat template; name one of "
-                + ", ".join(repr(n) for n in FALLBACK_TEMPLATES)
+                "the tokenizer has no chat template; name one of " + ", ".join(repr(n) for n in FALLBACK_TEMPLATES)
             )
         log.info("tokenizer has no chat template; using the '%s' fallback", DEFAULT_FALLBACK)
         return FALLBACK_TEMPLATES[DEFAULT_FALLBACK].jinja
@@ -206,9 +204,7 @@ def add_template_tokens(tokenizer: Any, name: str) -> list[str]:
     has to stop on the string (:func:`end_of_turn`) rather than a token id.
     """
     if name not in FALLBACK_TEMPLATES:
-        raise InputError(
-            f"unknown chat template '{name}'{did_you_mean(name, FALLBACK_TEMPLATES)}"
-        )
+        raise InputError(f"unknown chat template '{name}'{did_you_mean(name, FALLBACK_TEMPLATES)}")
     vocab = tokenizer.get_vocab()
     new = [m for m in FALLBACK_TEMPLATES[name].markers if m not in vocab]
     if new:
@@ -264,8 +260,11 @@ def end_of_turn(tokenizer: Any, template: str | None = None) -> str:
     template = resolve_template(tokenizer, template)
     probe = "PROBE-3f9c1e"
     text = _render(
-        tokenizer, template, [{"role": "user", "content": "x"}, {"role": "assistant", "content": probe}],
-        None, False,
+        tokenizer,
+        template,
+        [{"role": "user", "content": "x"}, {"role": "assistant", "content": probe}],
+        None,
+        False,
     )
     return text[text.rindex(probe) + len(probe) :].rstrip()
 
@@ -278,9 +277,7 @@ class _Rendered:
     prompt_end: int | None  # where the prompt of a prompt/response pair ends (tokenized apart)
 
 
-def _render_spans(
-    tokenizer: Any, template: str, messages: list[dict], tools, first_trained: int = 0
-) -> _Rendered:
+def _render_spans(tokenizer: Any, template: str, messages: list[dict], tools, first_trained: int = 0) -> _Rendered:
     """Render ``messages`` and find the character span of each assistant turn from index
     ``first_trained`` on.
 
@@ -457,9 +454,7 @@ def encode_conversation(
     template = resolve_template(tokenizer, template)
     msgs = _as_dicts(messages)
     r = _render_spans(tokenizer, template, msgs, _parse_tools(tools))
-    return _encode_rendered(
-        tokenizer, template, r, len(msgs), max_length, Truncation(truncation), droppable=True
-    )
+    return _encode_rendered(tokenizer, template, r, len(msgs), max_length, Truncation(truncation), droppable=True)
 
 
 def encode_prompt(
@@ -501,11 +496,14 @@ def encode_prompt_response(
     prompt_text = _render(tokenizer, template, prompt, tools, True)
     r.prompt_end = len(prompt_text)
     if not r.text.startswith(prompt_text) or not r.spans or r.spans[0][0] != r.prompt_end:
-        raise InputError(
-            "the chat template does not render the response as a continuation of the prompt"
-        )
+        raise InputError("the chat template does not render the response as a continuation of the prompt")
     return _encode_rendered(
-        tokenizer, template, r, len(prompt) + len(response), max_length, Truncation(truncation),
+        tokenizer,
+        template,
+        r,
+        len(prompt) + len(response),
+        max_length,
+        Truncation(truncation),
         droppable=False,
     )
 

@@ -31,11 +31,15 @@ _HERE = Path(__file__).resolve().parent
 def shipped_path(name: str, split: str) -> Path:
     """Path of a shipped dataset's split, e.g. ``shipped_path("extract", "train")``."""
     if name not in SHIPPED:
-        raise InputError(f"no shipped dataset '{name}'{did_you_mean(name, SHIPPED)}; expected one of "
-                         + ", ".join(repr(n) for n in SHIPPED))
+        raise InputError(
+            f"no shipped dataset '{name}'{did_you_mean(name, SHIPPED)}; expected one of "
+            + ", ".join(repr(n) for n in SHIPPED)
+        )
     if split not in SHIPPED[name]:
-        raise InputError(f"dataset '{name}' has no split '{split}'{did_you_mean(split, SHIPPED[name])}; "
-                         "expected one of " + ", ".join(repr(s) for s in SHIPPED[name]))
+        raise InputError(
+            f"dataset '{name}' has no split '{split}'{did_you_mean(split, SHIPPED[name])}; "
+            "expected one of " + ", ".join(repr(s) for s in SHIPPED[name])
+        )
     return _HERE / f"{name}_{split}.jsonl"
 
 
@@ -43,6 +47,6 @@ def resolve_data_path(path: str | Path) -> str:
     """``shipped:NAME/SPLIT`` names a shipped split; anything else is returned unchanged."""
     text = str(path)
     if text.startswith("shipped:"):
-        name, _, split = text[len("shipped:"):].partition("/")
+        name, _, split = text[len("shipped:") :].partition("/")
         return str(shipped_path(name, split or "train"))
     return text

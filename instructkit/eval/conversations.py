@@ -100,8 +100,9 @@ def score_winrate(r: Responses):
     return score_winrate(r.rewards(), r.baseline_rewards(), r.baseline(), r.tie_margin)
 
 
-def score_perplexity(model: Any, tokenizer: Any, records: Sequence[Conversation], batch_size: int,
-                     where: str) -> dict[str, Any]:
+def score_perplexity(
+    model: Any, tokenizer: Any, records: Sequence[Conversation], batch_size: int, where: str
+) -> dict[str, Any]:
     """Token-weighted loss and perplexity of the reference assistant turns (no shots)."""
     import math
 
@@ -146,8 +147,9 @@ def read_conversations(data: str | None, limit: int | None) -> Conversations:
     prompts, references = [p for p, _ in split], [ref for _, ref in split]
     keys = record_keys(path, len(records))
     texts = [p[-1].content for p in prompts]
-    names = [f"held-out record {i} of {path} (key {k!r}, prompt {_short(t)!r})"
-             for i, (k, t) in enumerate(zip(keys, texts))]
+    names = [
+        f"held-out record {i} of {path} (key {k!r}, prompt {_short(t)!r})" for i, (k, t) in enumerate(zip(keys, texts))
+    ]
     return Conversations(path, records, prompts, references, HeldOut(path, keys, texts, names))
 
 
@@ -210,12 +212,18 @@ def run_conversations(request: EvalRequest, suites: Sequence[Suite]) -> SuiteRun
         answers = given or Answers.generated(request.generate(loaded, _with_shots(held, shots)))
         shared = _shared(request, held, answers)
         if compares:  # a baseline model answers the same prompts, shots and all
-            baseline = baseline or Answers.generated(request.generate(load(request.baseline),
-                                                                      _with_shots(held, shots)))
+            baseline = baseline or Answers.generated(request.generate(load(request.baseline), _with_shots(held, shots)))
             shared.baseline_texts = baseline.one_per_record(held.held_out, WINRATE_NEEDS_ONE)
         rows = zip(answers.records, answers.responses, strict=True)
-        samples = [{"key": held.held_out.keys[r], "prompt": held.held_out.prompts[r], "response": text,
-                    "reference": held.references[r]} for r, text in rows]
+        samples = [
+            {
+                "key": held.held_out.keys[r],
+                "prompt": held.held_out.prompts[r],
+                "response": text,
+                "reference": held.references[r],
+            }
+            for r, text in rows
+        ]
         # 3. Every suite scores the same responses; a row's scores join its line of the samples.
         for suite in scoring:
             suite_metrics, per_row = suite.score(shared)
@@ -244,9 +252,15 @@ def _shared(request: EvalRequest, held: Conversations, answers: Answers) -> Resp
     from instructkit.eval.reward import RewardJudge
 
     judge = RewardJudge(request.reward_model, request.batch_size) if request.reward_model else None
-    return Responses(prompts=[held.prompts[r] for r in answers.records], responses=answers.responses,
-                     references=[held.references[r] for r in answers.records], records=answers.records,
-                     record_prompts=held.prompts, judge=judge, tie_margin=request.tie_margin)
+    return Responses(
+        prompts=[held.prompts[r] for r in answers.records],
+        responses=answers.responses,
+        references=[held.references[r] for r in answers.records],
+        records=answers.records,
+        record_prompts=held.prompts,
+        judge=judge,
+        tie_margin=request.tie_margin,
+    )
 
 
 def _judge_block(request: EvalRequest, scoring: Sequence[Suite]) -> dict[str, Any]:
@@ -254,5 +268,10 @@ def _judge_block(request: EvalRequest, scoring: Sequence[Suite]) -> dict[str, An
     if not any(s.judged for s in scoring):
         return {}
     compared = any(s.compares for s in scoring)
-    return {"judge": {"reward_model": str(request.reward_model), "tie_margin": request.tie_margin,
-                      "baseline": str(request.baseline or request.baseline_responses) if compared else None}}
+    return {
+        "judge": {
+            "reward_model": str(request.reward_model),
+            "tie_margin": request.tie_margin,
+            "baseline": str(request.baseline or request.baseline_responses) if compared else None,
+        }
+    }

@@ -84,10 +84,19 @@ def evaluate_exact_match(
         prompts.append(prompt)
         references.append(reference)
     full_prompts = [with_shots(p, chosen_shots) for p in prompts]
-    responses = generate(
-        model, tokenizer, full_prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        temperature=0.0, template=template,
-    ) if full_prompts else []
+    responses = (
+        generate(
+            model,
+            tokenizer,
+            full_prompts,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            temperature=0.0,
+            template=template,
+        )
+        if full_prompts
+        else []
+    )
 
     samples = [
         {"prompt": p[-1].content, "response": r, "reference": ref, "correct": exact_match(r, ref)}

@@ -29,11 +29,16 @@ def run_ifeval(request: EvalRequest, suites: Sequence[Suite]) -> SuiteRun:
 
     # 1. The benchmark's prompts, and how a missing response names them.
     prompts = read_ifeval_jsonl(request.data)
-    prompts = prompts[:request.limit] if request.limit else prompts
-    names = [f"the prompt with key {p.key!r} of {request.data}" if p.key is not None
-             else f"the prompt on line {p.line} of {request.data}" for p in prompts]
-    held = HeldOut(str(request.data), [None if p.key is None else str(p.key) for p in prompts],
-                   [p.prompt for p in prompts], names)
+    prompts = prompts[: request.limit] if request.limit else prompts
+    names = [
+        f"the prompt with key {p.key!r} of {request.data}"
+        if p.key is not None
+        else f"the prompt on line {p.line} of {request.data}"
+        for p in prompts
+    ]
+    held = HeldOut(
+        str(request.data), [None if p.key is None else str(p.key) for p in prompts], [p.prompt for p in prompts], names
+    )
 
     # 2. The responses: every row of the file, or one generated per prompt.
     if request.responses is not None:
@@ -43,13 +48,29 @@ def run_ifeval(request: EvalRequest, suites: Sequence[Suite]) -> SuiteRun:
         answers = Answers.generated(request.generate(request.model_and_tokenizer(), chats))
 
     # 3. Every row checked against its prompt's instructions.
-    results = [evaluate_response(prompts[r].prompt, text, prompts[r].instruction_id_list, prompts[r].kwargs)
-               for r, text in zip(answers.records, answers.responses, strict=True)]
+    results = [
+        evaluate_response(prompts[r].prompt, text, prompts[r].instruction_id_list, prompts[r].kwargs)
+        for r, text in zip(answers.records, answers.responses, strict=True)
+    ]
     metrics = {**aggregate(results), "num_prompts": len(prompts)}
     rows = zip(answers.records, answers.responses, results, answers.sources, strict=True)
-    samples = [with_source({"suite": "ifeval", "key": prompts[r].key, "prompt": prompts[r].prompt, "response": text,
-                            "instruction_id_list": res["instruction_id_list"], "strict": res["strict"],
-                            "loose": res["loose"], "prompt_strict": res["prompt_strict"],
-                            "prompt_loose": res["prompt_loose"]}, source) for r, text, res, source in rows]
-    return SuiteRun(metrics, samples, str(request.data), len(prompts), generation=request.generation(),
-                    coverage=answers.coverage())
+    samples = [
+        with_source(
+            {
+                "suite": "ifeval",
+                "key": prompts[r].key,
+                "prompt": prompts[r].prompt,
+                "response": text,
+                "instruction_id_list": res["instruction_id_list"],
+                "strict": res["strict"],
+                "loose": res["loose"],
+                "prompt_strict": res["prompt_strict"],
+                "prompt_loose": res["prompt_loose"],
+            },
+            source,
+        )
+        for r, text, res, source in rows
+    ]
+    return SuiteRun(
+        metrics, samples, str(request.data), len(prompts), generation=request.generation(), coverage=answers.coverage()
+    )

@@ -26,8 +26,15 @@ if TYPE_CHECKING:
 DEFAULT_PAIRS = "shipped:extract_prefs/val"
 
 
-def log_prob_pairs(model: Any, tokenizer: Any, pairs: list[Any], *, batch_size: int = 16,
-                   max_length: int = 512, template: str | None = None) -> list[dict[str, float]]:
+def log_prob_pairs(
+    model: Any,
+    tokenizer: Any,
+    pairs: list[Any],
+    *,
+    batch_size: int = 16,
+    max_length: int = 512,
+    template: str | None = None,
+) -> list[dict[str, float]]:
     """Summed log-probs and token counts of chosen and rejected, one dict per pair that fits
     ``max_length`` (``index`` says which)."""
     from instructkit.data.collate import preference_collate
@@ -44,8 +51,16 @@ def log_prob_pairs(model: Any, tokenizer: Any, pairs: list[Any], *, batch_size: 
         logps, counts = sequence_log_probs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         logps, counts = logps.double().cpu().tolist(), counts.cpu().tolist()
         n = len(chunk)  # the batch is all chosen rows, then all rejected rows
-        out += [{"index": chunk[i]["index"], "chosen_logp": logps[i], "rejected_logp": logps[n + i],
-                 "chosen_tokens": counts[i], "rejected_tokens": counts[n + i]} for i in range(n)]
+        out += [
+            {
+                "index": chunk[i]["index"],
+                "chosen_logp": logps[i],
+                "rejected_logp": logps[n + i],
+                "chosen_tokens": counts[i],
+                "rejected_tokens": counts[n + i],
+            }
+            for i in range(n)
+        ]
     return out
 
 
@@ -55,10 +70,16 @@ def summarize(scored: list[dict[str, float]]) -> dict[str, float]:
         raise InputError("no held-out pair fits max_length", field="data")
     n = len(scored)
     margins = [s["chosen_logp"] - s["rejected_logp"] for s in scored]
-    per_token = [s["chosen_logp"] / max(s["chosen_tokens"], 1) - s["rejected_logp"] / max(s["rejected_tokens"], 1)
-                 for s in scored]
-    return {"pref_accuracy": sum(m > 0 for m in margins) / n, "pref_margin": sum(margins) / n,
-            "pref_accuracy_per_token": sum(m > 0 for m in per_token) / n, "pref_pairs": n}
+    per_token = [
+        s["chosen_logp"] / max(s["chosen_tokens"], 1) - s["rejected_logp"] / max(s["rejected_tokens"], 1)
+        for s in scored
+    ]
+    return {
+        "pref_accuracy": sum(m > 0 for m in margins) / n,
+        "pref_margin": sum(margins) / n,
+        "pref_accuracy_per_token": sum(m > 0 for m in per_token) / n,
+        "pref_pairs": n,
+    }
 
 
 def read_pairs(data: str | None, limit: int | None = None) -> tuple[str, list[Any]]:
@@ -75,13 +96,27 @@ def read_pairs(data: str | None, limit: int | None = None) -> tuple[str, list[An
 
 def pair_samples(pairs: Sequence[Any], scored: Sequence[dict[str, float]]) -> list[dict[str, Any]]:
     """One samples-file line per scored pair: its texts, log-probs and verdict."""
-    return [{"prompt": _text(pairs[s["index"]].prompt), "chosen": _text(pairs[s["index"]].chosen),
-             "rejected": _text(pairs[s["index"]].rejected), **s,
-             "prefers_chosen": s["chosen_logp"] > s["rejected_logp"]} for s in scored]
+    return [
+        {
+            "prompt": _text(pairs[s["index"]].prompt),
+            "chosen": _text(pairs[s["index"]].chosen),
+            "rejected": _text(pairs[s["index"]].rejected),
+            **s,
+            "prefers_chosen": s["chosen_logp"] > s["rejected_logp"],
+        }
+        for s in scored
+    ]
 
 
-def evaluate_preferences(model: Any, tokenizer: Any, *, data: str | None = None, batch_size: int = 16,
-                         limit: int | None = None, max_length: int = 512) -> dict[str, Any]:
+def evaluate_preferences(
+    model: Any,
+    tokenizer: Any,
+    *,
+    data: str | None = None,
+    batch_size: int = 16,
+    limit: int | None = None,
+    max_length: int = 512,
+) -> dict[str, Any]:
     """Metrics and per-pair samples of the model's own preference on held-out pairs in ``data``
     (any pair or ranking format ``instructkit dpo`` reads; default: the shipped extraction pairs)."""
     path, pairs = read_pairs(data, limit)

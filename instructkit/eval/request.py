@@ -46,14 +46,25 @@ class EvalRequest:
         if not prompts:
             return []
         model, tokenizer = model_and_tokenizer
-        return generate(model, tokenizer, list(prompts), max_new_tokens=self.max_new_tokens,
-                        batch_size=self.batch_size, temperature=self.temperature, seed=self.seed)
+        return generate(
+            model,
+            tokenizer,
+            list(prompts),
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+            temperature=self.temperature,
+            seed=self.seed,
+        )
 
     def generation(self) -> dict[str, Any]:
         """The metrics file's ``generation`` block for suites that score responses."""
         decoding = "given" if self.responses is not None else "greedy" if self.temperature == 0 else "sampled"
-        return {"decoding": decoding, "temperature": self.temperature, "seed": self.seed,
-                "max_new_tokens": self.max_new_tokens}
+        return {
+            "decoding": decoding,
+            "temperature": self.temperature,
+            "seed": self.seed,
+            "max_new_tokens": self.max_new_tokens,
+        }
 
 
 @dataclass

@@ -55,9 +55,15 @@ def read_responses(path: str | Path) -> list[ResponseRow]:
         if key is None and not isinstance(prompt, str):
             raise row.error("a response needs the 'key' or the 'prompt' text it answers", field="key")
         place = {"line": row.line} if row.line is not None else {"record": row.record}
-        out.append(ResponseRow(response, None if key is None else str(key),
-                               prompt if isinstance(prompt, str) else None, place,
-                               {k: v for k, v in row.data.items() if k not in _MATCHING}))
+        out.append(
+            ResponseRow(
+                response,
+                None if key is None else str(key),
+                prompt if isinstance(prompt, str) else None,
+                place,
+                {k: v for k, v in row.data.items() if k not in _MATCHING},
+            )
+        )
     return out
 
 
@@ -98,10 +104,13 @@ class Answers:
         per_record = [0] * self.n_records
         for record in self.records:
             per_record[record] += 1
-        return {"rows": len(self.records), "prompts_answered": sum(1 for c in per_record if c),
-                "rows_per_prompt": {"min": min(per_record, default=0), "max": max(per_record, default=0)},
-                "unmatched_rows": len(self.unmatched),
-                "unmatched_lines": [p.get("line", p.get("record")) for p in self.unmatched]}
+        return {
+            "rows": len(self.records),
+            "prompts_answered": sum(1 for c in per_record if c),
+            "rows_per_prompt": {"min": min(per_record, default=0), "max": max(per_record, default=0)},
+            "unmatched_rows": len(self.unmatched),
+            "unmatched_lines": [p.get("line", p.get("record")) for p in self.unmatched],
+        }
 
     def one_per_record(self, held_out: HeldOut, why: str) -> list[str]:
         """The response to each record, in record order, when every record has exactly one row;
@@ -112,8 +121,11 @@ class Answers:
         for record, rows in sorted(places.items()):
             if len(rows) > 1:
                 lines = ", ".join(str(s.get("line", s.get("record"))) for s in rows)
-                raise InputError(f"{len(rows)} rows (lines {lines}) answer {held_out.names[record]}; {why}",
-                                 file=self.file, field="response")
+                raise InputError(
+                    f"{len(rows)} rows (lines {lines}) answer {held_out.names[record]}; {why}",
+                    file=self.file,
+                    field="response",
+                )
         by_record = dict(zip(self.records, self.responses))
         return [by_record[i] for i in range(self.n_records)]
 
@@ -139,8 +151,12 @@ def match_responses(path: str | Path, held_out: HeldOut) -> Answers:
             continue
         if len(candidates) > 1:
             names = " and ".join(held_out.names[i] for i in candidates)
-            raise InputError(f"the row answers both {names}; give it the 'key' of the one it answers",
-                             file=str(path), line=row.place.get("line"), field="key")
+            raise InputError(
+                f"the row answers both {names}; give it the 'key' of the one it answers",
+                file=str(path),
+                line=row.place.get("line"),
+                field="key",
+            )
         answers.records.append(candidates[0])
         answers.responses.append(row.response)
         answers.sources.append({**row.place, **row.fields})
@@ -151,10 +167,14 @@ def match_responses(path: str | Path, held_out: HeldOut) -> Answers:
     if answers.unmatched:
         count = len(answers.unmatched)
         lines = ", ".join(str(line) for line in answers.coverage()["unmatched_lines"][:10])
-        print(f"instructkit: warning: {count} row{'s' if count > 1 else ''} of {path} (line{'s' if count > 1 else ''} "
-              f"{lines}{', ...' if count > 10 else ''}) answer{'s' if count == 1 else ''} no held-out record of "
-              f"{held_out.data}: not scored, "
-              f"counted in unmatched_rows", file=sys.stderr, flush=True)
+        print(
+            f"instructkit: warning: {count} row{'s' if count > 1 else ''} of {path} (line{'s' if count > 1 else ''} "
+            f"{lines}{', ...' if count > 10 else ''}) answer{'s' if count == 1 else ''} no held-out record of "
+            f"{held_out.data}: not scored, "
+            f"counted in unmatched_rows",
+            file=sys.stderr,
+            flush=True,
+        )
     return answers
 
 

@@ -33,8 +33,14 @@ class RewardJudge:
         if self._loaded is None:
             self._loaded = load_reward_model(self.spec)
         model, tokenizer, bias = self._loaded
-        return score(model, tokenizer, prompts, [[Message("assistant", r)] for r in responses], bias=bias,
-                     batch_size=self.batch_size)
+        return score(
+            model,
+            tokenizer,
+            prompts,
+            [[Message("assistant", r)] for r in responses],
+            bias=bias,
+            batch_size=self.batch_size,
+        )
 
 
 def score_reward(rewards: Sequence[float]) -> Scored:
@@ -45,13 +51,19 @@ def score_reward(rewards: Sequence[float]) -> Scored:
     return {"reward_mean": mean, "reward_std": std}, [{"reward": r} for r in rewards]
 
 
-def score_winrate(rewards: Sequence[float], baseline_rewards: Sequence[float], baseline_responses: Sequence[str],
-                  tie_margin: float = 0.0) -> Scored:
+def score_winrate(
+    rewards: Sequence[float],
+    baseline_rewards: Sequence[float],
+    baseline_responses: Sequence[str],
+    tie_margin: float = 0.0,
+) -> Scored:
     """Win rate of the responses over the baseline's (see :func:`instructkit.eval.winrate.win_rate`),
     with both mean rewards; each example records the baseline's response and reward and the outcome."""
     metrics = win_rate(rewards, baseline_rewards, tie_margin)
     n = len(baseline_rewards)
     metrics["baseline_reward_mean"] = sum(baseline_rewards) / n if n else 0.0
-    per_example = [{"reward": a, "baseline_response": text, "baseline_reward": b, "outcome": outcome(a, b, tie_margin)}
-                   for a, b, text in zip(rewards, baseline_rewards, baseline_responses)]
+    per_example = [
+        {"reward": a, "baseline_response": text, "baseline_reward": b, "outcome": outcome(a, b, tie_margin)}
+        for a, b, text in zip(rewards, baseline_rewards, baseline_responses)
+    ]
     return metrics, per_example

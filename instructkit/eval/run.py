@@ -32,30 +32,62 @@ from instructkit.eval.responses import match_responses, read_responses  # noqa: 
 HEADER_KEYS = ("model", "responses", "data", "suites", "k_shot", "n", "decoding", "generation", "coverage")
 
 
-CONVERSATIONS = Reader("held-out conversations (prompt turns, then the reference answer)", conversations.DEFAULT_DATA,
-                       conversations.run_conversations, alone=False, takes_shots=True)
-IFEVAL = Reader("the IFEval format (key, prompt, instruction_id_list, kwargs)", None,
-                run_ifeval, alone=True, takes_shots=False)
+CONVERSATIONS = Reader(
+    "held-out conversations (prompt turns, then the reference answer)",
+    conversations.DEFAULT_DATA,
+    conversations.run_conversations,
+    alone=False,
+    takes_shots=True,
+)
+IFEVAL = Reader(
+    "the IFEval format (key, prompt, instruction_id_list, kwargs)", None, run_ifeval, alone=True, takes_shots=False
+)
 PAIRS = Reader("preference pairs (or rankings)", DEFAULT_PAIRS, run_preference, alone=True, takes_shots=False)
 
 
-SUITES: dict[str, Suite] = {s.name: s for s in (
-    Suite("exact_match", Needs.RESPONSES, CONVERSATIONS, conversations.score_exact_match, "exact_match"),
-    Suite("accuracy", Needs.RESPONSES, CONVERSATIONS, conversations.score_accuracy,
-          "accuracy, precision/recall/f1 _macro and _micro, off_label, per_label report"),
-    Suite("bleu", Needs.RESPONSES, CONVERSATIONS, conversations.score_bleu, "bleu, chrf (corpus, 0-100)"),
-    Suite("rouge", Needs.RESPONSES, CONVERSATIONS, conversations.score_rouge,
-          "rouge1, rouge2, rougeL (mean F-measure)"),
-    Suite("reward", Needs.RESPONSES, CONVERSATIONS, conversations.score_reward, "reward_mean, reward_std",
-          judged=True),
-    Suite("winrate", Needs.RESPONSES, CONVERSATIONS, conversations.score_winrate,
-          "wins, ties, losses, win_rate, win_rate_ci_low/high, baseline_reward_mean", judged=True, compares=True),
-    Suite("perplexity", Needs.MODEL, CONVERSATIONS, conversations.score_perplexity, "loss, perplexity"),
-    Suite("ifeval", Needs.RESPONSES, IFEVAL, None, "prompt/instruction-level strict/loose accuracy, per type"),
-    Suite("preference", Needs.MODEL, PAIRS, None,
-          "pref_accuracy, pref_margin, pref_accuracy_per_token: does the model itself give the chosen "
-          "response of held-out pairs the higher log-likelihood"),
-)}
+SUITES: dict[str, Suite] = {
+    s.name: s
+    for s in (
+        Suite("exact_match", Needs.RESPONSES, CONVERSATIONS, conversations.score_exact_match, "exact_match"),
+        Suite(
+            "accuracy",
+            Needs.RESPONSES,
+            CONVERSATIONS,
+            conversations.score_accuracy,
+            "accuracy, precision/recall/f1 _macro and _micro, off_label, per_label report",
+        ),
+        Suite("bleu", Needs.RESPONSES, CONVERSATIONS, conversations.score_bleu, "bleu, chrf (corpus, 0-100)"),
+        Suite(
+            "rouge",
+            Needs.RESPONSES,
+            CONVERSATIONS,
+            conversations.score_rouge,
+            "rouge1, rouge2, rougeL (mean F-measure)",
+        ),
+        Suite(
+            "reward", Needs.RESPONSES, CONVERSATIONS, conversations.score_reward, "reward_mean, reward_std", judged=True
+        ),
+        Suite(
+            "winrate",
+            Needs.RESPONSES,
+            CONVERSATIONS,
+            conversations.score_winrate,
+            "wins, ties, losses, win_rate, win_rate_ci_low/high, baseline_reward_mean",
+            judged=True,
+            compares=True,
+        ),
+        Suite("perplexity", Needs.MODEL, CONVERSATIONS, conversations.score_perplexity, "loss, perplexity"),
+        Suite("ifeval", Needs.RESPONSES, IFEVAL, None, "prompt/instruction-level strict/loose accuracy, per type"),
+        Suite(
+            "preference",
+            Needs.MODEL,
+            PAIRS,
+            None,
+            "pref_accuracy, pref_margin, pref_accuracy_per_token: does the model itself give the chosen "
+            "response of held-out pairs the higher log-likelihood",
+        ),
+    )
+}
 ALIASES = {"loss": "perplexity", "f1": "accuracy"}
 
 
@@ -67,8 +99,9 @@ def resolve_suites(names: Sequence[str]) -> list[str]:
         name = raw.strip()
         if name not in SUITES and name not in ALIASES:
             known = [*SUITES, *ALIASES]
-            raise InputError(f"unknown suite '{name}' (one of {', '.join(known)}){did_you_mean(name, known)}",
-                             field="suite")
+            raise InputError(
+                f"unknown suite '{name}' (one of {', '.join(known)}){did_you_mean(name, known)}", field="suite"
+            )
         name = ALIASES.get(name, name)
         if name not in out:
             out.append(name)
@@ -91,41 +124,67 @@ def check_request(request: EvalRequest, suites: Sequence[Suite]) -> None:
         if getattr(request, name) < 0:
             raise InputError(f"{name} must be >= 0, got {getattr(request, name)}", field=name)
     if request.k_shot and not reader.takes_shots:
-        raise InputError(f"--k-shot does not apply to {suites[0].name}, which reads {reader.what}",
-                         field="k_shot")
+        raise InputError(f"--k-shot does not apply to {suites[0].name}, which reads {reader.what}", field="k_shot")
     # 3. Exactly one source of responses: the model, or a file.
     has_model = request.model is not None or request.loaded is not None
     if has_model and request.responses is not None:
-        raise InputError("give --model (to generate the responses) or --responses (responses made elsewhere), "
-                         "not both: with --responses no model is used", field="model")
+        raise InputError(
+            "give --model (to generate the responses) or --responses (responses made elsewhere), "
+            "not both: with --responses no model is used",
+            field="model",
+        )
     if not has_model and request.responses is None:
-        raise InputError(f"name the model to evaluate, e.g. --model {DEFAULT_MODEL} (the embedded default), "
-                         f"or give --responses to score responses made elsewhere", field="model")
+        raise InputError(
+            f"name the model to evaluate, e.g. --model {DEFAULT_MODEL} (the embedded default), "
+            f"or give --responses to score responses made elsewhere",
+            field="model",
+        )
     # 4. What each suite needs.
     if request.responses is not None:
         for suite in suites:
             if not suite.scores_responses:
-                raise InputError(f"{suite.name} scores the data under the model itself, so it cannot run on "
-                                 f"--responses; run it in a separate call with --model", field="suite")
+                raise InputError(
+                    f"{suite.name} scores the data under the model itself, so it cannot run on "
+                    f"--responses; run it in a separate call with --model",
+                    field="suite",
+                )
     judged = [s.name for s in suites if s.judged]
     if judged and not request.reward_model:
-        raise InputError(f"the {' and '.join(judged)} suite{'s need' if len(judged) > 1 else ' needs'} "
-                         f"--reward-model: a reward-model folder (e.g. trained by `instructkit rm`)",
-                         field="reward_model")
+        raise InputError(
+            f"the {' and '.join(judged)} suite{'s need' if len(judged) > 1 else ' needs'} "
+            f"--reward-model: a reward-model folder (e.g. trained by `instructkit rm`)",
+            field="reward_model",
+        )
     compared = next((s for s in suites if s.compares), None)
     if compared is not None and bool(request.baseline) == bool(request.baseline_responses):
-        raise InputError(f"{compared.name} needs exactly one of --baseline (a model) or --baseline-responses "
-                         f"(a JSONL)", field="baseline")
+        raise InputError(
+            f"{compared.name} needs exactly one of --baseline (a model) or --baseline-responses (a JSONL)",
+            field="baseline",
+        )
     if request.data is None and reader.default_data is None:
         raise InputError(f"{suites[0].name} needs --data: a file in {reader.what}", field="data")
 
 
-def evaluate(*, model: str | None = None, suites: list[str], data: str | None = None, out: str | None = None,
-             max_new_tokens: int = 64, batch_size: int = 16, k_shot: int = 0, limit: int | None = None,
-             shots_data: str | None = None, loaded: tuple[Any, Any] | None = None,
-             responses: str | None = None, reward_model: str | None = None, baseline: str | None = None,
-             baseline_responses: str | None = None, seed: int = 0, temperature: float = 0.0,
-             tie_margin: float = 0.0) -> dict[str, Any]:
+def evaluate(
+    *,
+    model: str | None = None,
+    suites: list[str],
+    data: str | None = None,
+    out: str | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    k_shot: int = 0,
+    limit: int | None = None,
+    shots_data: str | None = None,
+    loaded: tuple[Any, Any] | None = None,
+    responses: str | None = None,
+    reward_model: str | None = None,
+    baseline: str | None = None,
+    baseline_responses: str | None = None,
+    seed: int = 0,
+    temperature: float = 0.0,
+    tie_margin: float = 0.0,
+) -> dict[str, Any]:
     """Evaluate ``model`` (or the ``responses`` made elsewhere) with each suite; write metrics and
     samples to ``out``.
 
@@ -141,37 +200,76 @@ def evaluate(*, model: str | None = None, suites: list[str], data: str | None = 
     # 1. The suites, and the options checked against what they need.
     names = resolve_suites(suites)
     chosen = [SUITES[n] for n in names]
-    request = EvalRequest(model=model, data=data, responses=responses, max_new_tokens=max_new_tokens,
-                          batch_size=batch_size, k_shot=k_shot, limit=limit, shots_data=shots_data, loaded=loaded,
-                          reward_model=reward_model, baseline=baseline, baseline_responses=baseline_responses,
-                          seed=seed, temperature=temperature, tie_margin=tie_margin)
+    request = EvalRequest(
+        model=model,
+        data=data,
+        responses=responses,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        k_shot=k_shot,
+        limit=limit,
+        shots_data=shots_data,
+        loaded=loaded,
+        reward_model=reward_model,
+        baseline=baseline,
+        baseline_responses=baseline_responses,
+        seed=seed,
+        temperature=temperature,
+        tie_margin=tie_margin,
+    )
     check_request(request, chosen)
     if loaded is not None and model is None:
         raise ValueError("evaluate(loaded=...) needs model= too: the metrics file names the model")
     who = f"responses in {responses}" if responses is not None else model
-    print(f"evaluating {who} on {data or chosen[0].reads.default_data} ({', '.join(names)})", file=sys.stderr,
-          flush=True)
+    print(
+        f"evaluating {who} on {data or chosen[0].reads.default_data} ({', '.join(names)})", file=sys.stderr, flush=True
+    )
 
     # 2. The suites' runner reads their data and scores it.
     run = chosen[0].reads.run(request, chosen)
 
     # 3. One header for every suite, then the suites' metrics; written beside the samples.
-    metrics = {"model": None if responses is not None else str(model), "responses": responses,
-               "data": str(run.data), "suites": names, "k_shot": k_shot, "n": run.n,
-               "decoding": run.generation["decoding"] if run.generation else None, "generation": run.generation,
-               "coverage": run.coverage, **run.extra, **run.metrics}
+    metrics = {
+        "model": None if responses is not None else str(model),
+        "responses": responses,
+        "data": str(run.data),
+        "suites": names,
+        "k_shot": k_shot,
+        "n": run.n,
+        "decoding": run.generation["decoding"] if run.generation else None,
+        "generation": run.generation,
+        "coverage": run.coverage,
+        **run.extra,
+        **run.metrics,
+    }
     if out:
         write_results(out, metrics, run.samples)
     return {"metrics": metrics, "samples": run.samples}
 
 
-def evaluate_ifeval(*, data: str | Path, model: str | None = None, responses: str | Path | None = None,
-                    out: str | None = None, max_new_tokens: int = 512, batch_size: int = 16,
-                    limit: int | None = None, loaded: tuple[Any, Any] | None = None) -> dict[str, Any]:
+def evaluate_ifeval(
+    *,
+    data: str | Path,
+    model: str | None = None,
+    responses: str | Path | None = None,
+    out: str | None = None,
+    max_new_tokens: int = 512,
+    batch_size: int = 16,
+    limit: int | None = None,
+    loaded: tuple[Any, Any] | None = None,
+) -> dict[str, Any]:
     """:func:`evaluate` with the ``ifeval`` suite, at the benchmark's usual 512 new tokens."""
-    return evaluate(suites=["ifeval"], data=str(data), model=model, out=out, max_new_tokens=max_new_tokens,
-                    batch_size=batch_size, limit=limit, loaded=loaded,
-                    responses=None if responses is None else str(responses))
+    return evaluate(
+        suites=["ifeval"],
+        data=str(data),
+        model=model,
+        out=out,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        limit=limit,
+        loaded=loaded,
+        responses=None if responses is None else str(responses),
+    )
 
 
 def write_results(out: str | Path, metrics: dict[str, Any], samples: list[dict[str, Any]]) -> None:

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 
-def eval_stage(cfg: Any, models: Sequence[tuple[str, str]], out: str | Path, *,
-               reward_model: str | None = None) -> dict[str, Any]:
+def eval_stage(
+    cfg: Any, models: Sequence[tuple[str, str]], out: str | Path, *, reward_model: str | None = None
+) -> dict[str, Any]:
     """Evaluate ``models`` (``(name, model spec)`` pairs, the starting model first) into ``out``.
 
     ``cfg`` has the fields of the recipe's eval section: ``suites``, ``data``,
@@ -38,7 +39,8 @@ def eval_stage(cfg: Any, models: Sequence[tuple[str, str]], out: str | Path, *,
     names = resolve_suites(cfg.suites)
     shared = [n for n in names if not SUITES[n].reads.alone]
     calls = ([("", shared, cfg.data)] if shared else []) + [
-        (f".{n}", [n], getattr(cfg, f"{n}_data", cfg.data)) for n in names if SUITES[n].reads.alone]
+        (f".{n}", [n], getattr(cfg, f"{n}_data", cfg.data)) for n in names if SUITES[n].reads.alone
+    ]
 
     table: dict[str, dict[str, Any]] = {}
     with atomic_dir(out) as tmp:
@@ -52,12 +54,20 @@ def eval_stage(cfg: Any, models: Sequence[tuple[str, str]], out: str | Path, *,
                 if k and not SUITES[suites[0]].reads.takes_shots:
                     continue  # demonstrations change neither log-likelihoods nor a benchmark's prompts
                 judged = reward_model if any(SUITES[s].judged for s in suites) else None
-                result = evaluate(model=spec, suites=suites, data=data, max_new_tokens=cfg.max_new_tokens,
-                                  batch_size=cfg.batch_size, k_shot=k, limit=cfg.limit, loaded=loaded,
-                                  reward_model=judged, out=str(tmp / f"{stem}{suffix}.json"))
+                result = evaluate(
+                    model=spec,
+                    suites=suites,
+                    data=data,
+                    max_new_tokens=cfg.max_new_tokens,
+                    batch_size=cfg.batch_size,
+                    k_shot=k,
+                    limit=cfg.limit,
+                    loaded=loaded,
+                    reward_model=judged,
+                    out=str(tmp / f"{stem}{suffix}.json"),
+                )
                 # The header (n, k_shot, ...) is the run's first call's; each call adds its suites' numbers.
-                metrics.update({m: v for m, v in result["metrics"].items()
-                                if m not in HEADER_KEYS or m not in metrics})
+                metrics.update({m: v for m, v in result["metrics"].items() if m not in HEADER_KEYS or m not in metrics})
             table[name] = {m: v for m, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         # 4. The table of every model's numbers.
         summary = {"stage": "eval", "data": cfg.data, "table": table}

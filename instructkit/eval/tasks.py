@@ -54,12 +54,13 @@ def score_accuracy(responses: Sequence[str], references: Sequence[str]) -> Score
     metrics: dict[str, Any] = {"accuracy": _mean([p == r for p, r in zip(preds, refs)])}
     if labels:
         for average in ("macro", "micro"):
-            p, r, f, _ = precision_recall_fscore_support(refs, preds, labels=labels, average=average,
-                                                         zero_division=0)
+            p, r, f, _ = precision_recall_fscore_support(refs, preds, labels=labels, average=average, zero_division=0)
             metrics |= {f"precision_{average}": float(p), f"recall_{average}": float(r), f"f1_{average}": float(f)}
         p, r, f, s = precision_recall_fscore_support(refs, preds, labels=labels, average=None, zero_division=0)
-        report = {label: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
-                  for i, label in enumerate(labels)}
+        report = {
+            label: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+            for i, label in enumerate(labels)
+        }
     else:
         metrics |= {f"{m}_{a}": 0.0 for a in ("macro", "micro") for m in ("precision", "recall", "f1")}
         report = {}
@@ -79,11 +80,14 @@ def score_bleu(responses: Sequence[str], references: Sequence[str]) -> Scored:
         raise ValueError(f"{len(responses)} responses for {len(references)} references")
     if not responses:
         return {"bleu": 0.0, "chrf": 0.0}, []
-    metrics = {"bleu": float(sacrebleu.corpus_bleu(responses, [references]).score),
-               "chrf": float(sacrebleu.corpus_chrf(responses, [references]).score)}
-    per_example = [{"bleu": float(sacrebleu.sentence_bleu(r, [ref]).score),
-                    "chrf": float(sacrebleu.sentence_chrf(r, [ref]).score)}
-                   for r, ref in zip(responses, references)]
+    metrics = {
+        "bleu": float(sacrebleu.corpus_bleu(responses, [references]).score),
+        "chrf": float(sacrebleu.corpus_chrf(responses, [references]).score),
+    }
+    per_example = [
+        {"bleu": float(sacrebleu.sentence_bleu(r, [ref]).score), "chrf": float(sacrebleu.sentence_chrf(r, [ref]).score)}
+        for r, ref in zip(responses, references)
+    ]
     return metrics, per_example
 
 
@@ -98,8 +102,10 @@ def score_rouge(responses: Sequence[str], references: Sequence[str]) -> Scored:
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=False)
-    per_example = [{t: float(s.fmeasure) for t, s in scorer.score(ref, r).items()}
-                   for r, ref in zip(responses, references, strict=True)]
+    per_example = [
+        {t: float(s.fmeasure) for t, s in scorer.score(ref, r).items()}
+        for r, ref in zip(responses, references, strict=True)
+    ]
     return {t: _mean([e[t] for e in per_example]) for t in ROUGE_TYPES}, per_example
 
 

@@ -50,5 +50,11 @@ def win_rate(scores_a: Sequence[float], scores_b: Sequence[float], tie_margin: f
     wins, ties, losses = (outcomes.count(o) for o in ("win", "tie", "loss"))
     n = len(outcomes)
     low, high = wilson_interval(wins + ties / 2, n)
-    return {"wins": wins, "ties": ties, "losses": losses, "win_rate": (wins + ties / 2) / n if n else 0.0,
-            "win_rate_ci_low": low, "win_rate_ci_high": high}
+    return {
+        "wins": wins,
+        "ties": ties,
+        "losses": losses,
+        "win_rate": (wins + ties / 2) / n if n else 0.0,
+        "win_rate_ci_low": low,
+        "win_rate_ci_high": high,
+    }

@@ -45,9 +45,15 @@ def _log_ratio_margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_reject
     return chosen, rejected, chosen - rejected
 
 
-def dpo_sigmoid_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
-                     ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, *,
-                     beta: float = 0.1, label_smoothing: float = 0.0) -> PreferenceOutput:
+def dpo_sigmoid_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> PreferenceOutput:
     """DPO (Rafailov et al. 2023, Eq. 7), conservative when ``label_smoothing`` > 0.
 
     With h = (pi_c - ref_c) - (pi_r - ref_r) and eps = label_smoothing::
@@ -70,17 +76,21 @@ def dpo_sigmoid_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
     """
     if not 0.0 <= label_smoothing <= 0.5:
         raise ValueError(f"label_smoothing must lie in [0, 0.5], got {label_smoothing}")
-    chosen, rejected, h = _log_ratio_margin(chosen_logps, rejected_logps, ref_chosen_logps,
-                                            ref_rejected_logps)
+    chosen, rejected, h = _log_ratio_margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h)
     if label_smoothing:
         losses = losses - label_smoothing * F.logsigmoid(-beta * h)
     return PreferenceOutput(losses, beta * chosen.detach(), beta * rejected.detach())
 
 
-def ipo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
-             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, *,
-             beta: float = 0.1) -> PreferenceOutput:
+def ipo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+) -> PreferenceOutput:
     """IPO (Azar et al. 2023, Eq. 17): ``(h - 1 / (2 beta))^2``, h the DPO log-ratio margin.
 
     beta plays the paper's tau. The squared loss regresses h onto 1/(2 beta) instead of pushing
@@ -88,30 +98,38 @@ def ipo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
     with the IPO authors): through ``preference_loss`` all four inputs are per-token means
     (B,), and so are the logged rewards beta * (pi - ref) (TRL logs them on sums).
     """
-    chosen, rejected, h = _log_ratio_margin(chosen_logps, rejected_logps, ref_chosen_logps,
-                                            ref_rejected_logps)
+    chosen, rejected, h = _log_ratio_margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     losses = (h - 1.0 / (2.0 * beta)) ** 2
     return PreferenceOutput(losses, beta * chosen.detach(), beta * rejected.detach())
 
 
-def hinge_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
-               ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, *,
-               beta: float = 0.1) -> PreferenceOutput:
+def hinge_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+) -> PreferenceOutput:
     """SLiC hinge (Zhao et al. 2023, SLiC-HF, Eq. 1 rank-calibration term): ``relu(1 - beta * h)``.
 
     As in TRL, the margin is applied to the DPO log-ratio margin h (not raw log-probs) and
     scaled so the paper's delta is 1/beta. Zero loss, and zero gradient, once h >= 1/beta.
     Shapes (B,); rewards beta * (pi - ref).
     """
-    chosen, rejected, h = _log_ratio_margin(chosen_logps, rejected_logps, ref_chosen_logps,
-                                            ref_rejected_logps)
+    chosen, rejected, h = _log_ratio_margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     losses = torch.relu(1.0 - beta * h)
     return PreferenceOutput(losses, beta * chosen.detach(), beta * rejected.detach())
 
 
-def simpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, *,
-               beta: float = 2.0, simpo_gamma: float = 0.5,
-               label_smoothing: float = 0.0) -> PreferenceOutput:
+def simpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    *,
+    beta: float = 2.0,
+    simpo_gamma: float = 0.5,
+    label_smoothing: float = 0.0,
+) -> PreferenceOutput:
     """SimPO (Meng et al. 2024, Eq. 6): reference-free, on per-token mean log-probs.
 
     With a_c, a_r the mean log-probs (B,), gamma = simpo_gamma and m = beta * (a_c - a_r) - gamma::
@@ -139,9 +157,14 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > _LN_HALF, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def orpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, *,
-              chosen_nll: torch.Tensor | None = None, beta: float = 0.1,
-              orpo_lambda: float = 1.0) -> PreferenceOutput:
+def orpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    *,
+    chosen_nll: torch.Tensor | None = None,
+    beta: float = 0.1,
+    orpo_lambda: float = 1.0,
+) -> PreferenceOutput:
     """ORPO (Hong et al. 2024, Eq. 6-7): SFT NLL plus a log odds-ratio penalty, reference-free.
 
     With a the per-token mean log-prob (so P = exp(a) is the length-normalised likelihood), the
@@ -166,10 +189,17 @@ def orpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, *,
     return PreferenceOutput(losses, beta * chosen.detach(), beta * rejected.detach())
 
 
-def kto_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
-             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, *,
-             kl_ref: torch.Tensor | float | None = None, beta: float = 0.1,
-             desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> PreferenceOutput:
+def kto_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    kl_ref: torch.Tensor | float | None = None,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> PreferenceOutput:
     """KTO (Ethayarajh et al. 2024; the loss TRL 1.16 cites as Eq. 7 of arXiv 2402.01306).
 
     Unpaired: ``chosen_*`` hold the desirable examples (n_d,), ``rejected_*`` the undesirable
@@ -185,10 +215,17 @@ def kto_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
     """
     chosen = _float(chosen_logps) - _float(ref_chosen_logps)
     rejected = _float(rejected_logps) - _float(ref_rejected_logps)
-    z0 = torch.zeros((), dtype=chosen.dtype, device=chosen.device) if kl_ref is None else (
-        torch.as_tensor(kl_ref, dtype=chosen.dtype, device=chosen.device).detach().clamp(min=0))
-    losses = torch.cat([desirable_weight * (1.0 - torch.sigmoid(beta * (chosen - z0))),
-                        undesirable_weight * (1.0 - torch.sigmoid(beta * (z0 - rejected)))])
+    z0 = (
+        torch.zeros((), dtype=chosen.dtype, device=chosen.device)
+        if kl_ref is None
+        else (torch.as_tensor(kl_ref, dtype=chosen.dtype, device=chosen.device).detach().clamp(min=0))
+    )
+    losses = torch.cat(
+        [
+            desirable_weight * (1.0 - torch.sigmoid(beta * (chosen - z0))),
+            undesirable_weight * (1.0 - torch.sigmoid(beta * (z0 - rejected))),
+        ]
+    )
     return PreferenceOutput(losses, beta * chosen.detach(), beta * rejected.detach())
 
 
@@ -208,17 +245,22 @@ class LossSpec:
 
 
 PREFERENCE_LOSSES: dict[str, LossSpec] = {
-    "sigmoid": LossSpec(dpo_sigmoid_loss, needs_reference=True, length_normalized=False,
-                        options=("label_smoothing",)),
+    "sigmoid": LossSpec(dpo_sigmoid_loss, needs_reference=True, length_normalized=False, options=("label_smoothing",)),
     "ipo": LossSpec(ipo_loss, needs_reference=True, length_normalized=True),
     "hinge": LossSpec(hinge_loss, needs_reference=True, length_normalized=False),
-    "simpo": LossSpec(simpo_loss, needs_reference=False, length_normalized=True,
-                      options=("simpo_gamma", "label_smoothing")),
-    "orpo": LossSpec(orpo_loss, needs_reference=False, length_normalized=True,
-                     options=("chosen_nll", "orpo_lambda")),
-    "kto": LossSpec(kto_loss, needs_reference=True, length_normalized=False, paired=False,
-                    options=("kl_ref", "desirable_weight", "undesirable_weight")),
+    "simpo": LossSpec(
+        simpo_loss, needs_reference=False, length_normalized=True, options=("simpo_gamma", "label_smoothing")
+    ),
+    "orpo": LossSpec(orpo_loss, needs_reference=False, length_normalized=True, options=("chosen_nll", "orpo_lambda")),
+    "kto": LossSpec(
+        kto_loss,
+        needs_reference=True,
+        length_normalized=False,
+        paired=False,
+        options=("kl_ref", "desirable_weight", "undesirable_weight"),
+    ),
 }
+
 
 def _per_token(logps: torch.Tensor, tokens: torch.Tensor | None, which: str) -> torch.Tensor:
     if tokens is None:
@@ -226,15 +268,24 @@ def _per_token(logps: torch.Tensor, tokens: torch.Tensor | None, which: str) -> 
     return _float(logps) / torch.as_tensor(tokens, device=logps.device).clamp(min=1)
 
 
-def preference_loss(name: str, *, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
-                    chosen_tokens: torch.Tensor | None, rejected_tokens: torch.Tensor | None,
-                    ref_chosen_logps: torch.Tensor | None = None,
-                    ref_rejected_logps: torch.Tensor | None = None,
-                    chosen_nll: torch.Tensor | None = None, beta: float = 0.1,
-                    label_smoothing: float = 0.0, simpo_gamma: float = 0.5,
-                    orpo_lambda: float = 1.0, kl_ref: torch.Tensor | float | None = None,
-                    desirable_weight: float = 1.0,
-                    undesirable_weight: float = 1.0) -> PreferenceOutput:
+def preference_loss(
+    name: str,
+    *,
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    chosen_tokens: torch.Tensor | None,
+    rejected_tokens: torch.Tensor | None,
+    ref_chosen_logps: torch.Tensor | None = None,
+    ref_rejected_logps: torch.Tensor | None = None,
+    chosen_nll: torch.Tensor | None = None,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+    orpo_lambda: float = 1.0,
+    kl_ref: torch.Tensor | float | None = None,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> PreferenceOutput:
     """Look up ``name`` in ``PREFERENCE_LOSSES`` and apply it to summed log-probs.
 
     Args:
@@ -254,14 +305,22 @@ def preference_loss(name: str, *, chosen_logps: torch.Tensor, rejected_logps: to
     spec = PREFERENCE_LOSSES.get(name)
     if spec is None:
         raise ValueError(f"unknown preference loss {name!r}; valid: {sorted(PREFERENCE_LOSSES)}")
-    given = {"chosen_nll": chosen_nll, "label_smoothing": label_smoothing,
-             "simpo_gamma": simpo_gamma, "orpo_lambda": orpo_lambda, "kl_ref": kl_ref,
-             "desirable_weight": desirable_weight, "undesirable_weight": undesirable_weight}
+    given = {
+        "chosen_nll": chosen_nll,
+        "label_smoothing": label_smoothing,
+        "simpo_gamma": simpo_gamma,
+        "orpo_lambda": orpo_lambda,
+        "kl_ref": kl_ref,
+        "desirable_weight": desirable_weight,
+        "undesirable_weight": undesirable_weight,
+    }
     tensors = [chosen_logps, rejected_logps]
     if spec.needs_reference:
         if ref_chosen_logps is None or ref_rejected_logps is None:
-            raise ValueError(f"preference loss {name!r} needs ref_chosen_logps and "
-                             "ref_rejected_logps (log-probs under the reference model)")
+            raise ValueError(
+                f"preference loss {name!r} needs ref_chosen_logps and "
+                "ref_rejected_logps (log-probs under the reference model)"
+            )
         tensors += [ref_chosen_logps, ref_rejected_logps]
     if spec.length_normalized:  # tensors alternate chosen, rejected
         counts = [chosen_tokens, rejected_tokens] * (len(tensors) // 2)

@@ -37,8 +37,14 @@ def _pair_loss(better: torch.Tensor, worse: torch.Tensor, margin, center_coeffic
     return loss
 
 
-def ranking_loss(scores: torch.Tensor, group: torch.Tensor, rank: torch.Tensor, *,
-                 margin: float | None = None, center_coefficient: float = 0.0) -> RankingOutput:
+def ranking_loss(
+    scores: torch.Tensor,
+    group: torch.Tensor,
+    rank: torch.Tensor,
+    *,
+    margin: float | None = None,
+    center_coefficient: float = 0.0,
+) -> RankingOutput:
     """InstructGPT reward-model loss (Ouyang et al. 2022, Sec. 3.5, Eq. 1), ties dropped.
 
     For a prompt x with responses ranked by labellers, every untied pair (y_w better than y_l)
@@ -66,8 +72,7 @@ def ranking_loss(scores: torch.Tensor, group: torch.Tensor, rank: torch.Tensor, 
     pair = (group[:, None] == group[None, :]) & (rank[:, None] < rank[None, :])  # (N, N)
     loss = _pair_loss(scores[:, None], scores[None, :], margin, center_coefficient)  # (N, N)
     _, prompt = torch.unique(group, return_inverse=True)  # (N,) dense prompt index
-    per_prompt = torch.zeros(int(prompt.max()) + 1 if prompt.numel() else 0,
-                             dtype=torch.long, device=scores.device)
+    per_prompt = torch.zeros(int(prompt.max()) + 1 if prompt.numel() else 0, dtype=torch.long, device=scores.device)
     per_prompt.index_add_(0, prompt, pair.sum(dim=1))  # untied pairs of each prompt
     # Weight each pair by 1/(its prompt's pair count); tied-only prompts never get a weight.
     weight = 1.0 / per_prompt.clamp(min=1)[prompt].to(scores.dtype)  # (N,) by winner's prompt
@@ -80,9 +85,13 @@ def ranking_loss(scores: torch.Tensor, group: torch.Tensor, rank: torch.Tensor, 
     )
 
 
-def pairwise_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, *,
-                  margin: torch.Tensor | float | None = None,
-                  center_coefficient: float = 0.0) -> RankingOutput:
+def pairwise_loss(
+    chosen_scores: torch.Tensor,
+    rejected_scores: torch.Tensor,
+    *,
+    margin: torch.Tensor | float | None = None,
+    center_coefficient: float = 0.0,
+) -> RankingOutput:
     """``ranking_loss`` for one (chosen, rejected) pair per prompt.
 
     Args:
@@ -95,5 +104,4 @@ def pairwise_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, *,
     chosen, rejected = chosen_scores.to(dtype), rejected_scores.to(dtype)
     loss = _pair_loss(chosen, rejected, margin, center_coefficient)
     n = torch.tensor(chosen.numel(), device=chosen.device)
-    return RankingOutput(loss_sum=loss.sum(), prompts=n, pairs=n.clone(),
-                         correct=(chosen > rejected).sum())
+    return RankingOutput(loss_sum=loss.sum(), prompts=n, pairs=n.clone(), correct=(chosen > rejected).sum())

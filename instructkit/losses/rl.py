@@ -54,8 +54,7 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
-                  eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """``(x - mean) / sqrt(var + eps)`` over the masked entries; with ``shift_mean=False`` the mean
     is added back (only the scale changes, as for reward whitening). Masked-out entries are
     returned as 0."""
@@ -87,8 +86,7 @@ KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] =
 """Per-token KL estimators by name (``PPOConfig.kl_estimator``)."""
 
 
-def kl_penalized_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
-                         kl_coef: float) -> torch.Tensor:
+def kl_penalized_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
     """Per-token rewards ``-kl_coef * kl_t``, plus the sequence's score at its last real token.
 
     This is the reward of InstructGPT Eq. 2 / Ziegler et al. Eq. 2,
@@ -150,8 +148,9 @@ class AdaptiveKLController(FixedKLController):
 # Advantages
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
-        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016, Eq. 16).
 
     ``delta_t = r_t + gamma * V_{t+1} - V_t`` and ``A_t = delta_t + gamma * lam * A_{t+1}``, with
@@ -253,10 +252,8 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
     e.name: e
     for e in (
         AdvantageEstimator("gae", _gae_estimator, needs_value_model=True, group_relative=False),
-        AdvantageEstimator("grpo", _group_estimator(grpo_advantages), needs_value_model=False,
-                           group_relative=True),
-        AdvantageEstimator("rloo", _group_estimator(rloo_advantages), needs_value_model=False,
-                           group_relative=True),
+        AdvantageEstimator("grpo", _group_estimator(grpo_advantages), needs_value_model=False, group_relative=True),
+        AdvantageEstimator("rloo", _group_estimator(rloo_advantages), needs_value_model=False, group_relative=True),
     )
 }
 """Advantage estimators by name (``PPOConfig.advantage``)."""
@@ -266,9 +263,14 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
 # Losses
 
 
-def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                        mask: torch.Tensor, clip_range: float,
-                        normalizer: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def clipped_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+    normalizer: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate (Schulman et al. 2017, Eq. 7), as a loss to minimise.
 
     ``ratio = exp(logprobs - old_logprobs)``;
@@ -297,9 +299,14 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, adva
     return loss, clip_frac.detach()
 
 
-def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-                       mask: torch.Tensor, clip_range: float,
-                       normalizer: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def clipped_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+    normalizer: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped value loss (PPO2 baselines): ``0.5 * max((V - G)^2, (V_clip - G)^2)`` per token,
     ``V_clip = V_old + clip(V - V_old, -eps, eps)``, averaged over tokens.
 

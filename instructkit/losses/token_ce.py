@@ -30,8 +30,9 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
     """
     targets = labels[:, 1:]
     scores = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
-    loss = F.cross_entropy(scores.reshape(-1, scores.size(-1)), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = F.cross_entropy(
+        scores.reshape(-1, scores.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return loss, (targets != IGNORE_INDEX).sum()
 
 
@@ -39,16 +40,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden[i] @ weight.T, targets[i]), gradients formed chunk by chunk in forward."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                chunk_size: int) -> torch.Tensor:
+    def forward(
+        ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int
+    ) -> torch.Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
         acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 or better for sums
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
         for start in range(0, hidden.size(0), chunk_size):
-            h = hidden[start:start + chunk_size]
-            t = targets[start:start + chunk_size]
+            h = hidden[start : start + chunk_size]
+            t = targets[start : start + chunk_size]
             logits = (h @ weight.t()).to(acc)  # (n, V)
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
@@ -58,7 +60,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs[torch.arange(t.size(0), device=t.device), t] -= 1.0
                 probs = probs.to(hidden.dtype)
                 if need_h:
-                    grad_h[start:start + chunk_size] = probs @ weight
+                    grad_h[start : start + chunk_size] = probs @ weight
                 if need_w:
                     grad_w += (probs.t() @ h).to(acc)
         ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
@@ -73,8 +75,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return dh, dw, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk_size: int = 1024) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024
+) -> torch.Tensor:
     """Summed cross-entropy of a linear projection, never holding more than a (chunk, V) block.
 
     Equivalent to (but much leaner than)::
@@ -93,8 +96,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         acc = torch.promote_types(hidden.dtype, torch.float32)
         total = torch.zeros((), dtype=acc, device=hidden.device)
         for start in range(0, hidden.size(0), chunk_size):
-            logits = (hidden[start:start + chunk_size] @ weight.t()).to(acc)
-            total += F.cross_entropy(logits, targets[start:start + chunk_size], reduction="sum")
+            logits = (hidden[start : start + chunk_size] @ weight.t()).to(acc)
+            total += F.cross_entropy(logits, targets[start : start + chunk_size], reduction="sum")
         return total
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size)
 
@@ -114,10 +117,12 @@ class _LinearLogProbs(torch.autograd.Function):
         out = torch.empty(hidden.size(0), dtype=acc, device=hidden.device)
         lses = torch.empty_like(out)
         for start in range(0, hidden.size(0), chunk_size):
-            logits = (hidden[start:start + chunk_size] @ weight.t()).to(acc) / temperature
+            logits = (hidden[start : start + chunk_size] @ weight.t()).to(acc) / temperature
             lse = torch.logsumexp(logits, dim=-1)
-            lses[start:start + chunk_size] = lse
-            out[start:start + chunk_size] = logits.gather(1, targets[start:start + chunk_size, None]).squeeze(1) - lse
+            lses[start : start + chunk_size] = lse
+            out[start : start + chunk_size] = (
+                logits.gather(1, targets[start : start + chunk_size, None]).squeeze(1) - lse
+            )
         ctx.save_for_backward(hidden, weight, targets, lses)
         ctx.chunk_size, ctx.temperature = chunk_size, temperature
         return out
@@ -146,8 +151,9 @@ class _LinearLogProbs(torch.autograd.Function):
         return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None, None
 
 
-def linear_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                     chunk_size: int = 1024, temperature: float = 1.0) -> torch.Tensor:
+def linear_log_probs(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024, temperature: float = 1.0
+) -> torch.Tensor:
     """Per-row log-probability of ``targets`` under a linear head, without the full logits.
 
     Equivalent to (but leaner than)::

@@ -67,9 +67,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     tmp.chmod(0o755)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-        )
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
         # The weights are already dequantised to fp32; drop the GGUF "quantizer" marker so the
         # model saves (and later loads) as a plain safetensors checkpoint.
         model.hf_quantizer = None

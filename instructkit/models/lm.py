@@ -99,8 +99,13 @@ class CausalLMLoss(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # input_ids, labels: (B, T); attention_mask: (B, T) or (B, 1, T, T) for packed rows.
         if attention_mask is not None and attention_mask.dim() == 4:
             # An additive mask must match the compute dtype: a float32 mask against bf16/fp16
@@ -110,14 +115,21 @@ class CausalLMLoss(nn.Module):
                 dtype = torch.get_autocast_dtype("cuda")
             attention_mask = attention_mask.to(dtype)
         positions, targets = next_token_positions(labels)
-        out = outputs_at(self.model, positions, input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids)
+        out = outputs_at(
+            self.model, positions, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        )
         return out.cross_entropy(targets, self.chunk_size), positions.sum()
 
 
-def sequence_log_probs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       labels: torch.Tensor, *, chunk_size: int = 1024,
-                       temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_log_probs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probability of each row's trained tokens, and how many there are.
 
     For preference losses (DPO, IPO, SimPO, ORPO, KTO) and the `preference` eval suite, which

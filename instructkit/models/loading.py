@@ -28,7 +28,6 @@ class ResolvedModel:
     merged_first: tuple[str, ...] = ()  # earlier adapters (e.g. SFT's under DPO's), merged in order
 
 
-
 def default_device() -> str:
     import torch
 
@@ -41,12 +40,16 @@ def check_device(device: str, field: str = "device") -> None:
 
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise InputError(f"device '{device}' asked for, but this machine has no CUDA GPU "
-                             "(torch.cuda.is_available() is False); use cpu", field=field)
+            raise InputError(
+                f"device '{device}' asked for, but this machine has no CUDA GPU "
+                "(torch.cuda.is_available() is False); use cpu",
+                field=field,
+            )
         index = int(device.split(":")[1]) if ":" in device else 0
         if index >= torch.cuda.device_count():
-            raise InputError(f"device '{device}' asked for, but there are {torch.cuda.device_count()} GPUs",
-                             field=field)
+            raise InputError(
+                f"device '{device}' asked for, but there are {torch.cuda.device_count()} GPUs", field=field
+            )
     elif device == "mps" and not torch.backends.mps.is_available():
         raise InputError("device 'mps' asked for, but MPS is not available here; use cpu", field=field)
 
@@ -65,8 +68,14 @@ def parse_dtype(dtype: Any) -> Any:
 
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    names = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
-             "bf16": "bfloat16", "bfloat16": "bfloat16"}
+    names = {
+        "fp32": "float32",
+        "float32": "float32",
+        "fp16": "float16",
+        "float16": "float16",
+        "bf16": "bfloat16",
+        "bfloat16": "bfloat16",
+    }
     if dtype not in names:
         raise InputError(f"unknown dtype '{dtype}' (expected one of fp32, bf16, fp16)", field="dtype")
     return getattr(torch, names[dtype])
@@ -121,11 +130,13 @@ def load_tokenizer(spec: str | os.PathLike, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     resolved = resolve(spec)
-    source = resolved.adapter if resolved.adapter and Path(resolved.adapter, "tokenizer_config.json").is_file() else resolved.base
+    source = (
+        resolved.adapter
+        if resolved.adapter and Path(resolved.adapter, "tokenizer_config.json").is_file()
+        else resolved.base
+    )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            source, trust_remote_code=trust_remote_code, **_hub_kwargs(resolved)
-        )
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **_hub_kwargs(resolved))
     except OSError as exc:
         if not resolved.local:
             raise _offline_error(resolved.base, exc) from exc

@@ -39,12 +39,18 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch.to(device) if hasattr(batch, "to") else batch
 
 
-def no_grad_batches(module: nn.Module, examples: Sequence[Any], collate: Callable[[list[Any]], Any],
-                    batch_size: int, *, device: torch.device | None = None) -> Iterator[tuple[list[Any], Any]]:
+def no_grad_batches(
+    module: nn.Module,
+    examples: Sequence[Any],
+    collate: Callable[[list[Any]], Any],
+    batch_size: int,
+    *,
+    device: torch.device | None = None,
+) -> Iterator[tuple[list[Any], Any]]:
     """Yield ``(chunk, batch)``: each run of ``batch_size`` examples and its collated batch on
     the module's device, with ``module`` in eval mode and gradients off for the whole loop."""
     device = device if device is not None else module_device(module)
     with eval_mode(module):
         for start in range(0, len(examples), batch_size):
-            chunk = list(examples[start:start + batch_size])
+            chunk = list(examples[start : start + batch_size])
             yield chunk, to_device(collate(chunk), device)

@@ -24,8 +24,7 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)
     if layers is None:
-        raise InputError(f"cannot find the decoder layers of {type(model).__name__} to freeze",
-                         field="peft.method")
+        raise InputError(f"cannot find the decoder layers of {type(model).__name__} to freeze", field="peft.method")
     return list(layers)
 
 
@@ -37,7 +36,7 @@ def _freeze(model: nn.Module, cfg: PeftConfig, task: str = "CAUSAL_LM") -> nn.Mo
         p.requires_grad_(whole)
     if not whole:
         layers = _decoder_layers(model)
-        for layer in layers[-cfg.trainable_layers:] if cfg.trainable_layers else layers:
+        for layer in layers[-cfg.trainable_layers :] if cfg.trainable_layers else layers:
             target = getattr(layer, "mlp", None) if cfg.ffn_only else layer
             if target is None:
                 raise InputError("ffn_only: the layers have no 'mlp' block", field="peft.ffn_only")
@@ -57,9 +56,14 @@ def _peft(kind: str) -> Callable[..., nn.Module]:
         import peft
 
         if kind in ("lora", "dora"):
-            pcfg = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                   target_modules=cfg.target_modules, use_dora=kind == "dora",
-                                   task_type=task)
+            pcfg = peft.LoraConfig(
+                r=cfg.r,
+                lora_alpha=cfg.alpha,
+                lora_dropout=cfg.dropout,
+                target_modules=cfg.target_modules,
+                use_dora=kind == "dora",
+                task_type=task,
+            )
         else:  # ia3
             target = None if cfg.target_modules == "all-linear" else cfg.target_modules
             pcfg = peft.IA3Config(target_modules=target, task_type=task)
@@ -81,16 +85,20 @@ def apply_method(model: nn.Module, cfg: PeftConfig, task: str = "CAUSAL_LM") -> 
     """Apply ``cfg.method``; ``task`` is the peft task type (``SEQ_CLS`` for reward models,
     which also keeps the score head trainable and saved)."""
     if cfg.method not in METHODS:
-        raise InputError(f"unknown method '{cfg.method}' (one of {', '.join(METHODS)})"
-                         f"{did_you_mean(cfg.method, METHODS)}", field="peft.method")
+        raise InputError(
+            f"unknown method '{cfg.method}' (one of {', '.join(METHODS)}){did_you_mean(cfg.method, METHODS)}",
+            field="peft.method",
+        )
     if isinstance(cfg.target_modules, list) and cfg.method in ("lora", "dora", "ia3"):
         names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
         missing = [t for t in cfg.target_modules if t not in names]
         if missing:
             linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-            raise InputError(f"no module named {missing[0]!r} in the model{did_you_mean(missing[0], linear)}; "
-                             f"its linear layers are {', '.join(linear)} (or use all-linear)",
-                             field="peft.target_modules")
+            raise InputError(
+                f"no module named {missing[0]!r} in the model{did_you_mean(missing[0], linear)}; "
+                f"its linear layers are {', '.join(linear)} (or use all-linear)",
+                field="peft.target_modules",
+            )
     return METHODS[cfg.method](model, cfg, task)
 
 

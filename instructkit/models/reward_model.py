@@ -79,15 +79,25 @@ def load_reward_model(spec: str | os.PathLike, device: str | None = None):
     return model, tokenizer, float(getattr(model.config, BIAS_KEY, 0.0) or 0.0)
 
 
-def score(model: nn.Module, tokenizer, prompts: Sequence[Sequence[Any]], responses: Sequence[Sequence[Any]],
-          *, bias: float = 0.0, batch_size: int = 16, template: str | None = None) -> list[float]:
+def score(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[Sequence[Any]],
+    responses: Sequence[Sequence[Any]],
+    *,
+    bias: float = 0.0,
+    batch_size: int = 16,
+    template: str | None = None,
+) -> list[float]:
     """Reward of each (prompt messages, response messages) pair, shifted by ``bias``."""
     from instructkit.data.collate import pad_batch
     from instructkit.data.templates import encode_prompt_response
     from instructkit.models.passes import no_grad_batches
 
-    encoded = [encode_prompt_response(tokenizer, prompt, response, template=template)
-               for prompt, response in zip(prompts, responses)]
+    encoded = [
+        encode_prompt_response(tokenizer, prompt, response, template=template)
+        for prompt, response in zip(prompts, responses)
+    ]
     out: list[float] = []
     collate = lambda chunk: pad_batch(chunk, pad_id=tokenizer.pad_token_id)
     for _, batch in no_grad_batches(model, encoded, collate, batch_size):

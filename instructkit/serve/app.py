@@ -29,9 +29,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from instructkit.data.templates import encode_prompt
 from instructkit.errors import InputError
 from instructkit.serve.engine import DEFAULT_MAX_BATCH, Batcher, Choice, EngineError, QueueFull, Sampling, Submission
-from instructkit.serve.schema import (STREAM_DESCRIPTION, ChatCompletion, ChatCompletionRequest, Completion,
-                                      CompletionRequest, ErrorResponse, Health, ModelCard, ModelList,
-                                      NotFoundResponse, _Sampling)
+from instructkit.serve.schema import (
+    STREAM_DESCRIPTION,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ErrorResponse,
+    Health,
+    ModelCard,
+    ModelList,
+    NotFoundResponse,
+    _Sampling,
+)
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_MAX_QUEUE = 16
@@ -39,7 +49,7 @@ ERROR_STATUSES = {
     400: "malformed body, unknown field, value out of range, or prompt + max_tokens past the context",
     401: "an API key is set and the request lacks it or has another",
     404: "`model` names a model this server does not serve (type invalid_request_error, code model_not_found, "
-         "as OpenAI's API answers; the `openai` client raises NotFoundError), or the path has no endpoint",
+    "as OpenAI's API answers; the `openai` client raises NotFoundError), or the path has no endpoint",
     500: "generation failed (the message says why)",
     503: "the batch is full and max_queue requests already wait",
 }
@@ -48,8 +58,16 @@ ERROR_STATUSES = {
 class APIError(Exception):
     """An error answered in OpenAI's shape."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = dict(headers or {})
@@ -70,9 +88,17 @@ def context_length(model: Any) -> int | None:
     return None
 
 
-def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | None = None,
-               max_queue: int = DEFAULT_MAX_QUEUE, max_batch: int = DEFAULT_MAX_BATCH,
-               label_store: str | None = None, runs_dir: str | None = None) -> FastAPI:
+def create_app(
+    model: Any,
+    tokenizer: Any,
+    model_name: str,
+    *,
+    api_key: str | None = None,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    label_store: str | None = None,
+    runs_dir: str | None = None,
+) -> FastAPI:
     """An app serving ``model``; with ``api_key``, ``/v1/*`` needs ``Authorization: Bearer <key>``.
 
     The web pages (chat, ranking over ``label_store``, runs under ``runs_dir``) come from
@@ -89,8 +115,13 @@ def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | No
         await anyio.to_thread.run_sync(engine.close)
 
     # /docs and /redoc come from pages.docs_router: FastAPI's own load their scripts from a CDN.
-    app = FastAPI(title="instructkit", description=f"OpenAI-compatible API serving {model_name}", lifespan=lifespan,
-                  docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="instructkit",
+        description=f"OpenAI-compatible API serving {model_name}",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.engine = engine
     card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "instructkit"}
     context = context_length(model)
@@ -120,22 +151,31 @@ def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | No
         where = f"{request.method} {request.url.path}"
         # The router's own 404 and 405 (no route matched) come without an endpoint in the scope.
         if "endpoint" not in request.scope and exc.status_code == 404:
-            return APIError(404, f"Invalid URL ({where}): there is no such endpoint; the API has "
-                                 f"{api_endpoints()} (see /docs)").response()
+            return APIError(
+                404, f"Invalid URL ({where}): there is no such endpoint; the API has {api_endpoints()} (see /docs)"
+            ).response()
         if exc.status_code == 405:
             allowed = {k.lower(): v for k, v in (exc.headers or {}).items()}.get("allow", "")
-            return APIError(405, f"{where} is not allowed; this path answers {allowed}", code="method_not_allowed",
-                            headers=exc.headers).response()
+            return APIError(
+                405,
+                f"{where} is not allowed; this path answers {allowed}",
+                code="method_not_allowed",
+                headers=exc.headers,
+            ).response()
         return APIError(exc.status_code, str(exc.detail), headers=exc.headers).response()
 
     def api_endpoints() -> str:
-        return ", ".join(f"{method} {route.path_format}" for route in app.routes
-                         if isinstance(route, APIRoute) and route.path_format.startswith("/v1/")
-                         for method in sorted(route.methods))
+        return ", ".join(
+            f"{method} {route.path_format}"
+            for route in app.routes
+            if isinstance(route, APIRoute) and route.path_format.startswith("/v1/")
+            for method in sorted(route.methods)
+        )
 
     def unknown_model(name: str) -> APIError:
-        return APIError(404, f"The model `{name}` does not exist: this server serves '{model_name}'",
-                        code="model_not_found")
+        return APIError(
+            404, f"The model `{name}` does not exist: this server serves '{model_name}'", code="model_not_found"
+        )
 
     # 2. Authentication: a constant-time comparison against the one key.
     def authorized(request: Request) -> None:
@@ -143,46 +183,70 @@ def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | No
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), api_key.encode()):
-            raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
-                           code="invalid_api_key")
+            raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
 
     # 3. Endpoints, with every status they answer documented in /openapi.json.
     def errors(*statuses: int) -> dict:
-        return {status: {"model": NotFoundResponse if status == 404 else ErrorResponse,
-                         "description": ERROR_STATUSES[status]} for status in statuses}
+        return {
+            status: {
+                "model": NotFoundResponse if status == 404 else ErrorResponse,
+                "description": ERROR_STATUSES[status],
+            }
+            for status in statuses
+        }
 
     def answers(model: type) -> dict:
-        event = {"type": "object", "required": ["data"], "description": STREAM_DESCRIPTION,
-                 "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}
+        event = {
+            "type": "object",
+            "required": ["data"],
+            "description": STREAM_DESCRIPTION,
+            "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+        }
         stream = {"text/event-stream": {"schema": event}}
         return {200: {"model": model, "content": stream}, **errors(400, 401, 404, 500, 503)}
 
     @app.get("/health", response_model=Health)
     async def health() -> dict:
-        return {"status": "ok", "model": model_name, "busy": engine.running > 0, "generating": engine.running,
-                "waiting": engine.waiting}
+        return {
+            "status": "ok",
+            "model": model_name,
+            "busy": engine.running > 0,
+            "generating": engine.running,
+            "waiting": engine.waiting,
+        }
 
     @app.get("/v1/models", dependencies=[Depends(authorized)], response_model=ModelList, responses=errors(401))
     async def models() -> dict:
         return {"object": "list", "data": [card]}
 
     # `:path`: a model's id is its --model spec, which may hold slashes (runs/quickstart/sft)
-    @app.get("/v1/models/{model:path}", dependencies=[Depends(authorized)], response_model=ModelCard,
-             responses={**errors(401), 404: {"model": NotFoundResponse,
-                                             "description": "no model with this id is served here"}})
+    @app.get(
+        "/v1/models/{model:path}",
+        dependencies=[Depends(authorized)],
+        response_model=ModelCard,
+        responses={
+            **errors(401),
+            404: {"model": NotFoundResponse, "description": "no model with this id is served here"},
+        },
+    )
     async def model_card(model: str) -> dict:
         if model != model_name:
             raise unknown_model(model)
         return card
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)], response_model=ChatCompletion,
-              responses=answers(ChatCompletion))
+    @app.post(
+        "/v1/chat/completions",
+        dependencies=[Depends(authorized)],
+        response_model=ChatCompletion,
+        responses=answers(ChatCompletion),
+    )
     async def chat_completions(body: ChatCompletionRequest):
         messages = [m.model_dump() for m in body.messages]
         return await _answer(body, messages, chat=True)
 
-    @app.post("/v1/completions", dependencies=[Depends(authorized)], response_model=Completion,
-              responses=answers(Completion))
+    @app.post(
+        "/v1/completions", dependencies=[Depends(authorized)], response_model=Completion, responses=answers(Completion)
+    )
     async def completions(body: CompletionRequest):
         return await _answer(body, [{"role": "user", "content": body.prompt}], chat=False)
 
@@ -190,19 +254,27 @@ def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | No
         if body.model is not None and body.model != model_name:
             raise unknown_model(body.model)
         prompt_ids = encode_prompt(tokenizer, messages)
-        sampling = Sampling(max_new_tokens=_max_tokens(body, len(prompt_ids)), temperature=body.temperature,
-                            top_p=body.top_p, seed=body.seed if body.seed is not None else secrets.randbits(31),
-                            stop=tuple(body.stop_list()))
+        sampling = Sampling(
+            max_new_tokens=_max_tokens(body, len(prompt_ids)),
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed if body.seed is not None else secrets.randbits(31),
+            stop=tuple(body.stop_list()),
+        )
         try:
             sub = engine.submit(prompt_ids, sampling, n=body.n)
         except QueueFull as exc:
             raise APIError(503, str(exc), type="server_error", code="server_busy") from None
-        meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
-                "model": model_name}
+        meta = {
+            "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
+            "created": int(time.time()),
+            "model": model_name,
+        }
         if body.stream:
             usage = len(prompt_ids) if body.stream_options and body.stream_options.include_usage else None
-            return StreamingResponse(_stream(sub, meta, chat, usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                _stream(sub, meta, chat, usage), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
         try:
             done = await sub.choices()
         except EngineError as exc:
@@ -210,10 +282,17 @@ def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | No
         finally:
             sub.cancel()  # nothing left once done; frees the rows when the client went away
         completion = sum(c.completion_tokens for c in done)
-        usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": completion,
-                 "total_tokens": len(prompt_ids) + completion}
-        return {**meta, "object": "chat.completion" if chat else "text_completion",
-                "choices": [_choice(c, chat) for c in done], "usage": usage}
+        usage = {
+            "prompt_tokens": len(prompt_ids),
+            "completion_tokens": completion,
+            "total_tokens": len(prompt_ids) + completion,
+        }
+        return {
+            **meta,
+            "object": "chat.completion" if chat else "text_completion",
+            "choices": [_choice(c, chat) for c in done],
+            "usage": usage,
+        }
 
     def _max_tokens(body: _Sampling, prompt_tokens: int) -> int:
         if context is None:
@@ -221,10 +300,13 @@ def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | No
         left = context - prompt_tokens
         wanted = body.max_tokens if body.max_tokens is not None else min(DEFAULT_MAX_TOKENS, left)
         if left < 1 or wanted > left:
-            raise APIError(400, f"this model's context is {context} tokens, but {prompt_tokens + max(wanted, 1)} were "
-                                f"requested ({prompt_tokens} in the prompt, {max(wanted, 1)} for the response)",
-                           param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
-                           code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"this model's context is {context} tokens, but {prompt_tokens + max(wanted, 1)} were "
+                f"requested ({prompt_tokens} in the prompt, {max(wanted, 1)} for the response)",
+                param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+                code="context_length_exceeded",
+            )
         return wanted
 
     async def _stream(sub: Submission, meta: dict, chat: bool, prompt_tokens: int | None) -> AsyncIterator[str]:
@@ -233,8 +315,11 @@ def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | No
         completion = 0
 
         def event(index: int, delta: dict | str, finish: str | None = None) -> str:
-            choice = ({"index": index, "delta": delta, "logprobs": None, "finish_reason": finish} if chat
-                      else {"index": index, "text": delta, "logprobs": None, "finish_reason": finish})
+            choice = (
+                {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+                if chat
+                else {"index": index, "text": delta, "logprobs": None, "finish_reason": finish}
+            )
             return f"data: {json.dumps({**meta, 'object': obj, 'choices': [choice]})}\n\n"
 
         try:
@@ -248,8 +333,11 @@ def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | No
                 else:
                     yield event(item.index, {"content": item.text} if chat else item.text)
             if prompt_tokens is not None:
-                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                         "total_tokens": prompt_tokens + completion}
+                usage = {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion,
+                    "total_tokens": prompt_tokens + completion,
+                }
                 yield f"data: {json.dumps({**meta, 'object': obj, 'choices': [], 'usage': usage})}\n\n"
             yield "data: [DONE]\n\n"
         except EngineError as exc:  # the status line is already sent: the error goes in the stream
@@ -282,6 +370,10 @@ def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | No
 
 def _choice(done: Choice, chat: bool) -> dict:
     if chat:
-        return {"index": done.index, "message": {"role": "assistant", "content": done.text}, "logprobs": None,
-                "finish_reason": done.finish_reason}
+        return {
+            "index": done.index,
+            "message": {"role": "assistant", "content": done.text},
+            "logprobs": None,
+            "finish_reason": done.finish_reason,
+        }
     return {"index": done.index, "text": done.text, "logprobs": None, "finish_reason": done.finish_reason}

@@ -132,8 +132,9 @@ def pick(logits: Any, temperature: Sequence[float], top_p: Sequence[float], gene
         remove[:, -1] = False  # the most likely token always stays
         scores = scores.scatter(-1, order, sorted_scores.masked_fill(remove, float("-inf")))
     vocab = logits.shape[-1]
-    uniform = torch.stack([torch.rand(vocab, generator=generators[b], device=logits.device,
-                                      dtype=logits.dtype) for b in sampled])  # (S, V) in [0, 1)
+    uniform = torch.stack(
+        [torch.rand(vocab, generator=generators[b], device=logits.device, dtype=logits.dtype) for b in sampled]
+    )  # (S, V) in [0, 1)
     # argmax(scores + Gumbel noise) is distributed as softmax(scores); a -inf score (filtered
     # out by top_p, or masked by the model) is never drawn.
     drawn = (scores - torch.log(-torch.log(uniform))).argmax(dim=-1)  # (S,)
@@ -185,8 +186,16 @@ class Submission:
 class _Row:
     """One choice being generated: its tokens so far and the text already sent."""
 
-    def __init__(self, sub: Submission, index: int, prompt_ids: list[int], sampling: Sampling,
-                 stop_ids: list[int], stop_strings: list[str], device: Any) -> None:
+    def __init__(
+        self,
+        sub: Submission,
+        index: int,
+        prompt_ids: list[int],
+        sampling: Sampling,
+        stop_ids: list[int],
+        stop_strings: list[str],
+        device: Any,
+    ) -> None:
         import torch
 
         self.sub, self.index, self.prompt_ids, self.sampling = sub, index, prompt_ids, sampling
@@ -217,7 +226,7 @@ class _Row:
 
     def _send(self, text: str) -> None:
         if len(text) > len(self.sent) and text.startswith(self.sent):
-            self.sub._put(Piece(self.index, text[len(self.sent):]))
+            self.sub._put(Piece(self.index, text[len(self.sent) :]))
             self.sent = text
 
     def _finish(self, reason: str, tokenizer: Any) -> bool:
@@ -277,8 +286,10 @@ class Batcher:
                 raise QueueFull("the server is shutting down")
             free, queued = self._room()
             if n > free and queued >= self.max_queue:
-                raise QueueFull(f"the server is busy: {queued} requests already wait for a full batch "
-                                f"(max_queue={self.max_queue}, max_batch={self.max_batch})")
+                raise QueueFull(
+                    f"the server is busy: {queued} requests already wait for a full batch "
+                    f"(max_queue={self.max_queue}, max_batch={self.max_batch})"
+                )
             self._pending.extend(rows)
             self._waiting[sub] += n
             if self._thread is None:
@@ -374,12 +385,19 @@ class Batcher:
             return
         # 2. Each row's next token, with its own sampling settings and generator.
         rows = self._rows
-        tokens = pick(self._logits, [r.sampling.temperature for r in rows], [r.sampling.top_p for r in rows],
-                      [r.generator for r in rows])
+        tokens = pick(
+            self._logits,
+            [r.sampling.temperature for r in rows],
+            [r.sampling.top_p for r in rows],
+            [r.generator for r in rows],
+        )
         self.step_sizes[len(self._rows)] += 1
         # 3. Send the new text; keep the rows that go on.
-        keep = [b for b, (row, token) in enumerate(zip(self._rows, tokens))
-                if not row.sub.cancelled.is_set() and not row.push(token, self.tokenizer)]
+        keep = [
+            b
+            for b, (row, token) in enumerate(zip(self._rows, tokens))
+            if not row.sub.cancelled.is_set() and not row.push(token, self.tokenizer)
+        ]
         if not keep:
             self._rows, self._mask, self._cache, self._logits = [], None, None, None
             return
@@ -397,8 +415,14 @@ class Batcher:
 
     def _forward(self, input_ids, attention_mask, position_ids, cache):
         extra = {"logits_to_keep": 1} if "logits_to_keep" in self._forward_args else {}
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True, **extra)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            **extra,
+        )
         return out.logits[:, -1, :].float()  # (B, V)
 
     def _prefill(self, new: list[_Row]) -> None:

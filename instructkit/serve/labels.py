@@ -128,9 +128,14 @@ def _now() -> str:
 # Writing a new store
 
 
-def write_store(path: str | Path, prompts: Sequence[Sequence[Mapping[str, str]]],
-                responses: Sequence[Sequence[str]], *, meta: Mapping[str, Any] | None = None,
-                sources: Sequence[str | None] | None = None) -> Path:
+def write_store(
+    path: str | Path,
+    prompts: Sequence[Sequence[Mapping[str, str]]],
+    responses: Sequence[Sequence[str]],
+    *,
+    meta: Mapping[str, Any] | None = None,
+    sources: Sequence[str | None] | None = None,
+) -> Path:
     """Write a new store with ``prompts`` (message lists) and ``responses[i]`` for prompt i.
 
     The file appears whole or not at all: it is built under a temporary name beside ``path``
@@ -138,8 +143,7 @@ def write_store(path: str | Path, prompts: Sequence[Sequence[Mapping[str, str]]]
     """
     path = Path(path)
     if path.exists():
-        raise InputError("already exists; it may hold rankings, so choose another --out or remove it",
-                         file=str(path))
+        raise InputError("already exists; it may hold rankings, so choose another --out or remove it", file=str(path))
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} response lists")
     if not prompts:
@@ -157,10 +161,14 @@ def write_store(path: str | Path, prompts: Sequence[Sequence[Mapping[str, str]]]
                 conn.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in info.items()])
                 for i, (messages, texts) in enumerate(zip(prompts, responses)):
                     source = sources[i] if sources else None
-                    cur = conn.execute("INSERT INTO prompts (messages, source) VALUES (?, ?)",
-                                       (json.dumps([dict(m) for m in messages], ensure_ascii=False), source))
-                    conn.executemany("INSERT INTO responses VALUES (?, ?, ?)",
-                                     [(cur.lastrowid, j, text) for j, text in enumerate(texts)])
+                    cur = conn.execute(
+                        "INSERT INTO prompts (messages, source) VALUES (?, ?)",
+                        (json.dumps([dict(m) for m in messages], ensure_ascii=False), source),
+                    )
+                    conn.executemany(
+                        "INSERT INTO responses VALUES (?, ?, ?)",
+                        [(cur.lastrowid, j, text) for j, text in enumerate(texts)],
+                    )
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             conn.close()
@@ -190,8 +198,9 @@ class LabelStore:
         except sqlite3.DatabaseError as exc:
             raise InputError(f"not a label store: {exc}", file=str(path)) from None
         if version is None or json.loads(version[0]) != SCHEMA_VERSION:
-            raise InputError(f"label store schema {version and version[0]}, this instructkit reads {SCHEMA_VERSION}",
-                             file=str(path))
+            raise InputError(
+                f"label store schema {version and version[0]}, this instructkit reads {SCHEMA_VERSION}", file=str(path)
+            )
 
     @contextlib.contextmanager
     def _conn(self) -> Iterator[sqlite3.Connection]:
@@ -220,8 +229,11 @@ class LabelStore:
         if row is None:
             raise NotFound(f"no prompt {prompt_id} in this store")
         texts = conn.execute("SELECT idx, text FROM responses WHERE prompt_id = ? ORDER BY idx", (prompt_id,))
-        return {"prompt_id": row["id"], "messages": json.loads(row["messages"]),
-                "responses": [{"index": r["idx"], "text": r["text"]} for r in texts]}
+        return {
+            "prompt_id": row["id"],
+            "messages": json.loads(row["messages"]),
+            "responses": [{"index": r["idx"], "text": r["text"]} for r in texts],
+        }
 
     def progress(self, annotator: str | None = None) -> dict[str, int]:
         """Totals over the store, and this annotator's own counts when given."""
@@ -233,12 +245,15 @@ class LabelStore:
         out = {
             "total": conn.execute("SELECT COUNT(*) FROM prompts").fetchone()[0],
             "prompts_ranked": conn.execute(
-                "SELECT COUNT(DISTINCT prompt_id) FROM rankings WHERE NOT skipped").fetchone()[0],
+                "SELECT COUNT(DISTINCT prompt_id) FROM rankings WHERE NOT skipped"
+            ).fetchone()[0],
             "rankings": conn.execute("SELECT COUNT(*) FROM rankings WHERE NOT skipped").fetchone()[0],
         }
         if annotator is not None:
-            mine = conn.execute("SELECT COALESCE(SUM(NOT skipped), 0), COALESCE(SUM(skipped), 0) "
-                                "FROM rankings WHERE annotator = ?", (annotator,)).fetchone()
+            mine = conn.execute(
+                "SELECT COALESCE(SUM(NOT skipped), 0), COALESCE(SUM(skipped), 0) FROM rankings WHERE annotator = ?",
+                (annotator,),
+            ).fetchone()
             out["ranked"], out["skipped"] = mine[0], mine[1]
         return out
 
@@ -251,7 +266,8 @@ class LabelStore:
             claim = conn.execute(
                 "SELECT c.prompt_id FROM claims c WHERE c.annotator = :a AND NOT EXISTS "
                 "(SELECT 1 FROM rankings r WHERE r.prompt_id = c.prompt_id AND r.annotator = :a)",
-                {"a": annotator}).fetchone()
+                {"a": annotator},
+            ).fetchone()
             if claim is not None:
                 prompt_id = claim[0]
             else:
@@ -262,7 +278,8 @@ class LabelStore:
                     "       + (SELECT COUNT(*) FROM claims c WHERE c.prompt_id = p.id AND c.annotator != :a "
                     "          AND c.claimed_at > :fresh), p.id "
                     "LIMIT 1",
-                    {"a": annotator, "fresh": time.time() - CLAIM_SECONDS}).fetchone()
+                    {"a": annotator, "fresh": time.time() - CLAIM_SECONDS},
+                ).fetchone()
                 prompt_id = pick[0] if pick is not None else None
             if prompt_id is None:
                 conn.execute("DELETE FROM claims WHERE annotator = ?", (annotator,))
@@ -270,8 +287,16 @@ class LabelStore:
             conn.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?)", (annotator, prompt_id, time.time()))
             return {"prompt": self._prompt(conn, prompt_id), "progress": self._progress(conn, annotator)}
 
-    def submit(self, *, submission_id: str, prompt_id: int, annotator: str, order: Sequence[int] | None = None,
-               tied: Sequence[bool] | None = None, skip: bool = False) -> Submitted:
+    def submit(
+        self,
+        *,
+        submission_id: str,
+        prompt_id: int,
+        annotator: str,
+        order: Sequence[int] | None = None,
+        tied: Sequence[bool] | None = None,
+        skip: bool = False,
+    ) -> Submitted:
         """Store one ranking (``order``: response indices best first; ``tied[j]``: position j ties
         with position j - 1) or a skip, in one transaction.
 
@@ -280,8 +305,7 @@ class LabelStore:
         """
         annotator = check_annotator(annotator)
         if not isinstance(submission_id, str) or not 0 < len(submission_id) <= MAX_SUBMISSION_ID_LENGTH:
-            raise InputError(f"expected a string of 1 to {MAX_SUBMISSION_ID_LENGTH} characters",
-                             field="submission_id")
+            raise InputError(f"expected a string of 1 to {MAX_SUBMISSION_ID_LENGTH} characters", field="submission_id")
         _check_text(submission_id, "submission_id")
         with self._conn() as conn, _transaction(conn):
             stored = conn.execute("SELECT * FROM rankings WHERE submission_id = ?", (submission_id,)).fetchone()
@@ -293,12 +317,16 @@ class LabelStore:
             if k == 0:
                 raise NotFound(f"no prompt {prompt_id} in this store")
             ranks = None if skip else json.dumps(ranks_from_order(order, tied, k))
-            earlier = conn.execute("SELECT created_at FROM rankings WHERE prompt_id = ? AND annotator = ?",
-                                   (prompt_id, annotator)).fetchone()
+            earlier = conn.execute(
+                "SELECT created_at FROM rankings WHERE prompt_id = ? AND annotator = ?", (prompt_id, annotator)
+            ).fetchone()
             if earlier is not None:
                 raise Conflict(f"{annotator!r} already answered prompt {prompt_id} (at {earlier[0]})")
-            conn.execute("INSERT INTO rankings (prompt_id, annotator, submission_id, skipped, ranks, created_at) "
-                         "VALUES (?, ?, ?, ?, ?, ?)", (prompt_id, annotator, submission_id, int(skip), ranks, _now()))
+            conn.execute(
+                "INSERT INTO rankings (prompt_id, annotator, submission_id, skipped, ranks, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (prompt_id, annotator, submission_id, int(skip), ranks, _now()),
+            )
             conn.execute("DELETE FROM claims WHERE annotator = ? AND prompt_id = ?", (annotator, prompt_id))
             stored = conn.execute("SELECT * FROM rankings WHERE submission_id = ?", (submission_id,)).fetchone()
             return Submitted(_ranking_dict(stored), duplicate=False)
@@ -324,25 +352,41 @@ class LabelStore:
             try:
                 for row in conn.execute("SELECT * FROM rankings WHERE NOT skipped ORDER BY id").fetchall():
                     prompt = self._prompt(conn, row["prompt_id"])
-                    kept = [(r["text"], rank) for r, rank in zip(prompt["responses"], json.loads(row["ranks"]))
-                            if r["text"].strip()]
+                    kept = [
+                        (r["text"], rank)
+                        for r, rank in zip(prompt["responses"], json.loads(row["ranks"]))
+                        if r["text"].strip()
+                    ]
                     if len({rank for _, rank in kept}) < 2:
                         left_out += 1
                         continue
                     dense = {rank: i for i, rank in enumerate(sorted({rank for _, rank in kept}))}
-                    records.append({"prompt": prompt["messages"], "responses": [t for t, _ in kept],
-                                    "ranks": [dense[r] for _, r in kept], "annotator": row["annotator"],
-                                    "ranked_at": row["created_at"], "prompt_id": row["prompt_id"],
-                                    "submission_id": row["submission_id"]})
+                    records.append(
+                        {
+                            "prompt": prompt["messages"],
+                            "responses": [t for t, _ in kept],
+                            "ranks": [dense[r] for _, r in kept],
+                            "annotator": row["annotator"],
+                            "ranked_at": row["created_at"],
+                            "prompt_id": row["prompt_id"],
+                            "submission_id": row["submission_id"],
+                        }
+                    )
             finally:
                 conn.execute("COMMIT")
         return records, left_out
 
 
 def _ranking_dict(row: sqlite3.Row) -> dict[str, Any]:
-    return {"id": row["id"], "prompt_id": row["prompt_id"], "annotator": row["annotator"],
-            "submission_id": row["submission_id"], "skipped": bool(row["skipped"]),
-            "ranks": None if row["ranks"] is None else json.loads(row["ranks"]), "created_at": row["created_at"]}
+    return {
+        "id": row["id"],
+        "prompt_id": row["prompt_id"],
+        "annotator": row["annotator"],
+        "submission_id": row["submission_id"],
+        "skipped": bool(row["skipped"]),
+        "ranks": None if row["ranks"] is None else json.loads(row["ranks"]),
+        "created_at": row["created_at"],
+    }
 
 
 def check_annotator(name: Any) -> str:
@@ -379,8 +423,7 @@ def ranks_from_order(order: Sequence[int] | None, tied: Sequence[bool] | None, k
     if tied[0]:
         raise InputError("the first position has nothing above it to tie with", field="tied[0]")
     if all(tied[1:]):
-        raise InputError("all responses are tied, so the ranking says nothing; skip the prompt instead",
-                         field="tied")
+        raise InputError("all responses are tied, so the ranking says nothing; skip the prompt instead", field="tied")
     ranks = [0] * k
     rank = -1
     for position, index in enumerate(order):
@@ -394,9 +437,19 @@ def ranks_from_order(order: Sequence[int] | None, tied: Sequence[bool] | None, k
 # The two CLI commands
 
 
-def create_label_store(prompts: str | Path, model: str, *, k: int = 4, out: str | Path, seed: int = 0,
-                       temperature: float = 1.0, top_p: float = 0.95, max_new_tokens: int = 256,
-                       batch_size: int = 16, limit: int | None = None) -> dict[str, Any]:
+def create_label_store(
+    prompts: str | Path,
+    model: str,
+    *,
+    k: int = 4,
+    out: str | Path,
+    seed: int = 0,
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    limit: int | None = None,
+) -> dict[str, Any]:
     """``instructkit label create``: sample ``k`` responses to each prompt of ``prompts`` (records
     with a ``prompt``, a string or a message list, as PPO reads them) into a new store."""
     from instructkit.datasets import resolve_data_path
@@ -416,16 +469,38 @@ def create_label_store(prompts: str | Path, model: str, *, k: int = 4, out: str 
     # Each prompt K times in one call: one seed covers the whole store, and the copies of a
     # prompt share batches (the sort by length keeps them together).
     messages = [[{"role": m.role, "content": m.content} for m in r.messages] for r in records]
-    texts = generate(lm, tokenizer, [m for m in messages for _ in range(k)], max_new_tokens=max_new_tokens,
-                     temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed)
-    responses = [texts[i * k:(i + 1) * k] for i in range(len(records))]
-    meta = {"model": str(model), "prompts_file": str(prompts), "k": k, "seed": seed, "temperature": temperature,
-            "top_p": top_p, "max_new_tokens": max_new_tokens, "batch_size": batch_size}
+    texts = generate(
+        lm,
+        tokenizer,
+        [m for m in messages for _ in range(k)],
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    responses = [texts[i * k : (i + 1) * k] for i in range(len(records))]
+    meta = {
+        "model": str(model),
+        "prompts_file": str(prompts),
+        "k": k,
+        "seed": seed,
+        "temperature": temperature,
+        "top_p": top_p,
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+    }
     write_store(out, messages, responses, meta=meta)
     blank = sum(not t.strip() for t in texts)
     distinct = sum(len(set(r)) for r in responses)
-    return {"store": str(out), "prompts": len(records), "k": k, "responses": len(texts),
-            "blank_responses": blank, "duplicate_responses": len(texts) - distinct}
+    return {
+        "store": str(out),
+        "prompts": len(records),
+        "k": k,
+        "responses": len(texts),
+        "blank_responses": blank,
+        "duplicate_responses": len(texts) - distinct,
+    }
 
 
 def export_rankings(store: str | Path, out: str | Path) -> dict[str, Any]:
@@ -433,11 +508,18 @@ def export_rankings(store: str | Path, out: str | Path) -> dict[str, Any]:
     (temporary file, then rename)."""
     records, left_out = LabelStore(store).export_records()
     if not records:
-        raise InputError("no rankings to export yet (rank some on the /rank page of `instructkit serve "
-                         "--label-store`)", file=str(store))
+        raise InputError(
+            "no rankings to export yet (rank some on the /rank page of `instructkit serve --label-store`)",
+            file=str(store),
+        )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     annotators = sorted({r["annotator"] for r in records})
-    return {"out": str(out), "rankings": len(records), "left_out": left_out,
-            "prompts": len({r["prompt_id"] for r in records}), "annotators": annotators}
+    return {
+        "out": str(out),
+        "rankings": len(records),
+        "left_out": left_out,
+        "prompts": len({r["prompt_id"] for r in records}),
+        "annotators": annotators,
+    }

@@ -43,11 +43,23 @@ PAGE_HEADERS = {
 }
 # A run's own files are the user's, but they are shown in this origin: the sandbox gives any
 # script in them an opaque origin, so it cannot read the API key the pages keep.
-RUN_FILE_HEADERS = {"Content-Security-Policy": "sandbox allow-scripts", "X-Content-Type-Options": "nosniff",
-                    "Cache-Control": "no-cache"}
-RUN_FILE_TYPES = {".html": "text/html", ".json": "application/json", ".jsonl": "text/plain",
-                  ".yaml": "text/plain", ".txt": "text/plain", ".csv": "text/plain", ".md": "text/plain",
-                  ".png": "image/png", ".svg": "image/svg+xml", ".jpg": "image/jpeg"}
+RUN_FILE_HEADERS = {
+    "Content-Security-Policy": "sandbox allow-scripts",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
+RUN_FILE_TYPES = {
+    ".html": "text/html",
+    ".json": "application/json",
+    ".jsonl": "text/plain",
+    ".yaml": "text/plain",
+    ".txt": "text/plain",
+    ".csv": "text/plain",
+    ".md": "text/plain",
+    ".png": "image/png",
+    ".svg": "image/svg+xml",
+    ".jpg": "image/jpeg",
+}
 RUN_SKIP_DIRS = {"checkpoints", "final", "__pycache__"}
 RUN_DEPTH = 3
 STEP_CHECKPOINT = re.compile(r"step-\d+")
@@ -57,14 +69,18 @@ KEY_COOKIE = "instructkit_api_key"
 # must still come from this origin, so a future asset that reaches for a CDN fails here, visibly.
 DOCS_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self' 'unsafe-inline'; "
-                               "style-src 'self' 'unsafe-inline'; img-src 'self' data:; worker-src 'self' blob:; "
-                               "frame-ancestors 'none'; base-uri 'none'",
+    "style-src 'self' 'unsafe-inline'; img-src 'self' data:; worker-src 'self' blob:; "
+    "frame-ancestors 'none'; base-uri 'none'",
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-cache",
 }
 DOCS_STATIC = Path(fastapi_offline.__file__).parent / "static"  # Swagger UI 5 and ReDoc 2, as FastAPI's CDN has
-DOCS_ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css",
-               "redoc.standalone.js": "text/javascript", "favicon.png": "image/png"}
+DOCS_ASSETS = {
+    "swagger-ui-bundle.js": "text/javascript",
+    "swagger-ui.css": "text/css",
+    "redoc.standalone.js": "text/javascript",
+    "favicon.png": "image/png",
+}
 
 
 class RankSubmission(BaseModel):
@@ -81,8 +97,9 @@ class RankSubmission(BaseModel):
     skip: bool = False
 
 
-def make_router(*, label_store: str | Path | None = None, runs_dir: str | Path | None = None,
-                api_key: str | None = None) -> APIRouter:
+def make_router(
+    *, label_store: str | Path | None = None, runs_dir: str | Path | None = None, api_key: str | None = None
+) -> APIRouter:
     """The pages' routes; ``label_store`` is opened (and checked) now."""
     store = LabelStore(label_store) if label_store is not None else None
     runs_root = Path(runs_dir) if runs_dir is not None else None
@@ -93,8 +110,10 @@ def make_router(*, label_store: str | Path | None = None, runs_dir: str | Path |
             raise HTTPException(401, "missing or wrong API key (send 'Authorization: Bearer <key>')")
 
     def authorized_or_cookie(request: Request) -> None:
-        if api_key is not None and not (_key_matches(_bearer(request), api_key)
-                                        or _key_matches(unquote(request.cookies.get(KEY_COOKIE, "")) or None, api_key)):
+        if api_key is not None and not (
+            _key_matches(_bearer(request), api_key)
+            or _key_matches(unquote(request.cookies.get(KEY_COOKIE, "")) or None, api_key)
+        ):
             raise HTTPException(401, "missing or wrong API key (enter it on the runs page)")
 
     def the_store() -> LabelStore:
@@ -126,15 +145,22 @@ def make_router(*, label_store: str | Path | None = None, runs_dir: str | Path |
     def label_rank(body: RankSubmission) -> JSONResponse:
         labels = the_store()
         try:
-            done = labels.submit(submission_id=body.submission_id, prompt_id=body.prompt_id,
-                                 annotator=body.annotator, order=body.order, tied=body.tied, skip=body.skip)
+            done = labels.submit(
+                submission_id=body.submission_id,
+                prompt_id=body.prompt_id,
+                annotator=body.annotator,
+                order=body.order,
+                tied=body.tied,
+                skip=body.skip,
+            )
         except NotFound as exc:
             raise HTTPException(404, str(exc)) from None
         except Conflict as exc:
             raise HTTPException(409, str(exc)) from None
-        return JSONResponse({"ranking": done.ranking, "duplicate": done.duplicate,
-                             "progress": labels.progress(body.annotator)},
-                            status_code=200 if done.duplicate else 201)
+        return JSONResponse(
+            {"ranking": done.ranking, "duplicate": done.duplicate, "progress": labels.progress(body.annotator)},
+            status_code=200 if done.duplicate else 201,
+        )
 
     # 3. Runs.
     @router.get("/runs/list", dependencies=[Depends(authorized)])
@@ -164,20 +190,26 @@ def docs_router(title: str, openapi_url: str) -> APIRouter:
     @router.get("/docs", include_in_schema=False)
     def swagger_ui(request: Request) -> HTMLResponse:
         page = get_swagger_ui_html(
-            openapi_url=url(request, openapi_url), title=f"{title} - Swagger UI",
+            openapi_url=url(request, openapi_url),
+            title=f"{title} - Swagger UI",
             swagger_js_url=url(request, "/static/docs/swagger-ui-bundle.js"),
             swagger_css_url=url(request, "/static/docs/swagger-ui.css"),
             swagger_favicon_url=url(request, "/static/docs/favicon.png"),
             # Swagger UI's default sends the schema's URL to validator.swagger.io for a badge.
-            swagger_ui_parameters={"validatorUrl": None})
+            swagger_ui_parameters={"validatorUrl": None},
+        )
         page.headers.update(DOCS_HEADERS)
         return page
 
     @router.get("/redoc", include_in_schema=False)
     def redoc(request: Request) -> HTMLResponse:
-        page = get_redoc_html(openapi_url=url(request, openapi_url), title=f"{title} - ReDoc",
-                              redoc_js_url=url(request, "/static/docs/redoc.standalone.js"),
-                              redoc_favicon_url=url(request, "/static/docs/favicon.png"), with_google_fonts=False)
+        page = get_redoc_html(
+            openapi_url=url(request, openapi_url),
+            title=f"{title} - ReDoc",
+            redoc_js_url=url(request, "/static/docs/redoc.standalone.js"),
+            redoc_favicon_url=url(request, "/static/docs/favicon.png"),
+            with_google_fonts=False,
+        )
         page.headers.update(DOCS_HEADERS)
         return page
 
@@ -231,15 +263,24 @@ def list_runs(root: Path) -> list[dict[str, Any]]:
                 summary = loaded if isinstance(loaded, dict) else {}
             except (OSError, ValueError):
                 summary = {}
-        numbers = {k: v for k, v in summary.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         rel = folder.relative_to(root).as_posix()
-        files = [name for name in ("report.html", "summary.json", "config.yaml", "metrics.jsonl")
-                 if (folder / name).is_file()]
+        files = [
+            name
+            for name in ("report.html", "summary.json", "config.yaml", "metrics.jsonl")
+            if (folder / name).is_file()
+        ]
         stamp = max((folder / f).stat().st_mtime for f in files) if files else folder.stat().st_mtime
-        runs.append({"path": rel, "stage": summary.get("stage") or ("recipe" if "recipe" in summary else None),
-                     "finished": summary_file.is_file(), "numbers": numbers, "files": files,
-                     "modified": stamp})
+        runs.append(
+            {
+                "path": rel,
+                "stage": summary.get("stage") or ("recipe" if "recipe" in summary else None),
+                "finished": summary_file.is_file(),
+                "numbers": numbers,
+                "files": files,
+                "modified": stamp,
+            }
+        )
     runs.sort(key=lambda r: -r["modified"])
     return runs[:MAX_RUNS]
 

@@ -158,6 +158,8 @@ class NotFoundResponse(BaseModel):
     error: NotFoundDetail
 
 
-STREAM_DESCRIPTION = ("one server-sent event of a `stream: true` answer: `data` is a JSON chunk "
-                      "(`object` chat.completion.chunk with `choices[].delta`, or text_completion with "
-                      "`choices[].text`; `index` says which choice), or `[DONE]` at the end")
+STREAM_DESCRIPTION = (
+    "one server-sent event of a `stream: true` answer: `data` is a JSON chunk "
+    "(`object` chat.completion.chunk with `choices[].delta`, or text_completion with "
+    "`choices[].text`; `index` says which choice), or `[DONE]` at the end"
+)

@@ -56,14 +56,24 @@ class PreferenceLoss(nn.Module):
         if self.spec.needs_reference and ref_logps is None:
             ref_logps = self.reference_logps(input_ids, attention_mask, labels)
         ref = ref_logps.to(logps.dtype) if ref_logps is not None else None
-        kw = dict(beta=self.cfg.beta, label_smoothing=self.cfg.label_smoothing, simpo_gamma=self.cfg.simpo_gamma,
-                  orpo_lambda=self.cfg.orpo_lambda)
+        kw = dict(
+            beta=self.cfg.beta,
+            label_smoothing=self.cfg.label_smoothing,
+            simpo_gamma=self.cfg.simpo_gamma,
+            orpo_lambda=self.cfg.orpo_lambda,
+        )
         if self.spec.paired:
             b = logps.size(0) // 2
             out = preference_loss(
-                self.cfg.loss, chosen_logps=logps[:b], rejected_logps=logps[b:], chosen_tokens=counts[:b],
-                rejected_tokens=counts[b:], ref_chosen_logps=None if ref is None else ref[:b],
-                ref_rejected_logps=None if ref is None else ref[b:], **kw)
+                self.cfg.loss,
+                chosen_logps=logps[:b],
+                rejected_logps=logps[b:],
+                chosen_tokens=counts[:b],
+                rejected_tokens=counts[b:],
+                ref_chosen_logps=None if ref is None else ref[:b],
+                ref_rejected_logps=None if ref is None else ref[b:],
+                **kw,
+            )
         else:
             good, bad = desirable, ~desirable
             # KTO's reference point z0: the batch's mean policy/reference log-ratio, detached and
@@ -71,17 +81,32 @@ class PreferenceLoss(nn.Module):
             # forward pass and is the same estimator on matched ones).
             kl_ref = (logps - ref).detach().mean().clamp(min=0)
             out = preference_loss(
-                self.cfg.loss, chosen_logps=logps[good], rejected_logps=logps[bad], chosen_tokens=counts[good],
-                rejected_tokens=counts[bad], ref_chosen_logps=ref[good], ref_rejected_logps=ref[bad],
-                kl_ref=kl_ref, **kw)
+                self.cfg.loss,
+                chosen_logps=logps[good],
+                rejected_logps=logps[bad],
+                chosen_tokens=counts[good],
+                rejected_tokens=counts[bad],
+                ref_chosen_logps=ref[good],
+                ref_rejected_logps=ref[bad],
+                kl_ref=kl_ref,
+                **kw,
+            )
         chosen, rejected = out.chosen_rewards.detach(), out.rejected_rewards.detach()
         if self.spec.paired:
-            self.last = {"reward_chosen": float(chosen.sum()), "reward_rejected": float(rejected.sum()),
-                         "margin": float((chosen - rejected).sum()), "correct": float((chosen > rejected).sum()),
-                         "pairs": float(chosen.numel())}
+            self.last = {
+                "reward_chosen": float(chosen.sum()),
+                "reward_rejected": float(rejected.sum()),
+                "margin": float((chosen - rejected).sum()),
+                "correct": float((chosen > rejected).sum()),
+                "pairs": float(chosen.numel()),
+            }
         else:
-            self.last = {"reward_chosen": float(chosen.sum()), "reward_rejected": float(rejected.sum()),
-                         "desirable": float(chosen.numel()), "undesirable": float(rejected.numel())}
+            self.last = {
+                "reward_chosen": float(chosen.sum()),
+                "reward_rejected": float(rejected.sum()),
+                "desirable": float(chosen.numel()),
+                "undesirable": float(rejected.numel()),
+            }
         return out.losses.sum(), torch.tensor(out.losses.numel(), device=logps.device)
 
 
@@ -89,14 +114,21 @@ def finish_metrics(sums: dict[str, float]) -> dict[str, float]:
     """Per-pair means of the summed implicit-reward statistics of one optimizer step."""
     if "pairs" in sums:
         n = max(sums["pairs"], 1)
-        return {"reward_chosen": sums["reward_chosen"] / n, "reward_rejected": sums["reward_rejected"] / n,
-                "reward_margin": sums["margin"] / n, "reward_accuracy": sums["correct"] / n}
-    return {"reward_desirable": sums["reward_chosen"] / max(sums["desirable"], 1),
-            "reward_undesirable": sums["reward_rejected"] / max(sums["undesirable"], 1)}
+        return {
+            "reward_chosen": sums["reward_chosen"] / n,
+            "reward_rejected": sums["reward_rejected"] / n,
+            "reward_margin": sums["margin"] / n,
+            "reward_accuracy": sums["correct"] / n,
+        }
+    return {
+        "reward_desirable": sums["reward_chosen"] / max(sums["desirable"], 1),
+        "reward_undesirable": sums["reward_rejected"] / max(sums["undesirable"], 1),
+    }
 
 
-def precompute_reference(model: nn.Module, examples: list[dict[str, Any]], collate, batch_size: int,
-                         chunk_size: int) -> None:
+def precompute_reference(
+    model: nn.Module, examples: list[dict[str, Any]], collate, batch_size: int, chunk_size: int
+) -> None:
     """Store each example's reference log-probs (the model as it is now) in ``example["ref"]``."""
     from instructkit.models.lm import sequence_log_probs
     from instructkit.models.passes import no_grad_batches
@@ -105,8 +137,9 @@ def precompute_reference(model: nn.Module, examples: list[dict[str, Any]], colla
         return collate([{k: v for k, v in e.items() if k != "ref"} for e in chunk])
 
     for chunk, batch in no_grad_batches(model, examples, without_ref, batch_size):
-        logps, _ = sequence_log_probs(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                      chunk_size=chunk_size)
+        logps, _ = sequence_log_probs(
+            model, batch["input_ids"], batch["attention_mask"], batch["labels"], chunk_size=chunk_size
+        )
         logps = logps.double().cpu().tolist()
         n = len(chunk)
         for i, example in enumerate(chunk):
@@ -131,7 +164,9 @@ def reference_logps(stage, model: nn.Module, examples: list[dict[str, Any]], col
         atomic_write_json(saved, [e["ref"] for e in examples])
 
 
-def held_out(loss_module: PreferenceLoss, examples: Sequence[dict[str, Any]], collate, batch_size: int) -> dict[str, float]:
+def held_out(
+    loss_module: PreferenceLoss, examples: Sequence[dict[str, Any]], collate, batch_size: int
+) -> dict[str, float]:
     """Loss and implicit-reward statistics over held-out examples."""
     from instructkit.models.passes import no_grad_batches
 
@@ -145,8 +180,13 @@ def held_out(loss_module: PreferenceLoss, examples: Sequence[dict[str, Any]], co
     return {"loss": loss / max(count, 1), **finish_metrics(sums)}
 
 
-def dpo(config: DPOConfig | str | Path | dict | None = None, overrides: list[str] | None = None, *,
-        on_step: Callable[[int], None] | None = None, overwrite: bool = False) -> dict[str, Any]:
+def dpo(
+    config: DPOConfig | str | Path | dict | None = None,
+    overrides: list[str] | None = None,
+    *,
+    on_step: Callable[[int], None] | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Train a policy on preferences with the configured loss; returns the run summary."""
     from instructkit.data.collate import preference_collate
     from instructkit.data.encoders import as_pairs, as_unpaired, encode_preferences, preference_rows
@@ -171,10 +211,12 @@ def dpo(config: DPOConfig | str | Path | dict | None = None, overrides: list[str
 
         # 4. Encode prompt + response with the chat template; only response tokens are scored.
         d = cfg.data
-        train_ex, dropped = encode_preferences(parts.tokenizer, splits.train, template=d.template,
-                                               max_length=d.max_length, paired=spec.paired)
-        val_ex, val_dropped = encode_preferences(parts.tokenizer, splits.val, template=d.template,
-                                                 max_length=d.max_length, paired=spec.paired)
+        train_ex, dropped = encode_preferences(
+            parts.tokenizer, splits.train, template=d.template, max_length=d.max_length, paired=spec.paired
+        )
+        val_ex, val_dropped = encode_preferences(
+            parts.tokenizer, splits.val, template=d.template, max_length=d.max_length, paired=spec.paired
+        )
         setup.check_encoded(train_ex, d, "no training examples left after encoding")
         collate = preference_collate(parts.tokenizer.pad_token_id)
 
@@ -187,22 +229,42 @@ def dpo(config: DPOConfig | str | Path | dict | None = None, overrides: list[str
         # 6. Train: each pair (or KTO example) weighs 1; chosen and rejected share one forward pass.
         started = time.time()
         result = engine.fit(
-            loss_module=loss_module, model=parts.model, examples=train_ex, collate=collate, weight=lambda e: 1,
-            length=lambda e: sum(len(ids) for ids, _ in preference_rows(e)), train=cfg.train, optim=cfg.optim,
-            run=stage.run, accelerator=stage.accelerator, on_step=on_step,
+            loss_module=loss_module,
+            model=parts.model,
+            examples=train_ex,
+            collate=collate,
+            weight=lambda e: 1,
+            length=lambda e: sum(len(ids) for ids, _ in preference_rows(e)),
+            train=cfg.train,
+            optim=cfg.optim,
+            run=stage.run,
+            accelerator=stage.accelerator,
+            on_step=on_step,
             # Held-out pairs go to the loop only for periodic evaluation: the final pass is step 7's.
             val_examples=val_ex if cfg.train.eval_every else (),
             count_key="pairs" if spec.paired else "examples",
-            extra_metrics=lambda batch: dict(loss_module.last), finish_metrics=finish_metrics)
+            extra_metrics=lambda batch: dict(loss_module.last),
+            finish_metrics=finish_metrics,
+        )
 
     # 7. Held-out implicit rewards (0 margin before training, by construction, when the
     #    reference is the starting model), then save the policy like SFT does.
     with stage.accelerator.autocast():
         val = held_out(loss_module, val_ex, collate, cfg.train.batch_size) if val_ex else {}
     summary = setup.stage_summary(
-        "dpo", cfg, parts, stage.run, loss=cfg.loss, beta=cfg.beta,
-        reference=reference if spec.needs_reference else None, **result.summary(started),
-        **{f"val_{k}": v for k, v in val.items()}, train_examples=len(train_ex), val_examples=len(val_ex),
-        dropped_too_long=dropped + val_dropped)
-    return stage.finish(summary, lambda: setup.save_final(parts.model, parts.tokenizer, stage.run,
-                                                          base_spec=cfg.model, merged=False))
+        "dpo",
+        cfg,
+        parts,
+        stage.run,
+        loss=cfg.loss,
+        beta=cfg.beta,
+        reference=reference if spec.needs_reference else None,
+        **result.summary(started),
+        **{f"val_{k}": v for k, v in val.items()},
+        train_examples=len(train_ex),
+        val_examples=len(val_ex),
+        dropped_too_long=dropped + val_dropped,
+    )
+    return stage.finish(
+        summary, lambda: setup.save_final(parts.model, parts.tokenizer, stage.run, base_spec=cfg.model, merged=False)
+    )

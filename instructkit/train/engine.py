@@ -92,8 +92,7 @@ def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim
     """AdamW or SGD; weight decay skips biases and norm weights (1-D parameters)."""
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
@@ -128,8 +127,13 @@ def optimizer_and_schedule(model: nn.Module, cfg: OptimConfig, total_steps: int)
     return params, optimizer, build_scheduler(optimizer, cfg, total_steps)
 
 
-def optimizer_step(optimizer, scheduler, params: list[nn.Parameter], max_grad_norm: float | None,
-                   clip: Callable[..., Any] = torch.nn.utils.clip_grad_norm_) -> float | None:
+def optimizer_step(
+    optimizer,
+    scheduler,
+    params: list[nn.Parameter],
+    max_grad_norm: float | None,
+    clip: Callable[..., Any] = torch.nn.utils.clip_grad_norm_,
+) -> float | None:
     """Clip the gradients to ``max_grad_norm`` (if set), step, advance the schedule, clear the
     gradients; returns the norm before clipping. ``clip`` is ``accelerator.clip_grad_norm_``
     where gradients may be scaled (fp16) or sharded."""
@@ -165,7 +169,7 @@ class StepPlan:
         epoch, pos = divmod(step, self.steps_per_epoch)
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         perm = torch.randperm(self.n_examples, generator=g)
-        return perm[pos * self.global_batch:(pos + 1) * self.global_batch].tolist()
+        return perm[pos * self.global_batch : (pos + 1) * self.global_batch].tolist()
 
 
 def plan_steps(n_examples: int, train: TrainConfig, world: int) -> tuple[StepPlan, int]:
@@ -176,20 +180,19 @@ def plan_steps(n_examples: int, train: TrainConfig, world: int) -> tuple[StepPla
         raise InputError(
             f"{n_examples} training examples is fewer than one optimizer step needs "
             f"(batch_size {train.batch_size} x grad_accum {train.grad_accum} x {world} processes)",
-            field="train.batch_size")
+            field="train.batch_size",
+        )
     plan = StepPlan(n_examples, global_batch, train.seed)
     return plan, train.max_steps or max(1, math.ceil(train.epochs * plan.steps_per_epoch))
 
 
-def micro_batches(indices: Sequence[int], batch_size: int, grad_accum: int, rank: int,
-                  world: int) -> list[list[int]]:
+def micro_batches(indices: Sequence[int], batch_size: int, grad_accum: int, rank: int, world: int) -> list[list[int]]:
     """This process's micro-batches of one optimizer step's ``indices``.
 
     Micro-batch i spans indices[i*B*W:(i+1)*B*W] of which rank r takes the r-th B.
     """
     span = batch_size * world
-    return [list(indices[i * span + rank * batch_size: i * span + (rank + 1) * batch_size])
-            for i in range(grad_accum)]
+    return [list(indices[i * span + rank * batch_size : i * span + (rank + 1) * batch_size]) for i in range(grad_accum)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,8 +227,17 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(path: Path, *, model: nn.Module, optimizer, scheduler, state: dict[str, Any],
-                    rank: int = 0, world: int = 1, extra_state: Mapping[str, ExtraState] | None = None) -> None:
+def save_checkpoint(
+    path: Path,
+    *,
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    state: dict[str, Any],
+    rank: int = 0,
+    world: int = 1,
+    extra_state: Mapping[str, ExtraState] | None = None,
+) -> None:
     """Trainable weights (safetensors), optimizer, schedule, RNG, loop state and each extra state
     (``extra-NAME.safetensors`` and state.json's ``extra.NAME``), atomically."""
     from safetensors.torch import save_file
@@ -239,13 +251,22 @@ def save_checkpoint(path: Path, *, model: nn.Module, optimizer, scheduler, state
         for name, holder in (extra_state or {}).items():
             extra[name], tensors = holder.state_dict()
             if tensors:
-                save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                          str(tmp / f"extra-{name}.safetensors"))
+                save_file(
+                    {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                    str(tmp / f"extra-{name}.safetensors"),
+                )
         atomic_write_json(tmp / "state.json", {**state, "world_size": world, **({"extra": extra} if extra else {})})
 
 
-def load_checkpoint(path: Path, *, model: nn.Module, optimizer, scheduler, rank: int = 0,
-                    extra_state: Mapping[str, ExtraState] | None = None) -> dict[str, Any]:
+def load_checkpoint(
+    path: Path,
+    *,
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    rank: int = 0,
+    extra_state: Mapping[str, ExtraState] | None = None,
+) -> dict[str, Any]:
     """Restore what :func:`save_checkpoint` wrote; returns the loop state."""
     from safetensors.torch import load_file
 
@@ -283,8 +304,17 @@ class Checkpointer:
     The main process writes the shared files; every process keeps its own RNG stream.
     """
 
-    def __init__(self, run: RunDir, accelerator, *, model: nn.Module, optimizer, scheduler, keep: int,
-                 extra_state: Mapping[str, ExtraState] | None = None) -> None:
+    def __init__(
+        self,
+        run: RunDir,
+        accelerator,
+        *,
+        model: nn.Module,
+        optimizer,
+        scheduler,
+        keep: int,
+        extra_state: Mapping[str, ExtraState] | None = None,
+    ) -> None:
         for name in extra_state or {}:
             if not re.fullmatch(r"[a-z0-9_]+", name):  # it names a file
                 raise ValueError(f"extra state name {name!r}: use lower-case letters, digits and _")
@@ -298,8 +328,14 @@ class Checkpointer:
         if path is None:
             return None
         acc = self.accelerator
-        state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                rank=acc.process_index, extra_state=self.extra_state)
+        state = load_checkpoint(
+            path,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            rank=acc.process_index,
+            extra_state=self.extra_state,
+        )
         if state.get("world_size", acc.num_processes) != acc.num_processes:
             acc.print(f"note: resuming a {state['world_size']}-process run on {acc.num_processes} processes")
         return path, state
@@ -309,9 +345,16 @@ class Checkpointer:
         acc.wait_for_everyone()
         path = self.run.checkpoints / f"step-{step:06d}"
         if acc.is_main_process:
-            save_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                            state={"step": step, **state}, rank=acc.process_index, world=acc.num_processes,
-                            extra_state=self.extra_state)
+            save_checkpoint(
+                path,
+                model=self.model,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                state={"step": step, **state},
+                rank=acc.process_index,
+                world=acc.num_processes,
+                extra_state=self.extra_state,
+            )
             prune_checkpoints(self.run.checkpoints, self.keep)
         acc.wait_for_everyone()
         if not acc.is_main_process:
@@ -319,8 +362,11 @@ class Checkpointer:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": list(random.getstate()[1]), "python_pos": random.getstate()[2] is None,
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": list(random.getstate()[1]),
+        "python_pos": random.getstate()[2] is None,
+        "torch": torch.get_rng_state(),
+    }
     state["python_version"] = random.getstate()[0]
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -435,9 +481,18 @@ class TrainingLoop:
     checkpoints is left out of :attr:`train_seconds`.
     """
 
-    def __init__(self, run: RunDir, accelerator, train: TrainConfig, checkpointer: Checkpointer, *,
-                 total_steps: int, desc: str = "train", show: Mapping[str, str] | None = None,
-                 on_step: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        run: RunDir,
+        accelerator,
+        train: TrainConfig,
+        checkpointer: Checkpointer,
+        *,
+        total_steps: int,
+        desc: str = "train",
+        show: Mapping[str, str] | None = None,
+        on_step: Callable[[int], None] | None = None,
+    ) -> None:
         self.accelerator, self.train, self.checkpointer = accelerator, train, checkpointer
         self.total_steps, self.desc, self.on_step = total_steps, desc, on_step
         self.show = dict(show or {})  # record key -> format spec, shown beside the bar
@@ -484,8 +539,9 @@ class TrainingLoop:
     def train_seconds(self) -> float:
         return time.perf_counter() - self._started - self._paused
 
-    def end_step(self, step: int, record: dict[str, Any], *, state: dict[str, Any], log: bool = False,
-                 save: bool = False) -> None:
+    def end_step(
+        self, step: int, record: dict[str, Any], *, state: dict[str, Any], log: bool = False, save: bool = False
+    ) -> None:
         """After step ``step`` (counted from 1): ``record`` is its metrics line, ``state`` the loop
         state a resume needs besides the step; ``log``/``save`` force a line/a checkpoint."""
         is_last = step == self.total_steps
@@ -520,9 +576,14 @@ class FitResult:
 
     def summary(self, started: float) -> dict[str, Any]:
         """The fields every recipe's summary.json shares; ``started`` is the wall-clock start."""
-        return {"steps": self.steps, "train_loss": self.history[-1]["loss"] if self.history else None,
-                "stopped_early": self.stopped_early, "tokens_per_s": round(self.tokens_per_s, 2),
-                "train_seconds": round(self.train_seconds, 2), "wall_seconds": round(time.time() - started, 2)}
+        return {
+            "steps": self.steps,
+            "train_loss": self.history[-1]["loss"] if self.history else None,
+            "stopped_early": self.stopped_early,
+            "tokens_per_s": round(self.tokens_per_s, 2),
+            "train_seconds": round(self.train_seconds, 2),
+            "wall_seconds": round(time.time() - started, 2),
+        }
 
 
 def make_accelerator(train: TrainConfig):
@@ -540,8 +601,9 @@ class Validation:
     stopping on it: the best loss so far, the evaluations since it last improved, and with a
     patience the best weights, kept in ``checkpoints/best`` and restored when it stops training."""
 
-    def __init__(self, examples: Sequence[Any], collate, train: TrainConfig, run: RunDir, model: nn.Module,
-                 total_steps: int) -> None:
+    def __init__(
+        self, examples: Sequence[Any], collate, train: TrainConfig, run: RunDir, model: nn.Module, total_steps: int
+    ) -> None:
         self.examples, self.collate, self.train, self.run, self.model = examples, collate, train, run, model
         self.total_steps, self.patience = total_steps, train.early_stopping_patience
         self.best: float | None = None
@@ -581,8 +643,10 @@ class Validation:
         """After early stopping at ``step``: the best weights back into the model."""
         from safetensors.torch import load_file
 
-        accelerator.print(f"early stopping at step {step}: no validation improvement in {self.bad_evals} "
-                          f"evaluations (best {self.best:.4f})")
+        accelerator.print(
+            f"early stopping at step {step}: no validation improvement in {self.bad_evals} "
+            f"evaluations (best {self.best:.4f})"
+        )
         best = self.run.checkpoints / "best" / "trainable.safetensors"
         if best.exists():
             self.model.load_state_dict(load_file(str(best)), strict=False)
@@ -625,10 +689,24 @@ def fit(
     loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
 
     # 3. Checkpoints and the loop around the steps, validation; resume from the last checkpoint.
-    checkpointer = Checkpointer(run, accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
-                                keep=train.keep_checkpoints, extra_state=extra_state)
-    loop = TrainingLoop(run, accelerator, train, checkpointer, total_steps=total_steps, on_step=on_step,
-                        show={"loss": ".4f", "lr": ".2e", "tokens_per_s": ".0f"})
+    checkpointer = Checkpointer(
+        run,
+        accelerator,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        keep=train.keep_checkpoints,
+        extra_state=extra_state,
+    )
+    loop = TrainingLoop(
+        run,
+        accelerator,
+        train,
+        checkpointer,
+        total_steps=total_steps,
+        on_step=on_step,
+        show={"loss": ".4f", "lr": ".2e", "tokens_per_s": ".0f"},
+    )
     validation = Validation(val_examples, collate, train, run, model, total_steps)
     state = loop.resume()
     if state is None:
@@ -646,33 +724,52 @@ def fit(
             real_tokens += sum(lengths[j] for j in indices)  # all processes, no padding
             # 5. Forward/backward each micro-batch of this process; clip, step, schedule.
             micro = micro_batches(indices, train.batch_size, train.grad_accum, rank, world)
-            loss_sum, extras = accumulate_gradients(loss_module, [[examples[j] for j in idx] for idx in micro],
-                                                    collate, denom, accelerator, extra_metrics)
+            loss_sum, extras = accumulate_gradients(
+                loss_module, [[examples[j] for j in idx] for idx in micro], collate, denom, accelerator, extra_metrics
+            )
             lr = scheduler.get_last_lr()[0]
-            grad_norm = optimizer_step(optimizer, scheduler, params, optim.max_grad_norm,
-                                       clip=accelerator.clip_grad_norm_)
+            grad_norm = optimizer_step(
+                optimizer, scheduler, params, optim.max_grad_norm, clip=accelerator.clip_grad_norm_
+            )
             step += 1
             # 6. The exact step loss (summed over processes, divided by the step's count).
-            record = {"step": step, "loss": float(_sum_over_processes(loss_sum, accelerator)) / max(denom, 1),
-                      "lr": lr, "tokens_per_s": real_tokens / max(loop.train_seconds, 1e-9), count_key: denom,
-                      "epoch": round(step / plan.steps_per_epoch, 4)}
+            record = {
+                "step": step,
+                "loss": float(_sum_over_processes(loss_sum, accelerator)) / max(denom, 1),
+                "lr": lr,
+                "tokens_per_s": real_tokens / max(loop.train_seconds, 1e-9),
+                count_key: denom,
+                "epoch": round(step / plan.steps_per_epoch, 4),
+            }
             record.update(_grad_and_extras(grad_norm, extras, accelerator, finish_metrics))
             # 7. Validation and early stopping; then log, checkpoint, stop, call back.
             if validation.due(step):
                 with loop.paused():
                     record["val_loss"] = validation.evaluate(loss_module, step, accelerator)
-            loop.end_step(step, record, state=validation.state_dict(), log="val_loss" in record,
-                          save=validation.stopped)
+            loop.end_step(
+                step, record, state=validation.state_dict(), log="val_loss" in record, save=validation.stopped
+            )
     if validation.stopped:
         validation.restore_best(step, accelerator)
-    return FitResult(steps=step, best_val_loss=validation.best, final_val_loss=validation.last,
-                     stopped_early=validation.stopped, tokens_per_s=real_tokens / max(loop.train_seconds, 1e-9),
-                     train_seconds=loop.train_seconds, history=loop.history)
+    return FitResult(
+        steps=step,
+        best_val_loss=validation.best,
+        final_val_loss=validation.last,
+        stopped_early=validation.stopped,
+        tokens_per_s=real_tokens / max(loop.train_seconds, 1e-9),
+        train_seconds=loop.train_seconds,
+        history=loop.history,
+    )
 
 
-def accumulate_gradients(loss_module: nn.Module, batches: Sequence[list[Any]], collate, denom: int, accelerator,
-                         extra_metrics: Callable[[dict[str, torch.Tensor]], dict[str, float]] | None = None,
-                         ) -> tuple[torch.Tensor, dict[str, float]]:
+def accumulate_gradients(
+    loss_module: nn.Module,
+    batches: Sequence[list[Any]],
+    collate,
+    denom: int,
+    accelerator,
+    extra_metrics: Callable[[dict[str, torch.Tensor]], dict[str, float]] | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Forward and backward this process's micro-batches of one optimizer step; returns the
     summed loss (this process) and the summed ``extra_metrics``.
 
@@ -698,15 +795,21 @@ def _sum_over_processes(value: torch.Tensor, accelerator) -> torch.Tensor:
     return accelerator.reduce(value, reduction="sum") if accelerator.num_processes > 1 else value
 
 
-def _grad_and_extras(grad_norm: float | None, extras: dict[str, float], accelerator,
-                     finish: Callable[[dict[str, float]], dict[str, float]] | None) -> dict[str, float]:
+def _grad_and_extras(
+    grad_norm: float | None,
+    extras: dict[str, float],
+    accelerator,
+    finish: Callable[[dict[str, float]], dict[str, float]] | None,
+) -> dict[str, float]:
     """The step's gradient norm, and its extra metrics summed over processes, then ``finish``ed."""
     if extras and accelerator.num_processes > 1:
         keys = sorted(extras)
         values = torch.tensor([extras[k] for k in keys], dtype=torch.float64, device=accelerator.device)
         extras = dict(zip(keys, _sum_over_processes(values, accelerator).tolist()))
-    return {**({"grad_norm": grad_norm} if grad_norm is not None else {}),
-            **(finish(extras) if finish is not None else extras)}
+    return {
+        **({"grad_norm": grad_norm} if grad_norm is not None else {}),
+        **(finish(extras) if finish is not None else extras),
+    }
 
 
 def evaluate_loss(loss_module: nn.Module, examples: Sequence[Any], collate, batch_size: int, accelerator) -> float:

@@ -50,8 +50,9 @@ class FunctionReward:
         for prompt, response in zip(prompts, responses):
             value = self.fn(prompt.text, response, **prompt.data)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise InputError(f"reward function {self.name} returned {value!r}, not a finite number",
-                                 field="reward.function")
+                raise InputError(
+                    f"reward function {self.name} returned {value!r}, not a finite number", field="reward.function"
+                )
             out.append(float(value))
         return out
 
@@ -70,9 +71,15 @@ class ModelReward:
     def __call__(self, prompts: Sequence[PromptRecord], responses: Sequence[str]) -> list[float]:
         from instructkit.models.reward_model import score
 
-        return score(self.model, self.tokenizer, [p.messages for p in prompts],
-                     [[Message("assistant", r)] for r in responses], bias=self.bias,
-                     batch_size=self.batch_size, template=self.template)
+        return score(
+            self.model,
+            self.tokenizer,
+            [p.messages for p in prompts],
+            [[Message("assistant", r)] for r in responses],
+            bias=self.bias,
+            batch_size=self.batch_size,
+            template=self.template,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,9 +129,11 @@ def value_model_from_reward_model(spec: str, tokenizer) -> nn.Module:
     value, rm_tokenizer, _ = load_reward_model(spec, device="cpu")
     rm_vocab = rm_tokenizer.get_vocab()
     if any(rm_vocab.get(token) != i for token, i in tokenizer.get_vocab().items()):
-        raise InputError("the reward model's vocabulary differs from the policy's, so it cannot start the "
-                         "value model; use a reward model trained from the policy's family",
-                         field="reward.model")
+        raise InputError(
+            "the reward model's vocabulary differs from the policy's, so it cannot start the "
+            "value model; use a reward model trained from the policy's family",
+            field="reward.model",
+        )
     return value
 
 
@@ -146,19 +155,24 @@ def build_models(cfg: PPOConfig, tokenizer, *, with_value: bool, device) -> Mode
     from instructkit.models.loading import load_model
     from instructkit.models.peft_methods import apply_method, is_peft
 
-    base = load_model(cfg.model, dtype="fp32", device="cpu", trust_remote_code=cfg.trust_remote_code,
-                      merge_adapter=True)
+    base = load_model(
+        cfg.model, dtype="fp32", device="cpu", trust_remote_code=cfg.trust_remote_code, merge_adapter=True
+    )
     engine.set_dropout(base, 0.0)
     value = None
     if with_value:
-        value = (value_model_from_reward_model(cfg.reward.model, tokenizer) if cfg.reward.model
-                 else value_model_from_policy(base))
+        value = (
+            value_model_from_reward_model(cfg.reward.model, tokenizer)
+            if cfg.reward.model
+            else value_model_from_policy(base)
+        )
         engine.set_dropout(value, 0.0)
         value = apply_method(value, cfg.peft, task="SEQ_CLS").to(device)
     ref_model = None
     if cfg.ref_model:
-        ref_model = load_model(cfg.ref_model, dtype="fp32", device="cpu", trust_remote_code=cfg.trust_remote_code,
-                               merge_adapter=True)
+        ref_model = load_model(
+            cfg.ref_model, dtype="fp32", device="cpu", trust_remote_code=cfg.trust_remote_code, merge_adapter=True
+        )
     if cfg.train.gradient_checkpointing:
         setup.enable_gradient_checkpointing(base)
     policy = apply_method(base, cfg.peft).to(device)
@@ -175,8 +189,15 @@ class PtxTerm:
     pre-training / SFT data per optimizer step. With ``ptx_coef`` 0 it is still measured, without
     a gradient: the alignment tax, visible in the log."""
 
-    def __init__(self, loss_module: nn.Module, examples: list[dict[str, list[int]]], collate, batch_size: int,
-                 coef: float, seed: int) -> None:
+    def __init__(
+        self,
+        loss_module: nn.Module,
+        examples: list[dict[str, list[int]]],
+        collate,
+        batch_size: int,
+        coef: float,
+        seed: int,
+    ) -> None:
         self.loss_module, self.examples, self.collate, self.coef = loss_module, examples, collate, coef
         self.plan = engine.StepPlan(len(examples), min(batch_size, len(examples)), seed + 1)
 
@@ -234,8 +255,13 @@ class EMA:
 # The recipe
 
 
-def ppo(config: PPOConfig | str | Path | dict | None = None, overrides: list[str] | None = None, *,
-        on_step: Callable[[int], None] | None = None, overwrite: bool = False) -> dict[str, Any]:
+def ppo(
+    config: PPOConfig | str | Path | dict | None = None,
+    overrides: list[str] | None = None,
+    *,
+    on_step: Callable[[int], None] | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Run PPO(-ptx) / GRPO / RLOO; returns the run summary (also written to summary.json)."""
     from instructkit.models.loading import load_tokenizer
     from instructkit.models.peft_methods import count_parameters, is_peft
@@ -249,8 +275,9 @@ def ppo(config: PPOConfig | str | Path | dict | None = None, overrides: list[str
     # 2. The run folder (a finished run with this config is returned as is). fp32 unless
     #    train.dtype asks otherwise, also on a GPU: a bf16-autocast run of the default model on an
     #    H100 produced NaN losses at step 5 (not yet diagnosed; see docs/ppo.md).
-    stage = setup.open_run(cfg, stage="ppo", overwrite=overwrite,
-                           train=replace(cfg.train, dtype=cfg.train.dtype or "fp32"))
+    stage = setup.open_run(
+        cfg, stage="ppo", overwrite=overwrite, train=replace(cfg.train, dtype=cfg.train.dtype or "fp32")
+    )
     if stage.finished:
         return stage.run.saved_summary()
     with stage.cleanup_on_failure():
@@ -274,8 +301,9 @@ def ppo(config: PPOConfig | str | Path | dict | None = None, overrides: list[str
         ptx = build_ptx(cfg, tokenizer, models.policy, inputs.ptx_records)
 
         # 6. One optimizer over policy + value, its schedule, the KL controller and the EMA.
-        parts = StepParts.build(cfg, models, reward, tokenizer, prompts, ptx, estimator, kl_estimator,
-                                autocast=stage.accelerator.autocast)
+        parts = StepParts.build(
+            cfg, models, reward, tokenizer, prompts, ptx, estimator, kl_estimator, autocast=stage.accelerator.autocast
+        )
 
         # 7. The PPO steps, checkpointed with the EMA and KL state; resumes from the last checkpoint.
         steps, history, seconds = run_steps(parts, stage, on_step)
@@ -285,14 +313,27 @@ def ppo(config: PPOConfig | str | Path | dict | None = None, overrides: list[str
         parts.ema.copy_to(models.policy)
     last = history[-1] if history else {}
     summary = setup.stage_summary(
-        "ppo", cfg, parameters, stage.run, advantage=cfg.advantage, steps=steps,
-        reward_mean=last.get("reward_mean"), kl=last.get("kl"), kl_coef=parts.kl_ctl.value,
-        generate_seconds=round(seconds["generate"], 2), train_seconds=round(seconds["train"], 2),
-        wall_seconds=round(seconds["wall"], 2), prompts=len(prompts), dropped_too_long=too_long,
-        ptx_examples=len(ptx.examples) if ptx is not None else 0, ema=cfg.ema_decay is not None)
+        "ppo",
+        cfg,
+        parameters,
+        stage.run,
+        advantage=cfg.advantage,
+        steps=steps,
+        reward_mean=last.get("reward_mean"),
+        kl=last.get("kl"),
+        kl_coef=parts.kl_ctl.value,
+        generate_seconds=round(seconds["generate"], 2),
+        train_seconds=round(seconds["train"], 2),
+        wall_seconds=round(seconds["wall"], 2),
+        prompts=len(prompts),
+        dropped_too_long=too_long,
+        ptx_examples=len(ptx.examples) if ptx is not None else 0,
+        ema=cfg.ema_decay is not None,
+    )
     merged = cfg.save_merged and is_peft(models.policy)
-    return stage.finish(summary, lambda: setup.save_final(models.policy, tokenizer, stage.run, base_spec=cfg.model,
-                                                          merged=merged))
+    return stage.finish(
+        summary, lambda: setup.save_final(models.policy, tokenizer, stage.run, base_spec=cfg.model, merged=merged)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,19 +359,23 @@ def read_inputs(cfg: PPOConfig) -> Inputs:
         from instructkit.data.formats import load_records
 
         ptx_records = load_records(resolve_data_path(cfg.data.ptx_path), format=cfg.data.ptx_format).records
-    reward = FunctionReward(load_reward_function(cfg.reward.function), cfg.reward.function) \
-        if cfg.reward.function else None
+    reward = (
+        FunctionReward(load_reward_function(cfg.reward.function), cfg.reward.function) if cfg.reward.function else None
+    )
     return Inputs(prompts, ptx_records, reward)
 
 
 def encode_ppo_prompts(cfg: PPOConfig, tokenizer, prompts: list[PromptRecord]) -> tuple[list[PromptRecord], int]:
     """The prompts that fit ``max_prompt_length``, rendered; and how many did not fit."""
-    kept, too_long = encode_prompts(tokenizer, prompts, template=cfg.data.template,
-                                    max_length=cfg.data.max_prompt_length)
+    kept, too_long = encode_prompts(
+        tokenizer, prompts, template=cfg.data.template, max_length=cfg.data.max_prompt_length
+    )
     if len(kept) < cfg.rollout_batch_size:
-        raise InputError(f"{len(kept)} usable prompts (after {too_long} too long for max_prompt_length="
-                         f"{cfg.data.max_prompt_length}) is fewer than rollout_batch_size {cfg.rollout_batch_size}",
-                         file=cfg.data.path)
+        raise InputError(
+            f"{len(kept)} usable prompts (after {too_long} too long for max_prompt_length="
+            f"{cfg.data.max_prompt_length}) is fewer than rollout_batch_size {cfg.rollout_batch_size}",
+            file=cfg.data.path,
+        )
     return kept, too_long
 
 
@@ -342,12 +387,19 @@ def build_ptx(cfg: PPOConfig, tokenizer, policy: nn.Module, records: list[Any] |
 
     if records is None:
         return None
-    examples, _ = encode_records(tokenizer, records, template=cfg.data.template, max_length=cfg.data.ptx_max_length,
-                                 where=cfg.data.ptx_path)
+    examples, _ = encode_records(
+        tokenizer, records, template=cfg.data.template, max_length=cfg.data.ptx_max_length, where=cfg.data.ptx_path
+    )
     if not examples:
         raise InputError("no ptx example fits ptx_max_length", file=cfg.data.ptx_path)
-    return PtxTerm(CausalLMLoss(policy, cfg.train.loss_chunk_size), examples, lm_collate(tokenizer.pad_token_id),
-                   cfg.data.ptx_batch_size, cfg.ptx_coef, cfg.train.seed)
+    return PtxTerm(
+        CausalLMLoss(policy, cfg.train.loss_chunk_size),
+        examples,
+        lm_collate(tokenizer.pad_token_id),
+        cfg.data.ptx_batch_size,
+        cfg.ptx_coef,
+        cfg.train.seed,
+    )
 
 
 @dataclass
@@ -374,20 +426,52 @@ class StepParts:
     autocast: Callable[[], Any]
 
     @classmethod
-    def build(cls, cfg: PPOConfig, models: Models, reward, tokenizer, prompts: list[PromptRecord],
-              ptx: PtxTerm | None, estimator: rl.AdvantageEstimator, kl_estimator, *, autocast) -> StepParts:
+    def build(
+        cls,
+        cfg: PPOConfig,
+        models: Models,
+        reward,
+        tokenizer,
+        prompts: list[PromptRecord],
+        ptx: PtxTerm | None,
+        estimator: rl.AdvantageEstimator,
+        kl_estimator,
+        *,
+        autocast,
+    ) -> StepParts:
         from instructkit.generation import stop_tokens
 
         trained = _Trained(models.policy, models.value)
-        params, optimizer, scheduler = engine.optimizer_and_schedule(trained, cfg.optim,
-                                                                     cfg.train.max_steps * _updates(cfg))
-        kl_ctl = (rl.AdaptiveKLController(cfg.kl_coef, cfg.adaptive_kl.target, cfg.adaptive_kl.horizon)
-                  if cfg.adaptive_kl.target is not None else rl.FixedKLController(cfg.kl_coef))
+        params, optimizer, scheduler = engine.optimizer_and_schedule(
+            trained, cfg.optim, cfg.train.max_steps * _updates(cfg)
+        )
+        kl_ctl = (
+            rl.AdaptiveKLController(cfg.kl_coef, cfg.adaptive_kl.target, cfg.adaptive_kl.horizon)
+            if cfg.adaptive_kl.target is not None
+            else rl.FixedKLController(cfg.kl_coef)
+        )
         ema = EMA(models.policy, cfg.ema_decay) if cfg.ema_decay is not None else None
         stop_ids, stop_strings = stop_tokens(models.policy, tokenizer, None, cfg.data.template)
-        return cls(cfg, models, trained, reward, tokenizer, prompts,
-                   engine.StepPlan(len(prompts), cfg.rollout_batch_size, cfg.train.seed), stop_ids, stop_strings,
-                   ptx, estimator, kl_estimator, params, optimizer, scheduler, kl_ctl, ema, autocast)
+        return cls(
+            cfg,
+            models,
+            trained,
+            reward,
+            tokenizer,
+            prompts,
+            engine.StepPlan(len(prompts), cfg.rollout_batch_size, cfg.train.seed),
+            stop_ids,
+            stop_strings,
+            ptx,
+            estimator,
+            kl_estimator,
+            params,
+            optimizer,
+            scheduler,
+            kl_ctl,
+            ema,
+            autocast,
+        )
 
     def extra_state(self) -> dict[str, engine.ExtraState]:
         """What a resume restores besides weights, optimizer and schedule (engine.ExtraState)."""
@@ -397,16 +481,31 @@ class StepParts:
         return extra
 
 
-def run_steps(parts: StepParts, stage: setup.StageRun,
-              on_step: Callable[[int], None] | None) -> tuple[int, list[dict[str, Any]], dict[str, float]]:
+def run_steps(
+    parts: StepParts, stage: setup.StageRun, on_step: Callable[[int], None] | None
+) -> tuple[int, list[dict[str, Any]], dict[str, float]]:
     """``train.max_steps`` PPO steps in the engine's loop, from the last checkpoint if there is one;
     returns the steps done, the logged records and the generate / train / wall seconds."""
     cfg = parts.cfg
-    checkpointer = engine.Checkpointer(stage.run, stage.accelerator, model=parts.trained, optimizer=parts.optimizer,
-                                       scheduler=parts.scheduler, keep=cfg.train.keep_checkpoints,
-                                       extra_state=parts.extra_state())
-    loop = engine.TrainingLoop(stage.run, stage.accelerator, cfg.train, checkpointer, total_steps=cfg.train.max_steps,
-                               desc="ppo", show={"reward_mean": ".3f", "kl": ".3f"}, on_step=on_step)
+    checkpointer = engine.Checkpointer(
+        stage.run,
+        stage.accelerator,
+        model=parts.trained,
+        optimizer=parts.optimizer,
+        scheduler=parts.scheduler,
+        keep=cfg.train.keep_checkpoints,
+        extra_state=parts.extra_state(),
+    )
+    loop = engine.TrainingLoop(
+        stage.run,
+        stage.accelerator,
+        cfg.train,
+        checkpointer,
+        total_steps=cfg.train.max_steps,
+        desc="ppo",
+        show={"reward_mean": ".3f", "kl": ".3f"},
+        on_step=on_step,
+    )
     loop.resume()
     step, started = loop.start_step, time.time()
     seconds = {"generate": 0.0, "train": 0.0}
@@ -448,18 +547,21 @@ def ppo_step(p: StepParts, step: int) -> dict[str, Any]:
     # c. Reference log-probs and old values, before any update.
     mask, chunk = rollout.response_mask, cfg.train.loss_chunk_size
     with eval_mode(policy), p.autocast():
-        ref_logprobs = in_chunks(lambda b: p.models.reference.logprobs(b, cfg.temperature, chunk), rollout,
-                                 cfg.train.batch_size)
-        old_values = in_chunks(lambda b: response_values(value, b), rollout, cfg.train.batch_size) \
-            if value is not None else None
+        ref_logprobs = in_chunks(
+            lambda b: p.models.reference.logprobs(b, cfg.temperature, chunk), rollout, cfg.train.batch_size
+        )
+        old_values = (
+            in_chunks(lambda b: response_values(value, b), rollout, cfg.train.batch_size) if value is not None else None
+        )
 
     # d. Rewards (score - beta * KL per token), advantages from the estimator, whitening.
     kl = p.kl_estimator(rollout.logprobs, ref_logprobs) * mask  # (N, R)
     rewards = rl.kl_penalized_rewards(scores, kl, mask, p.kl_ctl.value)
     if cfg.whiten_rewards:
         rewards = rl.masked_whiten(rewards, mask, shift_mean=False)
-    advantages, returns = p.estimator.estimate(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam,
-                                               group_size=cfg.group_size)
+    advantages, returns = p.estimator.estimate(
+        rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam, group_size=cfg.group_size
+    )
     if cfg.whiten_advantages:
         advantages = rl.masked_whiten(advantages, mask)
 
@@ -470,12 +572,22 @@ def ppo_step(p: StepParts, step: int) -> dict[str, Any]:
 
     # f. The step's line; then adapt the KL coefficient (Ziegler et al.) and update the EMA.
     seq_kl = float(kl.sum(1).mean())
-    record = {"step": step + 1, "loss": stats.pop("loss"), "lr": stats.pop("lr"),
-              "tokens_per_s": float(mask.sum()) / max(generate_s + train_s, 1e-9),
-              "reward_mean": float(raw_scores.mean()), "reward_std": float(raw_scores.std(unbiased=False)),
-              "kl": seq_kl, "kl_coef": p.kl_ctl.value, "entropy": float(rl.masked_mean(rollout.entropy, mask)),
-              "response_length": float(rollout.lengths.mean()), "eos_fraction": float(rollout.ended.float().mean()),
-              **stats, "generate_seconds": round(generate_s, 4), "train_seconds": round(train_s, 4)}
+    record = {
+        "step": step + 1,
+        "loss": stats.pop("loss"),
+        "lr": stats.pop("lr"),
+        "tokens_per_s": float(mask.sum()) / max(generate_s + train_s, 1e-9),
+        "reward_mean": float(raw_scores.mean()),
+        "reward_std": float(raw_scores.std(unbiased=False)),
+        "kl": seq_kl,
+        "kl_coef": p.kl_ctl.value,
+        "entropy": float(rl.masked_mean(rollout.entropy, mask)),
+        "response_length": float(rollout.lengths.mean()),
+        "eos_fraction": float(rollout.ended.float().mean()),
+        **stats,
+        "generate_seconds": round(generate_s, 4),
+        "train_seconds": round(train_s, 4),
+    }
     p.kl_ctl.update(seq_kl, len(rollout))
     if p.ema is not None:
         p.ema.update(policy)
@@ -489,12 +601,21 @@ def _rollout(p: StepParts, batch_prompts: list[PromptRecord], step: int):
 
     cfg = p.cfg
     with p.autocast():
-        rollout = sample(p.models.policy, [q.ids for q in batch_prompts], stop_ids=p.stop_ids,
-                         pad_id=p.tokenizer.pad_token_id, max_new_tokens=cfg.max_new_tokens,
-                         temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.generation_batch_size,
-                         seed=_seed(cfg.train.seed, step))
-    texts = [decode_response(p.tokenizer, row[:int(n)].tolist(), p.stop_ids, p.stop_strings)
-             for row, n in zip(rollout.responses, rollout.lengths)]
+        rollout = sample(
+            p.models.policy,
+            [q.ids for q in batch_prompts],
+            stop_ids=p.stop_ids,
+            pad_id=p.tokenizer.pad_token_id,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            batch_size=cfg.generation_batch_size,
+            seed=_seed(cfg.train.seed, step),
+        )
+    texts = [
+        decode_response(p.tokenizer, row[: int(n)].tolist(), p.stop_ids, p.stop_strings)
+        for row, n in zip(rollout.responses, rollout.lengths)
+    ]
     return rollout, texts
 
 
@@ -517,7 +638,7 @@ def _update(p: StepParts, step: int, *, rollout, advantages, returns, old_values
     for epoch in range(cfg.ppo_epochs):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(cfg.train.seed, step) * 101 + epoch))
         for start in range(0, n, mini):
-            idx = order[start:start + mini]
+            idx = order[start : start + mini]
             denom = rollout.response_mask[idx].sum().clamp(min=1)
             add("lr", p.scheduler.get_last_lr()[0])
             for micro in idx.split(cfg.train.batch_size):
@@ -526,14 +647,20 @@ def _update(p: StepParts, step: int, *, rollout, advantages, returns, old_values
                 share = float(b.response_mask.sum() / denom)
                 with p.autocast():
                     logprobs = response_logprobs(policy, b, cfg.temperature, cfg.train.loss_chunk_size)
-                    pg_loss, clip_frac = rl.clipped_policy_loss(logprobs, b.logprobs, advantages[rows, :w],
-                                                                b.response_mask, cfg.clip_range, normalizer=denom)
+                    pg_loss, clip_frac = rl.clipped_policy_loss(
+                        logprobs, b.logprobs, advantages[rows, :w], b.response_mask, cfg.clip_range, normalizer=denom
+                    )
                     loss = pg_loss
                     if value is not None:
                         values = response_values(value, b)
-                        vf_loss, vf_clip = rl.clipped_value_loss(values, old_values[rows, :w], returns[rows, :w],
-                                                                 b.response_mask, cfg.value_clip_range,
-                                                                 normalizer=denom)
+                        vf_loss, vf_clip = rl.clipped_value_loss(
+                            values,
+                            old_values[rows, :w],
+                            returns[rows, :w],
+                            b.response_mask,
+                            cfg.value_clip_range,
+                            normalizer=denom,
+                        )
                         loss = loss + cfg.vf_coef * vf_loss
                         add("value_loss", float(vf_loss.detach()))
                         add("value_clip_frac", float(vf_clip) * share)
@@ -574,5 +701,6 @@ def _check_inputs(cfg: PPOConfig) -> None:
     if not cfg.data.path:
         raise InputError("no prompts: set data.path", field="data.path")
     if not cfg.reward.model and not cfg.reward.function:
-        raise InputError("no reward: set reward.model (a reward-model folder) or reward.function "
-                         "(module:function)", field="reward")
+        raise InputError(
+            "no reward: set reward.model (a reward-model folder) or reward.function (module:function)", field="reward"
+        )

@@ -44,8 +44,9 @@ class RankingLoss(nn.Module):
         return out.loss_sum, out.prompts
 
 
-def pairwise_accuracy(loss_module: RankingLoss, examples: Sequence[dict[str, Any]], collate,
-                      batch_size: int) -> dict[str, float]:
+def pairwise_accuracy(
+    loss_module: RankingLoss, examples: Sequence[dict[str, Any]], collate, batch_size: int
+) -> dict[str, float]:
     """Accuracy over every untied comparison of ``examples``, and the mean per-prompt loss."""
     from instructkit.models.passes import no_grad_batches
 
@@ -71,7 +72,9 @@ def mean_score(model: nn.Module, sequences: Sequence[Sequence[int]], pad_id: int
     return total / max(len(sequences), 1)
 
 
-def reference_sequences(cfg: RewardConfig, tokenizer, train_ex: list[dict[str, Any]], limit: int = 256) -> list[list[int]]:
+def reference_sequences(
+    cfg: RewardConfig, tokenizer, train_ex: list[dict[str, Any]], limit: int = 256
+) -> list[list[int]]:
     """What should score 0 on average: the given demonstrations, else the best-ranked responses."""
     if cfg.reference_data:
         from instructkit.data.formats import load_records
@@ -81,11 +84,17 @@ def reference_sequences(cfg: RewardConfig, tokenizer, train_ex: list[dict[str, A
         seqs = []
         for record in load_records(resolve_data_path(cfg.reference_data)).records[:limit]:
             if not isinstance(record, Conversation) or record.messages[-1].role != "assistant":
-                raise InputError("reference_data must be demonstrations ending with an assistant turn",
-                                 file=cfg.reference_data)
-            enc = encode_prompt_response(tokenizer, record.messages[:-1], record.messages[-1:],
-                                         template=cfg.data.template, max_length=cfg.data.max_length,
-                                         truncation=Truncation.CUT_RESPONSE)
+                raise InputError(
+                    "reference_data must be demonstrations ending with an assistant turn", file=cfg.reference_data
+                )
+            enc = encode_prompt_response(
+                tokenizer,
+                record.messages[:-1],
+                record.messages[-1:],
+                template=cfg.data.template,
+                max_length=cfg.data.max_length,
+                truncation=Truncation.CUT_RESPONSE,
+            )
             if enc is not None:
                 seqs.append(list(enc.input_ids))
         return seqs
@@ -96,8 +105,13 @@ def reference_sequences(cfg: RewardConfig, tokenizer, train_ex: list[dict[str, A
     return best
 
 
-def rm(config: RewardConfig | str | Path | dict | None = None, overrides: list[str] | None = None, *,
-       on_step: Callable[[int], None] | None = None, overwrite: bool = False) -> dict[str, Any]:
+def rm(
+    config: RewardConfig | str | Path | dict | None = None,
+    overrides: list[str] | None = None,
+    *,
+    on_step: Callable[[int], None] | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Train a reward model; returns the run summary (also written to summary.json)."""
     from instructkit.data.collate import ranking_collate
     from instructkit.data.encoders import as_rankings, encode_rankings
@@ -115,15 +129,14 @@ def rm(config: RewardConfig | str | Path | dict | None = None, overrides: list[s
 
         # 3. Model: the causal LM's backbone with a fresh scalar head, a pad token that is not the
         #    end-of-turn token (the score is read at the last real token), then what trains.
-        parts = setup.load_trainable(cfg, device=stage.accelerator.device, task="SEQ_CLS", merge_adapter=True,
-                                     build=reward_model_from_causal_lm)
+        parts = setup.load_trainable(
+            cfg, device=stage.accelerator.device, task="SEQ_CLS", merge_adapter=True, build=reward_model_from_causal_lm
+        )
 
         # 4. Encode every response of every ranking with the chat template.
         d = cfg.data
-        train_ex, dropped = encode_rankings(parts.tokenizer, splits.train, template=d.template,
-                                            max_length=d.max_length)
-        val_ex, val_dropped = encode_rankings(parts.tokenizer, splits.val, template=d.template,
-                                              max_length=d.max_length)
+        train_ex, dropped = encode_rankings(parts.tokenizer, splits.train, template=d.template, max_length=d.max_length)
+        val_ex, val_dropped = encode_rankings(parts.tokenizer, splits.val, template=d.template, max_length=d.max_length)
         setup.check_encoded(train_ex, d, "no ranking has two responses of different rank left to compare")
         collate = ranking_collate(parts.tokenizer.pad_token_id)
         loss_module = RankingLoss(parts.model, cfg.center_rewards_coefficient)
@@ -133,28 +146,52 @@ def rm(config: RewardConfig | str | Path | dict | None = None, overrides: list[s
         # 5. Train: each prompt weighs 1 in the loss, however many responses it has.
         started = time.time()
         result = engine.fit(
-            loss_module=loss_module, model=parts.model, examples=train_ex, collate=collate, weight=lambda e: 1,
-            length=lambda e: sum(len(s) for s in e["input_ids"]), train=cfg.train, optim=cfg.optim,
-            run=stage.run, accelerator=stage.accelerator, val_examples=val_ex, on_step=on_step,
-            count_key="prompts", extra_metrics=lambda batch: dict(loss_module.last),
-            finish_metrics=lambda s: {"accuracy": s["correct"] / max(s["pairs"], 1), "pairs": s["pairs"]})
+            loss_module=loss_module,
+            model=parts.model,
+            examples=train_ex,
+            collate=collate,
+            weight=lambda e: 1,
+            length=lambda e: sum(len(s) for s in e["input_ids"]),
+            train=cfg.train,
+            optim=cfg.optim,
+            run=stage.run,
+            accelerator=stage.accelerator,
+            val_examples=val_ex,
+            on_step=on_step,
+            count_key="prompts",
+            extra_metrics=lambda batch: dict(loss_module.last),
+            finish_metrics=lambda s: {"accuracy": s["correct"] / max(s["pairs"], 1), "pairs": s["pairs"]},
+        )
 
     # 6. Held-out accuracy, then the bias that centres reference responses on 0.
     with stage.accelerator.autocast():
         after = pairwise_accuracy(loss_module, val_ex, collate, cfg.train.batch_size) if val_ex else None
         bias = 0.0
         if cfg.normalize:
-            bias = -mean_score(parts.model, reference_sequences(cfg, parts.tokenizer, train_ex),
-                               parts.tokenizer.pad_token_id, cfg.train.batch_size)
+            bias = -mean_score(
+                parts.model,
+                reference_sequences(cfg, parts.tokenizer, train_ex),
+                parts.tokenizer.pad_token_id,
+                cfg.train.batch_size,
+            )
 
     # 7. Save final/ as a plain sequence classifier (adapters merged) that anything can load.
     summary = setup.stage_summary(
-        "rm", cfg, parts, stage.run, **result.summary(started), val_loss=after["loss"] if after else None,
-        val_accuracy=after["accuracy"] if after else None, val_accuracy_before=before["accuracy"] if before else None,
-        val_pairs=after["pairs"] if after else 0, bias=bias, train_prompts=len(train_ex), val_prompts=len(val_ex),
-        dropped_without_pairs=dropped + val_dropped)
-    return stage.finish(summary, lambda: save_reward_model(parts.model, parts.tokenizer, stage.run.final,
-                                                           bias=bias))
+        "rm",
+        cfg,
+        parts,
+        stage.run,
+        **result.summary(started),
+        val_loss=after["loss"] if after else None,
+        val_accuracy=after["accuracy"] if after else None,
+        val_accuracy_before=before["accuracy"] if before else None,
+        val_pairs=after["pairs"] if after else 0,
+        bias=bias,
+        train_prompts=len(train_ex),
+        val_prompts=len(val_ex),
+        dropped_without_pairs=dropped + val_dropped,
+    )
+    return stage.finish(summary, lambda: save_reward_model(parts.model, parts.tokenizer, stage.run.final, bias=bias))
 
 
 def save_reward_model(model: nn.Module, tokenizer, path: Path, *, bias: float) -> None:

@@ -48,7 +48,7 @@ class Rollout:
 
     @property
     def responses(self) -> torch.Tensor:
-        return self.query_responses[:, self.prompt_width:]  # (N, R)
+        return self.query_responses[:, self.prompt_width :]  # (N, R)
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -59,18 +59,28 @@ class Rollout:
         the prompts, right of the responses). Slice other per-token tensors as ``t[rows, :width]``."""
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.query_responses.device)
         mask = self.attention_mask[rows]
-        used = (mask[:, :self.prompt_width].sum(0) > 0).nonzero()
+        used = (mask[:, : self.prompt_width].sum(0) > 0).nonzero()
         left = int(used[0]) if used.numel() else self.prompt_width
         width = max(int(self.response_mask[rows].sum(1).max()), 1)
         end = self.prompt_width + width
-        return Rollout(self.query_responses[rows, left:end], mask[:, left:end], self.response_mask[rows, :width],
-                       self.logprobs[rows, :width], self.entropy[rows, :width], self.ended[rows],
-                       self.prompt_width - left)
+        return Rollout(
+            self.query_responses[rows, left:end],
+            mask[:, left:end],
+            self.response_mask[rows, :width],
+            self.logprobs[rows, :width],
+            self.entropy[rows, :width],
+            self.ended[rows],
+            self.prompt_width - left,
+        )
 
     def to(self, device) -> Rollout:
-        return replace(self, **{k: getattr(self, k).to(device) for k in
-                                ("query_responses", "attention_mask", "response_mask", "logprobs", "entropy",
-                                 "ended")})
+        return replace(
+            self,
+            **{
+                k: getattr(self, k).to(device)
+                for k in ("query_responses", "attention_mask", "response_mask", "logprobs", "entropy", "ended")
+            },
+        )
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -83,9 +93,18 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(model: nn.Module, prompts: Sequence[Sequence[int]], *, stop_ids: Sequence[int], pad_id: int,
-           max_new_tokens: int, temperature: float, top_p: float = 1.0, batch_size: int = 32,
-           seed: int = 0) -> Rollout:
+def sample(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    stop_ids: Sequence[int],
+    pad_id: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> Rollout:
     """Sample one response per prompt (token ids, used as given) with the KV cache, keeping the
     log-prob and entropy of every sampled token from the sampling pass itself.
 
@@ -99,10 +118,19 @@ def sample(model: nn.Module, prompts: Sequence[Sequence[int]], *, stop_ids: Sequ
     from instructkit.generation import left_pad
 
     device = next(model.parameters()).device
-    config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                              max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids), pad_token_id=pad_id,
-                              repetition_penalty=1.0, use_cache=True, output_logits=True,
-                              return_dict_in_generate=True)
+    config = GenerationConfig(
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=0,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=list(stop_ids),
+        pad_token_id=pad_id,
+        repetition_penalty=1.0,
+        use_cache=True,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     stops = torch.tensor(list(stop_ids), device=device)
     rows: list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor, bool]] = []
     was_training = model.training
@@ -112,15 +140,15 @@ def sample(model: nn.Module, prompts: Sequence[Sequence[int]], *, stop_ids: Sequ
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(seed)
             for start in range(0, len(prompts), batch_size):
-                chunk = [list(p) for p in prompts[start:start + batch_size]]
+                chunk = [list(p) for p in prompts[start : start + batch_size]]
                 input_ids, attention_mask = left_pad(chunk, pad_id, device)  # (B, P)
                 out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-                new = out.sequences[:, input_ids.size(1):]  # (B, R')
+                new = out.sequences[:, input_ids.size(1) :]  # (B, R')
                 logprobs = torch.empty(new.shape, dtype=torch.float32, device=device)
                 entropy = torch.empty(new.shape, dtype=torch.float32, device=device)
                 for t, logits in enumerate(out.logits):  # R' tensors of (B, V): one (B, V) block at a time
                     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-                    logprobs[:, t] = logp.gather(1, new[:, t:t + 1]).squeeze(1)
+                    logprobs[:, t] = logp.gather(1, new[:, t : t + 1]).squeeze(1)
                     entropy[:, t] = -(logp.exp() * logp).sum(-1)
                 is_stop = torch.isin(new, stops)
                 for b, prompt in enumerate(chunk):
@@ -143,9 +171,9 @@ def _collate(rows, pad_id: int, device) -> Rollout:
     ent = torch.zeros((n, width_r), dtype=torch.float32, device=device)
     for i, (prompt, response, logprobs, entropy, _ended) in enumerate(rows):
         p, r = len(prompt), len(response)
-        qr[i, width_p - p:width_p] = torch.tensor(prompt, dtype=torch.long, device=device)
-        qr[i, width_p:width_p + r] = response
-        am[i, width_p - p:width_p + r] = 1
+        qr[i, width_p - p : width_p] = torch.tensor(prompt, dtype=torch.long, device=device)
+        qr[i, width_p : width_p + r] = response
+        am[i, width_p - p : width_p + r] = 1
         rm[i, :r], lp[i, :r], ent[i, :r] = 1.0, logprobs, entropy
     ended = torch.tensor([r[4] for r in rows], dtype=torch.bool, device=device)
     return Rollout(qr, am, rm, lp, ent, ended, width_p)
@@ -166,9 +194,14 @@ def response_logprobs(model: nn.Module, batch: Rollout, temperature: float, chun
     p = batch.prompt_width
     mask = batch.response_mask.bool()  # (N, R)
     positions = torch.zeros_like(batch.attention_mask, dtype=torch.bool)  # (N, P + R)
-    positions[:, p - 1:-1] = mask  # position t - 1 predicts response token t
-    out = outputs_at(model, positions, input_ids=batch.query_responses, attention_mask=batch.attention_mask,
-                     position_ids=position_ids(batch.attention_mask))
+    positions[:, p - 1 : -1] = mask  # position t - 1 predicts response token t
+    out = outputs_at(
+        model,
+        positions,
+        input_ids=batch.query_responses,
+        attention_mask=batch.attention_mask,
+        position_ids=position_ids(batch.attention_mask),
+    )
     token_logps = out.log_probs(batch.responses[mask], chunk_size, temperature)  # (M,)
     scattered = torch.zeros(mask.shape, dtype=token_logps.dtype, device=token_logps.device)
     return scattered.masked_scatter(mask, token_logps)
@@ -181,9 +214,13 @@ def response_values(value_model: nn.Module, batch: Rollout) -> torch.Tensor:
 
     base = base_causal_lm(value_model)
     backbone = getattr(base, base.base_model_prefix)
-    hidden = backbone(input_ids=batch.query_responses, attention_mask=batch.attention_mask,
-                      position_ids=position_ids(batch.attention_mask), use_cache=False).last_hidden_state
-    values = base.score(hidden[:, batch.prompt_width - 1:-1]).squeeze(-1).float()  # (N, R)
+    hidden = backbone(
+        input_ids=batch.query_responses,
+        attention_mask=batch.attention_mask,
+        position_ids=position_ids(batch.attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+    values = base.score(hidden[:, batch.prompt_width - 1 : -1]).squeeze(-1).float()  # (N, R)
     return values * batch.response_mask
 
 

@@ -109,13 +109,15 @@ def read_records(data: DataConfig, path: str | None = None) -> list[Any]:
     from instructkit.datasets import resolve_data_path
 
     if data.dataset_info and path is None:
-        return load_records(dataset_info=resolve_data_path(data.dataset_info), name=data.path,
-                            format=data.format, columns=data.columns).records
+        return load_records(
+            dataset_info=resolve_data_path(data.dataset_info), name=data.path, format=data.format, columns=data.columns
+        ).records
     return load_records(resolve_data_path(path or data.path), format=data.format, columns=data.columns).records
 
 
-def load_splits(data: DataConfig, convert: Callable[[Sequence[Any], str], list[Any]] | None = None,
-                what: str = "training data") -> Splits:
+def load_splits(
+    data: DataConfig, convert: Callable[[Sequence[Any], str], list[Any]] | None = None, what: str = "training data"
+) -> Splits:
     """Read, limit and split the data; bad records fail here, before a model is loaded.
 
     Records are split as read, then converted (``convert(records, where)``: rankings to pairs,
@@ -155,9 +157,15 @@ class Trainable:
     total_parameters: int
 
 
-def load_trainable(cfg: Any, *, device: Any, task: str = "CAUSAL_LM", merge_adapter: bool = False,
-                   dropout: float | None = None,
-                   build: Callable[[nn.Module, Any], nn.Module] | None = None) -> Trainable:
+def load_trainable(
+    cfg: Any,
+    *,
+    device: Any,
+    task: str = "CAUSAL_LM",
+    merge_adapter: bool = False,
+    dropout: float | None = None,
+    build: Callable[[nn.Module, Any], nn.Module] | None = None,
+) -> Trainable:
     """Tokenizer and model of ``cfg.model`` with what trains (``cfg.peft``), on ``device``.
 
     ``build(causal_lm, tokenizer)`` turns the loaded causal LM into the model that trains (a
@@ -169,8 +177,9 @@ def load_trainable(cfg: Any, *, device: Any, task: str = "CAUSAL_LM", merge_adap
 
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     set_seed(cfg.train.seed)
-    model = load_model(cfg.model, dtype="fp32", device="cpu", merge_adapter=merge_adapter,
-                       trust_remote_code=cfg.trust_remote_code)
+    model = load_model(
+        cfg.model, dtype="fp32", device="cpu", merge_adapter=merge_adapter, trust_remote_code=cfg.trust_remote_code
+    )
     if build is not None:
         model = build(model, tokenizer)
     dropout = dropout if dropout is not None else cfg.train.dropout
@@ -205,7 +214,12 @@ def save_final(model: nn.Module, tokenizer: Any, run: RunDir, *, base_spec: str,
 
 def stage_summary(stage: str, cfg: Any, parameters: Trainable, run: RunDir, **fields: Any) -> dict[str, Any]:
     """The summary.json fields every stage shares, around the stage's own ``fields``."""
-    return {"stage": stage, "model": cfg.model, "method": cfg.peft.method, **fields,
-            "trainable_parameters": parameters.trainable_parameters,
-            "total_parameters": parameters.total_parameters, "final": str(run.final)}
-
+    return {
+        "stage": stage,
+        "model": cfg.model,
+        "method": cfg.peft.method,
+        **fields,
+        "trainable_parameters": parameters.trainable_parameters,
+        "total_parameters": parameters.total_parameters,
+        "final": str(run.final),
+    }

@@ -16,8 +16,13 @@ from instructkit.config import SFTConfig
 from instructkit.stages import resolve_stage_config
 
 
-def sft(config: SFTConfig | str | Path | dict | None = None, overrides: list[str] | None = None, *,
-        on_step: Callable[[int], None] | None = None, overwrite: bool = False) -> dict[str, Any]:
+def sft(
+    config: SFTConfig | str | Path | dict | None = None,
+    overrides: list[str] | None = None,
+    *,
+    on_step: Callable[[int], None] | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Run supervised fine-tuning; returns the run summary (also written to summary.json)."""
     from instructkit.data.collate import lm_collate, pack_examples
     from instructkit.data.encoders import encode_records, real_tokens, trained_tokens
@@ -39,12 +44,15 @@ def sft(config: SFTConfig | str | Path | dict | None = None, overrides: list[str
 
         # 4. Encode with the chat template: only assistant tokens (and their end-of-turn) train.
         d = cfg.data
-        train_ex, dropped = encode_records(parts.tokenizer, splits.train, template=d.template,
-                                           max_length=d.max_length, where=d.path)
-        val_ex, val_dropped = encode_records(parts.tokenizer, splits.val, template=d.template,
-                                             max_length=d.max_length, where=d.val_path or d.path)
-        setup.check_encoded(train_ex, d, "no trainable examples left after encoding (all too long or "
-                                         "without assistant turns)")
+        train_ex, dropped = encode_records(
+            parts.tokenizer, splits.train, template=d.template, max_length=d.max_length, where=d.path
+        )
+        val_ex, val_dropped = encode_records(
+            parts.tokenizer, splits.val, template=d.template, max_length=d.max_length, where=d.val_path or d.path
+        )
+        setup.check_encoded(
+            train_ex, d, "no trainable examples left after encoding (all too long or without assistant turns)"
+        )
         if d.packing:
             train_ex, val_ex = pack_examples(train_ex, d.max_length), pack_examples(val_ex, d.max_length)
         if dropped:
@@ -52,16 +60,35 @@ def sft(config: SFTConfig | str | Path | dict | None = None, overrides: list[str
 
         # 5. Train: exact token-weighted loss across micro-batches and processes.
         started = time.time()
-        result = engine.fit(loss_module=CausalLMLoss(parts.model, cfg.train.loss_chunk_size), model=parts.model,
-                            examples=train_ex, collate=lm_collate(parts.tokenizer.pad_token_id, d.packing),
-                            weight=trained_tokens, length=real_tokens, train=cfg.train, optim=cfg.optim,
-                            run=stage.run, accelerator=stage.accelerator, val_examples=val_ex, on_step=on_step)
+        result = engine.fit(
+            loss_module=CausalLMLoss(parts.model, cfg.train.loss_chunk_size),
+            model=parts.model,
+            examples=train_ex,
+            collate=lm_collate(parts.tokenizer.pad_token_id, d.packing),
+            weight=trained_tokens,
+            length=real_tokens,
+            train=cfg.train,
+            optim=cfg.optim,
+            run=stage.run,
+            accelerator=stage.accelerator,
+            val_examples=val_ex,
+            on_step=on_step,
+        )
 
     # 6. Save final/: a peft adapter (plus merged/ on request) or full weights, with the tokenizer.
     summary = setup.stage_summary(
-        "sft", cfg, parts, stage.run, **result.summary(started), val_loss=result.final_val_loss,
-        best_val_loss=result.best_val_loss, train_examples=len(train_ex), val_examples=len(val_ex),
-        dropped_too_long=dropped + val_dropped)
+        "sft",
+        cfg,
+        parts,
+        stage.run,
+        **result.summary(started),
+        val_loss=result.final_val_loss,
+        best_val_loss=result.best_val_loss,
+        train_examples=len(train_ex),
+        val_examples=len(val_ex),
+        dropped_too_long=dropped + val_dropped,
+    )
     merged = cfg.save_merged and is_peft(parts.model)
-    return stage.finish(summary, lambda: setup.save_final(parts.model, parts.tokenizer, stage.run,
-                                                          base_spec=cfg.model, merged=merged))
+    return stage.finish(
+        summary, lambda: setup.save_final(parts.model, parts.tokenizer, stage.run, base_spec=cfg.model, merged=merged)
+    )

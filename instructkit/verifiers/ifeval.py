@@ -177,14 +177,11 @@ def keywords_forbidden_words(response: str, *, forbidden_words: Sequence[str]) -
     for words that start and end with a letter, and still meaningful for ``"C++"``.
     """
     return not any(
-        re.search(r"(?<!\w)" + re.escape(word) + r"(?!\w)", response, re.IGNORECASE)
-        for word in forbidden_words
+        re.search(r"(?<!\w)" + re.escape(word) + r"(?!\w)", response, re.IGNORECASE) for word in forbidden_words
     )
 
 
-def keywords_letter_frequency(
-    response: str, *, letter: str, let_frequency: int, let_relation: str
-) -> bool:
+def keywords_letter_frequency(response: str, *, letter: str, let_frequency: int, let_relation: str) -> bool:
     """How often ``letter`` occurs, ignoring case, compares to ``let_frequency``."""
     return _compare(response.lower().count(letter.strip().lower()), let_relation, let_frequency)
 
@@ -218,9 +215,7 @@ def number_words(response: str, *, num_words: int, relation: str) -> bool:
 _FIRST_WORD_STOP = frozenset(".,?!'\"")
 
 
-def nth_paragraph_first_word(
-    response: str, *, num_paragraphs: int, nth_paragraph: int, first_word: str
-) -> bool:
+def nth_paragraph_first_word(response: str, *, num_paragraphs: int, nth_paragraph: int, first_word: str) -> bool:
     """Exactly ``num_paragraphs`` non-blank paragraphs (split on blank lines ``\\n\\n``), and
     the ``nth_paragraph``-th starts with ``first_word`` (case and quotes ignored).
 
@@ -439,9 +434,7 @@ def _arg_names(instruction_id: str) -> tuple[str, ...]:
     return tuple(p.name for p in parameters if p.kind is p.KEYWORD_ONLY)
 
 
-def check_kwargs(
-    instruction_id: str, kwargs: Mapping[str, Any], *, index: int = 0
-) -> dict[str, Any]:
+def check_kwargs(instruction_id: str, kwargs: Mapping[str, Any], *, index: int = 0) -> dict[str, Any]:
     """``kwargs`` for one instruction without its ``None`` values, after checking the id, the
     names (all required, none unknown), the types and the relations.
 
@@ -466,9 +459,7 @@ def check_kwargs(
         if name not in names:
             takes = f"it takes {', '.join(names)}" if names else "it takes none"
             suggestion = did_you_mean(name, names)
-            raise InputError(
-                f"'{instruction_id}' takes no argument '{name}'{suggestion} ({takes})", field=field
-            )
+            raise InputError(f"'{instruction_id}' takes no argument '{name}'{suggestion} ({takes})", field=field)
         problem = _value_problem(name, value)
         if problem:
             raise InputError(problem, field=field)
@@ -476,13 +467,10 @@ def check_kwargs(
     if missing:
         raise InputError(f"'{instruction_id}' needs {', '.join(missing)}", field=f"kwargs[{index}]")
     if "letter" in given and len(given["letter"].strip()) != 1:
-        raise InputError(
-            f"expected one character, got {given['letter']!r}", field=f"kwargs[{index}].letter"
-        )
+        raise InputError(f"expected one character, got {given['letter']!r}", field=f"kwargs[{index}].letter")
     if "nth_paragraph" in given and not 1 <= given["nth_paragraph"] <= given["num_paragraphs"]:
         raise InputError(
-            f"expected 1 <= nth_paragraph <= num_paragraphs ({given['num_paragraphs']}), "
-            f"got {given['nth_paragraph']}",
+            f"expected 1 <= nth_paragraph <= num_paragraphs ({given['num_paragraphs']}), got {given['nth_paragraph']}",
             field=f"kwargs[{index}].nth_paragraph",
         )
     return given
@@ -642,9 +630,7 @@ def read_ifeval_jsonl(path: str | Path) -> list[IFEvalPrompt]:
         if not isinstance(prompt, str):
             raise row.error(f"expected a string, got {type(prompt).__name__}", field="prompt")
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            raise row.error(
-                "expected a list of instruction id strings", field="instruction_id_list"
-            )
+            raise row.error("expected a list of instruction id strings", field="instruction_id_list")
         if not ids:
             raise row.error("no instructions", field="instruction_id_list")
         if not isinstance(kwargs, list) or len(kwargs) != len(ids):

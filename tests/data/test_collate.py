@@ -116,8 +116,13 @@ def tiny_llama(attn: str):
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
     )
     config._attn_implementation = attn
     return LlamaForCausalLM(config).eval()
@@ -126,8 +131,10 @@ def tiny_llama(attn: str):
 def _random_examples(lengths):
     g = torch.Generator().manual_seed(1)
     return [
-        {"input_ids": torch.randint(0, VOCAB, (n,), generator=g).tolist(),
-         "labels": torch.randint(0, VOCAB, (n,), generator=g).tolist()}
+        {
+            "input_ids": torch.randint(0, VOCAB, (n,), generator=g).tolist(),
+            "labels": torch.randint(0, VOCAB, (n,), generator=g).tolist(),
+        }
         for n in lengths
     ]
 
@@ -176,8 +183,11 @@ def test_without_the_block_mask_attention_leaks(packed_case):
     batch = collate_packed(rows, pad_id=0)
     with torch.no_grad():
         alone = [model(input_ids=torch.tensor([e["input_ids"]])).logits[0] for e in examples]
-        leak = model(input_ids=batch["input_ids"], attention_mask=torch.ones_like(batch["input_ids"]),
-                     position_ids=batch["position_ids"]).logits
+        leak = model(
+            input_ids=batch["input_ids"],
+            attention_mask=torch.ones_like(batch["input_ids"]),
+            position_ids=batch["position_ids"],
+        ).logits
     first = {row.indices[0] for row in rows}
     for i, seg in _segments(leak, rows):
         diff = (seg - alone[i]).abs().max().item()
@@ -193,9 +203,7 @@ def test_packed_loss_sums_each_examples_loss(packed_case):
 
     def summed_ce(logits, labels):
         # (B, T-1, V) logits against (B, T-1) next-token labels, summed over targets
-        return F.cross_entropy(
-            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum", ignore_index=X
-        )
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum", ignore_index=X)
 
     with torch.no_grad():
         packed = summed_ce(model(**{k: v for k, v in batch.items() if k != "labels"}).logits, batch["labels"])

@@ -304,10 +304,12 @@ def test_prompts_keep_alpaca_parts_and_the_unused_columns(tmp_path):
 
 
 def test_prompts_as_message_lists(tmp_path):
-    rows = [{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
-             "answer": "4"}]
-    assert load_rows(tmp_path, rows).records == [PromptRecord([m(S, "Be brief."), m(U, "2+2?")], "2+2?",
-                                                              {"answer": "4"})]
+    rows = [
+        {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}], "answer": "4"}
+    ]
+    assert load_rows(tmp_path, rows).records == [
+        PromptRecord([m(S, "Be brief."), m(U, "2+2?")], "2+2?", {"answer": "4"})
+    ]
 
 
 def test_prompts_columns_mapping(tmp_path):
@@ -342,8 +344,10 @@ def test_unknown_role_names_the_field_path(tmp_path):
 
 def test_unknown_sharegpt_role_lists_sharegpt_names(tmp_path):
     rows = [{"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]}]
-    assert "'conversations[1].from': unknown role 'bot' (expected one of system, human, gpt, function_call," \
+    assert (
+        "'conversations[1].from': unknown role 'bot' (expected one of system, human, gpt, function_call,"
         " observation)" in error_of(tmp_path, rows)
+    )
 
 
 def test_missing_field_names_the_line(tmp_path):
@@ -372,9 +376,7 @@ def test_conversation_without_assistant_turn(tmp_path):
 
 
 def test_wrong_types(tmp_path):
-    assert "field 'output': expected a string, got a number" in error_of(
-        tmp_path, [{"instruction": "i", "output": 5}]
-    )
+    assert "field 'output': expected a string, got a number" in error_of(tmp_path, [{"instruction": "i", "output": 5}])
     assert "field 'messages': expected a list, got an object" in error_of(
         tmp_path, [{"messages": {"role": "user"}}], format="messages"
     )
@@ -486,7 +488,9 @@ def test_peer_file_loads_by_detection_and_by_dataset_info(llama_factory_data, fi
 
 
 def test_dataset_info_entry_found_by_file_name(llama_factory_data):
-    loaded = load_records(llama_factory_data / "kto_en_demo.json", dataset_info=llama_factory_data / "dataset_info.json")
+    loaded = load_records(
+        llama_factory_data / "kto_en_demo.json", dataset_info=llama_factory_data / "dataset_info.json"
+    )
     assert loaded.format == "kto"
 
 
@@ -534,7 +538,9 @@ def test_glaive_toolcall_demo_content(llama_factory_data):
     records = load_records(path).records
     names = {"human": U, "gpt": A, "function_call": A, "observation": T}
     for r, rec in zip(raw, records):
-        assert [(x.role, x.content) for x in rec.messages] == [(names[t["from"]], t["value"]) for t in r["conversations"]]
+        assert [(x.role, x.content) for x in rec.messages] == [
+            (names[t["from"]], t["value"]) for t in r["conversations"]
+        ]
         assert rec.tools == (r["tools"] or None)
     calls = sum(t["from"] == "function_call" for r in raw for t in r["conversations"])
     assert calls > 0
@@ -571,7 +577,9 @@ def test_dataset_info_unknown_name_suggests(llama_factory_data):
 def test_dataset_info_entry_keys_are_checked(tmp_path):
     info = tmp_path / "dataset_info.json"
     info.write_text(json.dumps({"mine": {"file_name": "d.jsonl", "formating": "sharegpt"}}))
-    with pytest.raises(InputError, match=r"field 'mine.formating': unknown key 'formating' \(did you mean 'formatting'"):
+    with pytest.raises(
+        InputError, match=r"field 'mine.formating': unknown key 'formating' \(did you mean 'formatting'"
+    ):
         load_dataset_info(info, "mine")
 
 

@@ -62,13 +62,16 @@ def test_columns_map_a_file_and_match_the_python_function(tmp_path, capsys):
     assert out == inspect_data(str(path), columns={"prompt": "question", "response": "answer"}) + "\n"
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("prompt", "expected KEY=COLUMN"),
-    ("prompt=q,", "expected KEY=COLUMN"),
-    ("=q", "expected KEY=COLUMN"),
-    ("promt=q", "unknown column key 'promt' (did you mean 'prompt'?)"),
-    ("prompt=a,prompt=b", "given twice"),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("prompt", "expected KEY=COLUMN"),
+        ("prompt=q,", "expected KEY=COLUMN"),
+        ("=q", "expected KEY=COLUMN"),
+        ("promt=q", "unknown column key 'promt' (did you mean 'prompt'?)"),
+        ("prompt=a,prompt=b", "given twice"),
+    ],
+)
 def test_bad_columns_is_one_line_naming_the_flag(tmp_path, capsys, text, expected):
     path = tmp_path / "qa.jsonl"
     path.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n", encoding="utf-8")
@@ -126,7 +129,9 @@ def test_the_data_layer_report_loads_no_model_code():
     upper = ("instructkit.models", "instructkit.train", "instructkit.eval", "instructkit.serve", "instructkit.inspect")
     assert not [name for name in imported if name.startswith(upper)], imported
     # and importing it (with everything it imports) brings in no ML library
-    code = ("import sys, instructkit.data.inspect; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))")
+    code = (
+        "import sys, instructkit.data.inspect; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert proc.stdout.strip() == "[]"

@@ -289,6 +289,7 @@ def test_prompt_response_too_long(tokenizer):
     prompt, response = MULTI[:6], [MULTI[6]]
     ids = encode_prompt(tokenizer, prompt)
     assert encode_prompt_response(tokenizer, prompt, response, max_length=len(ids) + 2) is None
+
     def cut_to(max_length):
         return encode_prompt_response(tokenizer, prompt, response, max_length=max_length, truncation="cut-response")
 

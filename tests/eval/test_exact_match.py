@@ -62,17 +62,26 @@ def test_score_prompts_and_samples_from_hand_made_records(monkeypatch):
 def test_k_shot_puts_the_shots_after_the_system_turn(monkeypatch):
     fake = FakeGenerate({"q": "a"})
     monkeypatch.setattr(instructkit.generation, "generate", fake)
-    shots = [conv(("system", "ignored"), ("user", "sq1"), ("assistant", "sa1")),
-             conv(("user", "sq2"), ("assistant", "sa2")),
-             conv(("user", "unused"), ("assistant", "unused"))]
+    shots = [
+        conv(("system", "ignored"), ("user", "sq1"), ("assistant", "sa1")),
+        conv(("user", "sq2"), ("assistant", "sa2")),
+        conv(("user", "unused"), ("assistant", "unused")),
+    ]
     record = conv(("system", "s"), ("user", "q"), ("assistant", "a"))
     result = evaluate_exact_match(None, None, [record], k_shot=2, shots=shots)
     assert result["exact_match"] == 1.0
     assert [(m.role, m.content) for m in fake.prompts[0]] == [
-        ("system", "s"), ("user", "sq1"), ("assistant", "sa1"), ("user", "sq2"), ("assistant", "sa2"), ("user", "q"),
+        ("system", "s"),
+        ("user", "sq1"),
+        ("assistant", "sa1"),
+        ("user", "sq2"),
+        ("assistant", "sa2"),
+        ("user", "q"),
     ]
     assert with_shots([Message("user", "q")], shots[1:2]) == [
-        Message("user", "sq2"), Message("assistant", "sa2"), Message("user", "q"),
+        Message("user", "sq2"),
+        Message("assistant", "sa2"),
+        Message("user", "q"),
     ]
 
 
@@ -97,15 +106,25 @@ def test_end_to_end_on_a_tiny_model():
 
     tokenizer = real_tokenizer()
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
     prompt = [Message("user", "Reply as name: NAME\nAda from Oslo ordered a lamp.")]
     own = instructkit.generation.generate(model, tokenizer, [prompt], max_new_tokens=6)[0]
-    records = [Conversation(prompt + [Message("assistant", f"  {own.strip()} ")]),
-               Conversation(prompt + [Message("assistant", "name: Ada")])]
+    records = [
+        Conversation(prompt + [Message("assistant", f"  {own.strip()} ")]),
+        Conversation(prompt + [Message("assistant", "name: Ada")]),
+    ]
     result = evaluate_exact_match(model, tokenizer, records, max_new_tokens=6, batch_size=2)
     assert result["exact_match"] == 0.5
     assert [s["response"] for s in result["samples"]] == [own, own]

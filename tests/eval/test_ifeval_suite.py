@@ -14,11 +14,18 @@ from tests.tiny import tiny_model_dir, write_jsonl
 
 def benchmark_rows() -> list[dict]:
     return [
-        {"key": 1, "prompt": "Say hi. Do not use any commas.", "instruction_id_list": ["punctuation:no_comma"],
-         "kwargs": [{}]},
-        {"key": 2, "prompt": "Write in lowercase, at least 20 words.",
-         "instruction_id_list": ["change_case:english_lowercase", "length_constraints:number_words"],
-         "kwargs": [{}, {"relation": "at least", "num_words": 20}]},
+        {
+            "key": 1,
+            "prompt": "Say hi. Do not use any commas.",
+            "instruction_id_list": ["punctuation:no_comma"],
+            "kwargs": [{}],
+        },
+        {
+            "key": 2,
+            "prompt": "Write in lowercase, at least 20 words.",
+            "instruction_id_list": ["change_case:english_lowercase", "length_constraints:number_words"],
+            "kwargs": [{}, {"relation": "at least", "num_words": 20}],
+        },
     ]
 
 
@@ -26,11 +33,16 @@ def test_given_responses_are_scored_without_a_model(tmp_path):
     """Prompt 1 passes (no comma); prompt 2's response is lowercase English but has 10 words,
     not 20: by hand, prompt-level strict = 1/2 and instruction-level strict = 2/3."""
     data = write_jsonl(tmp_path / "input.jsonl", benchmark_rows())
-    responses = write_jsonl(tmp_path / "responses.jsonl", [
-        {"key": 1, "response": "hi there"},
-        {"prompt": benchmark_rows()[1]["prompt"],
-         "response": "this is a simple answer written in plain english words"},
-    ])
+    responses = write_jsonl(
+        tmp_path / "responses.jsonl",
+        [
+            {"key": 1, "response": "hi there"},
+            {
+                "prompt": benchmark_rows()[1]["prompt"],
+                "response": "this is a simple answer written in plain english words",
+            },
+        ],
+    )
     out = tmp_path / "ifeval.json"
     result = evaluate(model=None, suites=["ifeval"], data=str(data), responses=str(responses), out=str(out))
     m = result["metrics"]
@@ -60,6 +72,7 @@ def test_responses_are_generated_when_a_model_is_given(tmp_path):
 def test_the_real_benchmark_file_loads(shared_data: Path, tmp_path):
     rows = [json.loads(line) for line in (shared_data / "ifeval" / "input_data.jsonl").read_text().splitlines()]
     responses = write_jsonl(tmp_path / "r.jsonl", [{"key": r["key"], "response": "ok"} for r in rows])
-    m = evaluate(model=None, suites=["ifeval"], data=str(shared_data / "ifeval" / "input_data.jsonl"),
-                 responses=str(responses))["metrics"]
+    m = evaluate(
+        model=None, suites=["ifeval"], data=str(shared_data / "ifeval" / "input_data.jsonl"), responses=str(responses)
+    )["metrics"]
     assert m["num_prompts"] == 541 and 0 <= m["prompt_level_strict"] <= m["prompt_level_loose"] <= 1

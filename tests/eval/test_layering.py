@@ -41,16 +41,22 @@ def test_no_recipe_is_imported(path):
 def test_batched_no_grad_passes_go_through_models_passes(path):
     """``torch.no_grad``, ``torch.inference_mode`` and ``.eval()`` belong to
     instructkit.models.passes, which also puts the module back in its mode."""
-    calls = {node.func.attr for node in ast.walk(tree(path))
-             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)}
+    calls = {
+        node.func.attr
+        for node in ast.walk(tree(path))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+    }
     assert not calls & {"no_grad", "inference_mode", "eval"}
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: p.name)
 def test_functions_are_short_enough_to_read(path):
-    long = [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(tree(path))
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+    long = [
+        (node.name, node.end_lineno - node.lineno + 1)
+        for node in ast.walk(tree(path))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
     assert not long
 
 

@@ -16,8 +16,12 @@ from tests.tiny import real_tokenizer, tiny_llama, toy_preferences, write_jsonl
 
 # Every metrics file starts with these keys, whatever its suite (docs/eval.md lists them).
 HEADER = ("model", "responses", "data", "suites", "k_shot", "n", "decoding", "generation", "coverage")
-IFEVAL_ROW = {"key": 1, "prompt": "Say hi. Do not use any commas.", "instruction_id_list": ["punctuation:no_comma"],
-              "kwargs": [{}]}
+IFEVAL_ROW = {
+    "key": 1,
+    "prompt": "Say hi. Do not use any commas.",
+    "instruction_id_list": ["punctuation:no_comma"],
+    "kwargs": [{}],
+}
 
 
 @pytest.fixture
@@ -30,8 +34,10 @@ def no_model(monkeypatch):
 
 
 def conversations(tmp_path):
-    return write_jsonl(tmp_path / "held_out.jsonl", [
-        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
+    return write_jsonl(
+        tmp_path / "held_out.jsonl",
+        [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}],
+    )
 
 
 def test_model_and_responses_together_is_an_error_naming_both(tmp_path, capsys, no_model):
@@ -69,18 +75,29 @@ def test_every_suite_writes_the_model_it_used_under_one_header(tmp_path, monkeyp
     tiny = (tiny_llama(len(tokenizer)), tokenizer)
     pairs = write_jsonl(tmp_path / "pairs.jsonl", toy_preferences(3))
     runs = {
-        "ifeval": evaluate(model="m-ifeval", loaded=("m", None), suites=["ifeval"], data=str(ifeval_data),
-                           out=str(tmp_path / "ifeval.json")),
-        "exact_match": evaluate(model="m-conv", loaded=("m", None), suites=["exact_match"],
-                                data=str(conversations(tmp_path)), out=str(tmp_path / "conv.json")),
-        "preference": evaluate(model="m-pref", loaded=tiny, suites=["preference"], data=str(pairs),
-                               out=str(tmp_path / "pref.json")),
+        "ifeval": evaluate(
+            model="m-ifeval",
+            loaded=("m", None),
+            suites=["ifeval"],
+            data=str(ifeval_data),
+            out=str(tmp_path / "ifeval.json"),
+        ),
+        "exact_match": evaluate(
+            model="m-conv",
+            loaded=("m", None),
+            suites=["exact_match"],
+            data=str(conversations(tmp_path)),
+            out=str(tmp_path / "conv.json"),
+        ),
+        "preference": evaluate(
+            model="m-pref", loaded=tiny, suites=["preference"], data=str(pairs), out=str(tmp_path / "pref.json")
+        ),
     }
     err = capsys.readouterr().err
     models = {"ifeval": "m-ifeval", "exact_match": "m-conv", "preference": "m-pref"}
     for suite, result in runs.items():
         m = result["metrics"]
-        assert tuple(m)[:len(HEADER)] == HEADER, suite
+        assert tuple(m)[: len(HEADER)] == HEADER, suite
         assert m["model"] == models[suite] and m["suites"] == [suite] and m["k_shot"] == 0 and m["responses"] is None
     on_disk = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in ("ifeval", "conv", "pref")}
     assert [d["model"] for d in on_disk.values()] == ["m-ifeval", "m-conv", "m-pref"]

@@ -14,9 +14,11 @@ from tests.tiny import real_tokenizer, tiny_llama, tiny_model_dir, toy_preferenc
 def test_summarize_by_hand():
     """Three pairs: margins +2, -1, 0 -> accuracy 1/3 (a tie does not count), mean margin 1/3.
     Per token: 2/1 - 4/4 = 1 > 0; -3/3 - (-2/1) = 1 > 0; -6/2 - (-6/3) = -1 < 0 -> 2/3."""
-    scored = [{"chosen_logp": 2.0, "rejected_logp": 0.0, "chosen_tokens": 1, "rejected_tokens": 4},
-              {"chosen_logp": -3.0, "rejected_logp": -2.0, "chosen_tokens": 3, "rejected_tokens": 1},
-              {"chosen_logp": -6.0, "rejected_logp": -6.0, "chosen_tokens": 2, "rejected_tokens": 3}]
+    scored = [
+        {"chosen_logp": 2.0, "rejected_logp": 0.0, "chosen_tokens": 1, "rejected_tokens": 4},
+        {"chosen_logp": -3.0, "rejected_logp": -2.0, "chosen_tokens": 3, "rejected_tokens": 1},
+        {"chosen_logp": -6.0, "rejected_logp": -6.0, "chosen_tokens": 2, "rejected_tokens": 3},
+    ]
     # third pair: per-token -3 vs -2 -> chosen loses; second pair: -1 vs -2 -> chosen wins
     out = summarize(scored)
     assert out["pref_accuracy"] == pytest.approx(1 / 3)
@@ -42,12 +44,17 @@ def test_batched_log_probs_match_one_row_at_a_time_and_skip_what_does_not_fit():
 
     tokenizer = real_tokenizer()
     model = tiny_llama(len(tokenizer)).eval()
-    pairs = [Preference([Message("user", "reverse: red blue")], [Message("assistant", "blue red")],
-                        [Message("assistant", "red blue wrong and longer than the chosen one")]),
-             Preference([Message("user", "reverse: " + "cat " * 200)], [Message("assistant", "x")],
-                        [Message("assistant", "y")]),  # prompt alone is longer than max_length: dropped
-             Preference([Message("user", "reverse: sun")], [Message("assistant", "sun")],
-                        [Message("assistant", "moon")])]
+    pairs = [
+        Preference(
+            [Message("user", "reverse: red blue")],
+            [Message("assistant", "blue red")],
+            [Message("assistant", "red blue wrong and longer than the chosen one")],
+        ),
+        Preference(
+            [Message("user", "reverse: " + "cat " * 200)], [Message("assistant", "x")], [Message("assistant", "y")]
+        ),  # prompt alone is longer than max_length: dropped
+        Preference([Message("user", "reverse: sun")], [Message("assistant", "sun")], [Message("assistant", "moon")]),
+    ]
     scored = log_prob_pairs(model, tokenizer, pairs, batch_size=2, max_length=64)
     assert [s["index"] for s in scored] == [0, 2]
     for s in scored:
@@ -69,8 +76,9 @@ def test_identical_responses_are_a_tie_and_the_suite_runs_through_evaluate(tmp_p
     assert result["pref_pairs"] == 6 == len(result["samples"])
 
     out = tmp_path / "pref.json"
-    via_evaluate = evaluate(model="tiny", suites=["preference"], data=str(data), loaded=(model, tokenizer),
-                            out=str(out))
+    via_evaluate = evaluate(
+        model="tiny", suites=["preference"], data=str(data), loaded=(model, tokenizer), out=str(out)
+    )
     assert via_evaluate["metrics"]["pref_margin"] == pytest.approx(result["pref_margin"])
     assert out.is_file() and out.with_suffix(".samples.jsonl").read_text().count("\n") == 6
     with pytest.raises(InputError, match="suite of its own"):
@@ -87,10 +95,21 @@ def test_dpo_training_raises_the_held_out_preference(tmp_path):
     from instructkit.models.loading import load_model_and_tokenizer
 
     before = evaluate(model=str(model_dir), suites=["preference"], data=str(held_out))["metrics"]
-    dpo({"model": str(model_dir), "out": str(tmp_path / "dpo"), "data": {"path": str(train), "val_fraction": 0.0},
-         "peft": {"method": "full"}, "optim": {"lr": 5e-3}, "train": {"batch_size": 8, "max_steps": 12,
-                                                                      "progress": False}})
-    after = evaluate(model=str(tmp_path / "dpo"), suites=["preference"], data=str(held_out),
-                     loaded=load_model_and_tokenizer(str(tmp_path / "dpo")))["metrics"]
+    dpo(
+        {
+            "model": str(model_dir),
+            "out": str(tmp_path / "dpo"),
+            "data": {"path": str(train), "val_fraction": 0.0},
+            "peft": {"method": "full"},
+            "optim": {"lr": 5e-3},
+            "train": {"batch_size": 8, "max_steps": 12, "progress": False},
+        }
+    )
+    after = evaluate(
+        model=str(tmp_path / "dpo"),
+        suites=["preference"],
+        data=str(held_out),
+        loaded=load_model_and_tokenizer(str(tmp_path / "dpo")),
+    )["metrics"]
     assert after["pref_margin"] > before["pref_margin"] + 1.0
     assert after["pref_accuracy"] >= before["pref_accuracy"]

@@ -16,15 +16,24 @@ from instructkit.errors import InputError
 from instructkit.eval.run import evaluate
 from tests.tiny import write_jsonl
 
-NO_COMMA = {"key": 1, "prompt": "Say hi. Do not use any commas.", "instruction_id_list": ["punctuation:no_comma"],
-            "kwargs": [{}]}
-END_WITH = {"key": 2, "prompt": "Greet me and end with the phrase 'Any other questions?'",
-            "instruction_id_list": ["startend:end_checker"], "kwargs": [{"end_phrase": "Any other questions?"}]}
+NO_COMMA = {
+    "key": 1,
+    "prompt": "Say hi. Do not use any commas.",
+    "instruction_id_list": ["punctuation:no_comma"],
+    "kwargs": [{}],
+}
+END_WITH = {
+    "key": 2,
+    "prompt": "Greet me and end with the phrase 'Any other questions?'",
+    "instruction_id_list": ["startend:end_checker"],
+    "kwargs": [{"end_phrase": "Any other questions?"}],
+}
 
 
 @pytest.fixture(autouse=True)
 def no_model(monkeypatch):
     """Given responses: nothing may load a model or generate."""
+
     def fail(*args, **kwargs):
         raise AssertionError("no model may be loaded when responses are given")
 
@@ -46,13 +55,16 @@ def test_ifeval_scores_every_row_of_a_file_with_two_responses_per_prompt(tmp_pat
     Keeping one response per prompt (the last) would score lines 2 and 4 only: strict 1/2.
     """
     data = write_jsonl(tmp_path / "ifeval.jsonl", [NO_COMMA, END_WITH])
-    responses = write_jsonl(tmp_path / "responses.jsonl", [
-        {"key": 1, "model": "a", "response": "hi, there"},
-        {"key": 1, "model": "b", "response": "hi there"},
-        {"prompt": END_WITH["prompt"], "model": "a", "response": "Hello.\nAny other questions?"},
-        {"key": 2, "model": "b", "response": "Hello. Any other questions?\n(Bye.)"},
-        {"key": 3, "model": "a", "response": "stray"},
-    ])
+    responses = write_jsonl(
+        tmp_path / "responses.jsonl",
+        [
+            {"key": 1, "model": "a", "response": "hi, there"},
+            {"key": 1, "model": "b", "response": "hi there"},
+            {"prompt": END_WITH["prompt"], "model": "a", "response": "Hello.\nAny other questions?"},
+            {"key": 2, "model": "b", "response": "Hello. Any other questions?\n(Bye.)"},
+            {"key": 3, "model": "a", "response": "stray"},
+        ],
+    )
     out = tmp_path / "ifeval.json"
     result = evaluate(suites=["ifeval"], data=str(data), responses=str(responses), out=str(out))
     m = result["metrics"]
@@ -62,22 +74,37 @@ def test_ifeval_scores_every_row_of_a_file_with_two_responses_per_prompt(tmp_pat
     assert m["per_type"]["punctuation:no_comma"] == {"count": 2, "strict": 0.5, "loose": 0.5}
     assert m["per_type"]["startend:end_checker"] == {"count": 2, "strict": 0.5, "loose": 1.0}
     assert m["num_prompts"] == 2 and m["n"] == 2
-    assert m["coverage"] == {"rows": 4, "prompts_answered": 2, "rows_per_prompt": {"min": 2, "max": 2},
-                             "unmatched_rows": 1, "unmatched_lines": [5]}
+    assert m["coverage"] == {
+        "rows": 4,
+        "prompts_answered": 2,
+        "rows_per_prompt": {"min": 2, "max": 2},
+        "unmatched_rows": 1,
+        "unmatched_lines": [5],
+    }
     samples = [json.loads(line) for line in out.with_suffix(".samples.jsonl").read_text().splitlines()]
     assert samples == result["samples"]
     assert [(s["line"], s["model"], s["key"]) for s in samples] == [(1, "a", 1), (2, "b", 1), (3, "a", 2), (4, "b", 2)]
-    assert [(s["strict"], s["loose"]) for s in samples] == [([False], [False]), ([True], [True]),
-                                                            ([True], [True]), ([False], [True])]
+    assert [(s["strict"], s["loose"]) for s in samples] == [
+        ([False], [False]),
+        ([True], [True]),
+        ([True], [True]),
+        ([False], [True]),
+    ]
     err = capsys.readouterr().err
     assert "warning: 1 row of" in err and "(line 5)" in err and "unmatched_rows" in err
 
 
 def held_out(tmp_path: Path) -> Path:
-    rows = [{"messages": [{"role": "system", "content": "Label the review."},
-                          {"role": "user", "content": f"review {i}"},
-                          {"role": "assistant", "content": ref}]}
-            for i, ref in enumerate(["positive", "negative", "positive"])]
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "Label the review."},
+                {"role": "user", "content": f"review {i}"},
+                {"role": "assistant", "content": ref},
+            ]
+        }
+        for i, ref in enumerate(["positive", "negative", "positive"])
+    ]
     return write_jsonl(tmp_path / "held_out.jsonl", rows)
 
 
@@ -95,15 +122,18 @@ def test_conversation_suites_score_every_row_with_several_rows_per_prompt(tmp_pa
     exact_match 4/7, accuracy 5/7; rows per prompt 2, 2, 3. Line 7's own "reference" field
     is kept as row_reference, beside the held-out reference.
     """
-    given = write_jsonl(tmp_path / "given.jsonl", [
-        {"key": 0, "model": "a", "response": "positive"},
-        {"key": 0, "model": "b", "response": " Positive."},
-        {"key": 1, "model": "a", "response": "negative"},
-        {"prompt": "review 1", "model": "b", "response": "positive"},
-        {"key": 2, "model": "a", "response": "positive"},
-        {"key": "2", "model": "b", "response": "negative"},
-        {"key": 2, "model": "c", "sample": 1, "reference": "from the row", "response": "positive"},
-    ])
+    given = write_jsonl(
+        tmp_path / "given.jsonl",
+        [
+            {"key": 0, "model": "a", "response": "positive"},
+            {"key": 0, "model": "b", "response": " Positive."},
+            {"key": 1, "model": "a", "response": "negative"},
+            {"prompt": "review 1", "model": "b", "response": "positive"},
+            {"key": 2, "model": "a", "response": "positive"},
+            {"key": "2", "model": "b", "response": "negative"},
+            {"key": 2, "model": "c", "sample": 1, "reference": "from the row", "response": "positive"},
+        ],
+    )
     result = evaluate(suites=["exact_match", "accuracy"], data=str(held_out(tmp_path)), responses=str(given))
     m, samples = result["metrics"], result["samples"]
     assert m["exact_match"] == pytest.approx(4 / 7) and m["accuracy"] == pytest.approx(5 / 7)
@@ -120,8 +150,10 @@ def test_conversation_suites_score_every_row_with_several_rows_per_prompt(tmp_pa
 
 def test_unmatched_rows_are_counted_and_warned_and_a_missing_record_is_still_an_error(tmp_path, capsys):
     data = str(held_out(tmp_path))
-    given = write_jsonl(tmp_path / "given.jsonl", [
-        {"key": k, "response": "positive"} for k in (0, 1, 2, 7)] + [{"prompt": "review 9", "response": "x"}])
+    given = write_jsonl(
+        tmp_path / "given.jsonl",
+        [{"key": k, "response": "positive"} for k in (0, 1, 2, 7)] + [{"prompt": "review 9", "response": "x"}],
+    )
     m = evaluate(suites=["exact_match"], data=data, responses=str(given))["metrics"]
     assert (m["coverage"]["unmatched_rows"], m["coverage"]["unmatched_lines"]) == (2, [4, 5])
     assert m["exact_match"] == pytest.approx(2 / 3)  # positive is right for records 0 and 2
@@ -137,8 +169,9 @@ def test_unmatched_rows_are_counted_and_warned_and_a_missing_record_is_still_an_
 
 
 def test_a_row_that_could_answer_two_records_is_an_error(tmp_path):
-    rows = [{"messages": [{"role": "user", "content": "same"}, {"role": "assistant", "content": ref}]}
-            for ref in ("a", "b")]
+    rows = [
+        {"messages": [{"role": "user", "content": "same"}, {"role": "assistant", "content": ref}]} for ref in ("a", "b")
+    ]
     data = write_jsonl(tmp_path / "dup.jsonl", rows)
     given = write_jsonl(tmp_path / "given.jsonl", [{"prompt": "same", "response": "a"}])
     with pytest.raises(InputError, match="answers both held-out record 0 .* and held-out record 1") as err:
@@ -161,14 +194,27 @@ def test_winrate_compares_every_row_with_the_one_baseline_response_to_its_prompt
 
     monkeypatch.setattr(instructkit.eval.reward.RewardJudge, "__call__", judge)
     data = str(held_out(tmp_path))
-    a = write_jsonl(tmp_path / "a.jsonl", [
-        {"key": 0, "response": "positive"}, {"key": 0, "sample": 2, "response": "positive!!"},
-        {"key": 1, "response": "neg"}, {"key": 2, "response": "positive"}])
-    b = write_jsonl(tmp_path / "b.jsonl", [
-        {"key": 0, "response": "positive"}, {"key": 1, "response": "negative"}, {"key": 2, "response": "pos"},
-        {"key": 5, "response": "stray"}])
-    result = evaluate(suites=["reward", "winrate"], data=data, responses=str(a), baseline_responses=str(b),
-                      reward_model="rm")
+    a = write_jsonl(
+        tmp_path / "a.jsonl",
+        [
+            {"key": 0, "response": "positive"},
+            {"key": 0, "sample": 2, "response": "positive!!"},
+            {"key": 1, "response": "neg"},
+            {"key": 2, "response": "positive"},
+        ],
+    )
+    b = write_jsonl(
+        tmp_path / "b.jsonl",
+        [
+            {"key": 0, "response": "positive"},
+            {"key": 1, "response": "negative"},
+            {"key": 2, "response": "pos"},
+            {"key": 5, "response": "stray"},
+        ],
+    )
+    result = evaluate(
+        suites=["reward", "winrate"], data=data, responses=str(a), baseline_responses=str(b), reward_model="rm"
+    )
     m = result["metrics"]
     assert (m["wins"], m["ties"], m["losses"]) == (2, 1, 1) and m["win_rate"] == pytest.approx(0.625)
     assert m["reward_mean"] == pytest.approx(7.25) and m["baseline_reward_mean"] == pytest.approx(6.75)
@@ -176,9 +222,15 @@ def test_winrate_compares_every_row_with_the_one_baseline_response_to_its_prompt
     assert judged == [["positive", "positive!!", "neg", "positive"], ["positive", "negative", "pos"]]
     assert m["coverage"]["baseline"]["rows"] == 3 and m["coverage"]["baseline"]["unmatched_rows"] == 1
 
-    doubled = write_jsonl(tmp_path / "doubled.jsonl", [
-        {"key": 0, "response": "x"}, {"key": 1, "response": "y"}, {"key": 1, "response": "z"},
-        {"key": 2, "response": "w"}])
+    doubled = write_jsonl(
+        tmp_path / "doubled.jsonl",
+        [
+            {"key": 0, "response": "x"},
+            {"key": 1, "response": "y"},
+            {"key": 1, "response": "z"},
+            {"key": 2, "response": "w"},
+        ],
+    )
     with pytest.raises(InputError, match=r"2 rows \(lines 2, 3\) answer held-out record 1") as err:
         evaluate(suites=["winrate"], data=data, responses=str(a), baseline_responses=str(doubled), reward_model="rm")
     assert err.value.file == str(doubled)

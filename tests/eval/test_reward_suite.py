@@ -34,8 +34,13 @@ def reward_model(tmp_path_factory) -> Path:
 
 
 def held_out(tmp_path: Path) -> Path:
-    rows = [{"key": f"k{i}", "messages": [{"role": "user", "content": f"name a colour {i}"},
-                                          {"role": "assistant", "content": "red"}]} for i in range(4)]
+    rows = [
+        {
+            "key": f"k{i}",
+            "messages": [{"role": "user", "content": f"name a colour {i}"}, {"role": "assistant", "content": "red"}],
+        }
+        for i in range(4)
+    ]
     return write_jsonl(tmp_path / "held_out.jsonl", rows)
 
 
@@ -66,8 +71,14 @@ def test_reward_and_winrate_from_response_files(reward_model, tmp_path, monkeypa
     a = write_jsonl(tmp_path / "a.jsonl", [{"key": f"k{i}", "response": t} for i, t in enumerate(texts_a)])
     b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"name a colour {i}", "response": "red"} for i in range(4)])
     out = tmp_path / "winrate.json"
-    result = evaluate(suites=["reward", "winrate"], data=str(data), responses=str(a), baseline_responses=str(b),
-                      reward_model=str(reward_model), out=str(out))
+    result = evaluate(
+        suites=["reward", "winrate"],
+        data=str(data),
+        responses=str(a),
+        baseline_responses=str(b),
+        reward_model=str(reward_model),
+        out=str(out),
+    )
 
     model, tokenizer, bias = load_reward_model(reward_model)
     assert bias == 0.25
@@ -77,8 +88,12 @@ def test_reward_and_winrate_from_response_files(reward_model, tmp_path, monkeypa
     m = result["metrics"]
     assert m["reward_mean"] == pytest.approx(sum(direct_a) / 4, abs=1e-5)
     assert m["baseline_reward_mean"] == pytest.approx(sum(direct_b) / 4, abs=1e-5)
-    expected = ["tie", "win" if direct_a[1] > direct_b[1] else "loss",
-                "tie", "win" if direct_a[3] > direct_b[3] else "loss"]
+    expected = [
+        "tie",
+        "win" if direct_a[1] > direct_b[1] else "loss",
+        "tie",
+        "win" if direct_a[3] > direct_b[3] else "loss",
+    ]
     assert [s["outcome"] for s in result["samples"]] == expected
     assert m["ties"] == 2 and m["wins"] + m["losses"] == 2
     assert m["win_rate"] == pytest.approx((m["wins"] + 1) / 4)
@@ -89,8 +104,14 @@ def test_reward_and_winrate_from_response_files(reward_model, tmp_path, monkeypa
     assert {"prompt", "response", "reward", "baseline_response", "baseline_reward", "outcome"} <= set(lines[1])
 
     # A huge tie margin makes every prompt a tie: win rate 1/2.
-    wide = evaluate(suites=["winrate"], data=str(data), responses=str(a), baseline_responses=str(b),
-                    reward_model=str(reward_model), tie_margin=1e9)["metrics"]
+    wide = evaluate(
+        suites=["winrate"],
+        data=str(data),
+        responses=str(a),
+        baseline_responses=str(b),
+        reward_model=str(reward_model),
+        tie_margin=1e9,
+    )["metrics"]
     assert (wide["ties"], wide["win_rate"]) == (4, 0.5)
 
 
@@ -103,5 +124,11 @@ def test_missing_reward_model_and_baseline_are_input_errors(tmp_path):
     with pytest.raises(InputError, match="exactly one of --baseline"):
         evaluate(suites=["winrate"], data=str(data), responses=str(a), reward_model="rm")
     with pytest.raises(InputError, match="tie_margin"):
-        evaluate(suites=["winrate"], data=str(data), responses=str(a), reward_model="rm", baseline_responses=str(a),
-                 tie_margin=-0.5)
+        evaluate(
+            suites=["winrate"],
+            data=str(data),
+            responses=str(a),
+            reward_model="rm",
+            baseline_responses=str(a),
+            tie_margin=-0.5,
+        )

@@ -20,40 +20,70 @@ REFERENCES = ["positive", "negative", "positive"]
 
 
 def held_out(tmp_path: Path) -> Path:
-    rows = [{"messages": [{"role": "system", "content": "Label the review."},
-                          {"role": "user", "content": f"review {i}"},
-                          {"role": "assistant", "content": ref}]} for i, ref in enumerate(REFERENCES)]
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "Label the review."},
+                {"role": "user", "content": f"review {i}"},
+                {"role": "assistant", "content": ref},
+            ]
+        }
+        for i, ref in enumerate(REFERENCES)
+    ]
     return write_jsonl(tmp_path / "held_out.jsonl", rows)
 
 
 def shots_file(tmp_path: Path) -> Path:
-    return write_jsonl(tmp_path / "shots.jsonl", [
-        {"messages": [{"role": "user", "content": "shot q"}, {"role": "assistant", "content": "shot a"}]}])
+    return write_jsonl(
+        tmp_path / "shots.jsonl",
+        [{"messages": [{"role": "user", "content": "shot q"}, {"role": "assistant", "content": "shot a"}]}],
+    )
 
 
 def test_suite_names_aliases_and_did_you_mean():
     assert resolve_suites(["loss", "f1", "accuracy", "exact_match"]) == ["perplexity", "accuracy", "exact_match"]
     with pytest.raises(InputError, match="did you mean 'rouge'"):
         resolve_suites(["rogue"])
-    assert {"exact_match", "accuracy", "bleu", "rouge", "reward", "winrate", "perplexity", "ifeval",
-            "preference"} == set(SUITES)
+    assert {
+        "exact_match",
+        "accuracy",
+        "bleu",
+        "rouge",
+        "reward",
+        "winrate",
+        "perplexity",
+        "ifeval",
+        "preference",
+    } == set(SUITES)
 
 
 def test_responses_are_scored_by_every_suite_without_loading_a_model(tmp_path, monkeypatch):
     """Given answers: " Positive." (key 0: label right, exact match wrong), "positive" (matched by
     prompt text; wrong label), "positive" (right). Exact match 1/3, accuracy 2/3."""
+
     def no_model(*args, **kwargs):
         raise AssertionError("no model may be loaded when responses are given")
 
     monkeypatch.setattr(instructkit.models.loading, "load_model_and_tokenizer", no_model)
     monkeypatch.setattr(instructkit.generation, "generate", no_model)
     data = held_out(tmp_path)
-    given = write_jsonl(tmp_path / "given.jsonl", [
-        {"key": 0, "response": " Positive."}, {"prompt": "review 1", "response": "positive"},
-        {"key": "2", "response": "positive"}])
+    given = write_jsonl(
+        tmp_path / "given.jsonl",
+        [
+            {"key": 0, "response": " Positive."},
+            {"prompt": "review 1", "response": "positive"},
+            {"key": "2", "response": "positive"},
+        ],
+    )
     out = tmp_path / "eval.json"
-    result = evaluate(model=None, suites=["exact_match", "accuracy", "bleu", "rouge"], data=str(data),
-                      responses=str(given), out=str(out), k_shot=3)
+    result = evaluate(
+        model=None,
+        suites=["exact_match", "accuracy", "bleu", "rouge"],
+        data=str(data),
+        responses=str(given),
+        out=str(out),
+        k_shot=3,
+    )
     m = json.loads(out.read_text())
     assert m["exact_match"] == pytest.approx(1 / 3) and m["accuracy"] == pytest.approx(2 / 3)
     assert {"bleu", "chrf", "rouge1", "rouge2", "rougeL", "f1_macro", "per_label"} <= set(m)
@@ -67,8 +97,9 @@ def test_responses_are_scored_by_every_suite_without_loading_a_model(tmp_path, m
 
 def test_missing_response_names_the_record_and_exits_2(tmp_path, capsys):
     data = held_out(tmp_path)
-    given = write_jsonl(tmp_path / "given.jsonl", [{"key": 0, "response": "positive"},
-                                                   {"key": 1, "response": "negative"}])
+    given = write_jsonl(
+        tmp_path / "given.jsonl", [{"key": 0, "response": "positive"}, {"key": 1, "response": "negative"}]
+    )
     with pytest.raises(InputError, match="no response for held-out record 2") as err:
         evaluate(suites=["rouge"], data=str(data), responses=str(given))
     assert err.value.file == str(given)
@@ -98,8 +129,9 @@ def test_one_generation_per_model_shared_by_every_suite(tmp_path, monkeypatch):
     loads: list[str] = []
     judged: list[list[str]] = []
     monkeypatch.setattr(instructkit.generation, "generate", fake)
-    monkeypatch.setattr(instructkit.models.loading, "load_model_and_tokenizer",
-                        lambda spec: loads.append(spec) or (spec, f"tok-{spec}"))
+    monkeypatch.setattr(
+        instructkit.models.loading, "load_model_and_tokenizer", lambda spec: loads.append(spec) or (spec, f"tok-{spec}")
+    )
 
     def judge(self, prompts, responses):
         judged.append(list(responses))
@@ -107,15 +139,27 @@ def test_one_generation_per_model_shared_by_every_suite(tmp_path, monkeypatch):
 
     monkeypatch.setattr(instructkit.eval.reward.RewardJudge, "__call__", judge)
     data = held_out(tmp_path)
-    result = evaluate(model="A", baseline="B", reward_model="rm", data=str(data), k_shot=1,
-                      shots_data=str(shots_file(tmp_path)), seed=7, temperature=0.7,
-                      suites=["exact_match", "accuracy", "bleu", "rouge", "reward", "winrate"])
+    result = evaluate(
+        model="A",
+        baseline="B",
+        reward_model="rm",
+        data=str(data),
+        k_shot=1,
+        shots_data=str(shots_file(tmp_path)),
+        seed=7,
+        temperature=0.7,
+        suites=["exact_match", "accuracy", "bleu", "rouge", "reward", "winrate"],
+    )
     assert loads == ["A", "B"] and [c["model"] for c in fake.calls] == ["A", "B"]
     assert len(judged) == 2
     for call in fake.calls:
         assert (call["seed"], call["temperature"]) == (7, 0.7)
         assert [(m.role, m.content) for m in call["prompts"][0]] == [
-            ("system", "Label the review."), ("user", "shot q"), ("assistant", "shot a"), ("user", "review 0")]
+            ("system", "Label the review."),
+            ("user", "shot q"),
+            ("assistant", "shot a"),
+            ("user", "review 0"),
+        ]
     m = result["metrics"]
     assert m["exact_match"] == 0.0 and m["wins"] == 3 and m["win_rate"] == 1.0
     assert m["reward_mean"] == len("A positive") and m["baseline_reward_mean"] == len("positive")
@@ -139,8 +183,12 @@ def test_sampling_is_reproducible_with_a_seed(tiny, tmp_path):
     """Same seed, same responses; the samples are drawn at temperature 1 from a random model,
     so a different seed gives different text (over 3 prompts x 8 tokens of a 49k vocabulary)."""
     data = str(held_out(tmp_path))
-    run = lambda seed: [s["response"] for s in evaluate(  # noqa: E731
-        model=str(tiny), suites=["rouge"], data=data, max_new_tokens=8, temperature=1.0, seed=seed)["samples"]]
+    run = lambda seed: [
+        s["response"]
+        for s in evaluate(  # noqa: E731
+            model=str(tiny), suites=["rouge"], data=data, max_new_tokens=8, temperature=1.0, seed=seed
+        )["samples"]
+    ]
     first = run(3)
     assert run(3) == first and run(4) != first
 
@@ -148,9 +196,30 @@ def test_sampling_is_reproducible_with_a_seed(tiny, tmp_path):
 def test_tiny_model_end_to_end_through_the_cli(tiny, tmp_path, capsys):
     data = held_out(tmp_path)
     out = tmp_path / "eval.json"
-    assert main(["eval", "--model", str(tiny), "--suite", "exact_match,f1,bleu,rouge,loss", "--data", str(data),
-                 "--out", str(out), "--max-new-tokens", "4", "--batch-size", "2", "--k-shot", "1",
-                 "--shots-from", str(shots_file(tmp_path))]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tiny),
+                "--suite",
+                "exact_match,f1,bleu,rouge,loss",
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--max-new-tokens",
+                "4",
+                "--batch-size",
+                "2",
+                "--k-shot",
+                "1",
+                "--shots-from",
+                str(shots_file(tmp_path)),
+            ]
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     m = json.loads(out.read_text())
     assert printed["n"] == m["n"] == 3 and m["k_shot"] == 1

@@ -44,10 +44,21 @@ def test_files_table_and_numbers_match_evaluate(setup, tmp_path):
     summary = eval_stage(cfg, [("base", str(model)), ("sft", str(model))], out)
     assert json.loads((out / "summary.json").read_text()) == summary
     assert summary["stage"] == "eval" and summary["data"] == cfg.data
-    assert sorted(p.name for p in out.iterdir()) == sorted([
-        "summary.json", "base.json", "base.samples.jsonl", "base_1-shot.json", "base_1-shot.samples.jsonl",
-        "sft.json", "sft.samples.jsonl", "base.preference.json", "base.preference.samples.jsonl",
-        "sft.preference.json", "sft.preference.samples.jsonl"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [
+            "summary.json",
+            "base.json",
+            "base.samples.jsonl",
+            "base_1-shot.json",
+            "base_1-shot.samples.jsonl",
+            "sft.json",
+            "sft.samples.jsonl",
+            "base.preference.json",
+            "base.preference.samples.jsonl",
+            "sft.preference.json",
+            "sft.preference.samples.jsonl",
+        ]
+    )
     table = summary["table"]
     assert list(table) == ["base", "base 1-shot", "sft"]
     assert {"exact_match", "loss", "perplexity", "pref_accuracy", "pref_margin"} <= set(table["base"])

@@ -40,8 +40,12 @@ def test_accuracy_and_f1_on_a_hand_made_confusion_matrix():
     assert metrics["accuracy"] == pytest.approx(0.5)
     assert metrics["per_label"] == {
         "bird": {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1},
-        "cat": {"precision": pytest.approx(2 / 3), "recall": pytest.approx(2 / 3), "f1": pytest.approx(2 / 3),
-                "support": 3},
+        "cat": {
+            "precision": pytest.approx(2 / 3),
+            "recall": pytest.approx(2 / 3),
+            "f1": pytest.approx(2 / 3),
+            "support": 3,
+        },
         "dog": {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2},
     }
     for m in ("precision_macro", "recall_macro", "f1_macro"):

@@ -54,9 +54,17 @@ def test_conservative_dpo_by_hand():
 
     loss = 0.75 * log(1 + e^-1) + 0.25 * log(1 + e^1)   (-log sigmoid(-1) = log(1 + e)).
     """
-    out = preference_loss("sigmoid", chosen_logps=t(-3.0), rejected_logps=t(-4.0),
-                          chosen_tokens=t(3), rejected_tokens=t(3), ref_chosen_logps=t(-5.0),
-                          ref_rejected_logps=t(-4.0), beta=0.5, label_smoothing=0.25)
+    out = preference_loss(
+        "sigmoid",
+        chosen_logps=t(-3.0),
+        rejected_logps=t(-4.0),
+        chosen_tokens=t(3),
+        rejected_tokens=t(3),
+        ref_chosen_logps=t(-5.0),
+        ref_rejected_logps=t(-4.0),
+        beta=0.5,
+        label_smoothing=0.25,
+    )
     expected = 0.75 * softplus(-1.0) + 0.25 * softplus(1.0)
     assert out.losses.item() == pytest.approx(expected, rel=1e-12)
 
@@ -68,10 +76,16 @@ def test_ipo_by_hand_on_per_token_log_ratios():
     Pair 2: chosen (-3 - -3) / 3 = 0, rejected (-2 - -4) / 2 = 1: h = -1, loss (-1 - 2)^2 = 9.
     On sums instead, pair 1 would have h = 6 and loss 16: IPO is length-normalised, as in TRL.
     """
-    out = preference_loss("ipo", chosen_logps=t(-6.0, -3.0), rejected_logps=t(-4.0, -2.0),
-                          chosen_tokens=t(3, 3), rejected_tokens=t(2, 2),
-                          ref_chosen_logps=t(-12.0, -3.0), ref_rejected_logps=t(-4.0, -4.0),
-                          beta=0.25)
+    out = preference_loss(
+        "ipo",
+        chosen_logps=t(-6.0, -3.0),
+        rejected_logps=t(-4.0, -2.0),
+        chosen_tokens=t(3, 3),
+        rejected_tokens=t(2, 2),
+        ref_chosen_logps=t(-12.0, -3.0),
+        ref_rejected_logps=t(-4.0, -4.0),
+        beta=0.25,
+    )
     assert out.losses.tolist() == pytest.approx([0.0, 9.0], abs=1e-12)
     assert out.chosen_rewards.tolist() == pytest.approx([0.5, 0.0])  # 0.25 * per-token ratio
     assert PREFERENCE_LOSSES["ipo"].length_normalized
@@ -80,8 +94,13 @@ def test_ipo_by_hand_on_per_token_log_ratios():
 def test_hinge_by_hand():
     """beta = 0.5, margin 1/beta = 2. h = -2, 1, 2, 3 gives relu(1 - 0.5 h) = 2, 0.5, 0, 0."""
     h = t(-2.0, 1.0, 2.0, 3.0)
-    out = hinge_loss(h, torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64),
-                     torch.zeros(4, dtype=torch.float64), beta=0.5)
+    out = hinge_loss(
+        h,
+        torch.zeros(4, dtype=torch.float64),
+        torch.zeros(4, dtype=torch.float64),
+        torch.zeros(4, dtype=torch.float64),
+        beta=0.5,
+    )
     assert out.losses.tolist() == pytest.approx([2.0, 0.5, 0.0, 0.0])
 
 
@@ -91,9 +110,15 @@ def test_simpo_by_hand_with_gamma():
     m = 2 * (-0.5 - -1.5) - 0.5 = 1.5; loss = log(1 + e^-1.5). Rewards 2 * a: -1 and -3.
     gamma = 0 would give log(1 + e^-2): the margin gamma makes the loss larger.
     """
-    out = preference_loss("simpo", chosen_logps=t(-2.0), rejected_logps=t(-3.0),
-                          chosen_tokens=torch.tensor([4]), rejected_tokens=torch.tensor([2]),
-                          beta=2.0, simpo_gamma=0.5)
+    out = preference_loss(
+        "simpo",
+        chosen_logps=t(-2.0),
+        rejected_logps=t(-3.0),
+        chosen_tokens=torch.tensor([4]),
+        rejected_tokens=torch.tensor([2]),
+        beta=2.0,
+        simpo_gamma=0.5,
+    )
     assert out.losses.item() == pytest.approx(softplus(-1.5), rel=1e-12)
     assert (out.chosen_rewards.item(), out.rejected_rewards.item()) == pytest.approx((-1.0, -3.0))
     no_gamma = simpo_loss(t(-0.5), t(-1.5), beta=2.0, simpo_gamma=0.0)
@@ -107,14 +132,24 @@ def test_orpo_odds_by_hand():
     Log odds ratio ln 3; L_OR = -log sigmoid(ln 3) = -log(3/4) = ln(4/3). The default SFT term
     is -a_c = ln 2, so with lambda = 0.5: loss = ln 2 + 0.5 ln(4/3). Rewards beta * a.
     """
-    out = preference_loss("orpo", chosen_logps=t(-2 * math.log(2)),
-                          rejected_logps=t(-3 * math.log(4)), chosen_tokens=t(2),
-                          rejected_tokens=t(3), beta=0.1, orpo_lambda=0.5)
+    out = preference_loss(
+        "orpo",
+        chosen_logps=t(-2 * math.log(2)),
+        rejected_logps=t(-3 * math.log(4)),
+        chosen_tokens=t(2),
+        rejected_tokens=t(3),
+        beta=0.1,
+        orpo_lambda=0.5,
+    )
     assert out.losses.item() == pytest.approx(math.log(2) + 0.5 * math.log(4 / 3), rel=1e-12)
     assert out.chosen_rewards.item() == pytest.approx(-0.1 * math.log(2))
     # An explicit NLL replaces the default; a scalar one is shared by every pair.
-    two = orpo_loss(t(-math.log(2), -math.log(2)), t(-math.log(4), -math.log(4)),
-                    chosen_nll=torch.tensor(5.0, dtype=torch.float64), orpo_lambda=0.5)
+    two = orpo_loss(
+        t(-math.log(2), -math.log(2)),
+        t(-math.log(4), -math.log(4)),
+        chosen_nll=torch.tensor(5.0, dtype=torch.float64),
+        orpo_lambda=0.5,
+    )
     assert two.losses.tolist() == pytest.approx([5 + 0.5 * math.log(4 / 3)] * 2, rel=1e-12)
 
 
@@ -138,9 +173,15 @@ def test_kto_by_hand_with_reference_point():
 def test_kto_unpaired_through_registry():
     """Three desirable, no undesirable examples; no kl_ref means z0 = 0. r = 0 gives 1 - 1/2."""
     empty = torch.zeros(0, dtype=torch.float64)
-    out = preference_loss("kto", chosen_logps=t(-2.0, -2.0, -2.0), rejected_logps=empty,
-                          chosen_tokens=None, rejected_tokens=None,
-                          ref_chosen_logps=t(-2.0, -2.0, -2.0), ref_rejected_logps=empty)
+    out = preference_loss(
+        "kto",
+        chosen_logps=t(-2.0, -2.0, -2.0),
+        rejected_logps=empty,
+        chosen_tokens=None,
+        rejected_tokens=None,
+        ref_chosen_logps=t(-2.0, -2.0, -2.0),
+        ref_rejected_logps=empty,
+    )
     assert out.losses.tolist() == pytest.approx([0.5, 0.5, 0.5])
     assert out.rejected_rewards.shape == (0,)
     assert not PREFERENCE_LOSSES["kto"].paired
@@ -162,9 +203,16 @@ def test_preferring_chosen_lowers_loss(name):
     chosen = t(-9.0, -7.0, -6.0).requires_grad_()  # h = -1, 1, 2: inside the hinge
     rejected = t(-8.0, -8.0, -8.0).requires_grad_()
     ref = t(-7.0, -7.0, -7.0)
-    out = preference_loss(name, chosen_logps=chosen, rejected_logps=rejected,
-                          chosen_tokens=t(4, 4, 4), rejected_tokens=t(4, 4, 4),
-                          ref_chosen_logps=ref, ref_rejected_logps=ref, beta=0.3)
+    out = preference_loss(
+        name,
+        chosen_logps=chosen,
+        rejected_logps=rejected,
+        chosen_tokens=t(4, 4, 4),
+        rejected_tokens=t(4, 4, 4),
+        ref_chosen_logps=ref,
+        ref_rejected_logps=ref,
+        beta=0.3,
+    )
     out.losses.sum().backward()
     assert (chosen.grad < 0).all() and (rejected.grad > 0).all()
     assert (out.losses[:-1] >= out.losses[1:]).all()  # higher chosen log-prob, lower loss
@@ -206,8 +254,13 @@ def test_hinge_has_no_gradient_beyond_margin():
 def test_length_normalisation_divides_by_token_counts(name):
     """Doubling the token counts equals halving every log-prob sum; unnormalised losses ignore
     the counts altogether."""
-    base = dict(chosen_logps=t(-6.0, -9.0), rejected_logps=t(-8.0, -7.0),
-                ref_chosen_logps=t(-7.0, -8.0), ref_rejected_logps=t(-7.5, -7.0), beta=0.2)
+    base = dict(
+        chosen_logps=t(-6.0, -9.0),
+        rejected_logps=t(-8.0, -7.0),
+        ref_chosen_logps=t(-7.0, -8.0),
+        ref_rejected_logps=t(-7.5, -7.0),
+        beta=0.2,
+    )
     halved = {k: v / 2 if torch.is_tensor(v) else v for k, v in base.items()}
     doubled = preference_loss(name, chosen_tokens=t(6, 8), rejected_tokens=t(4, 10), **base)
     same = preference_loss(name, chosen_tokens=t(3, 4), rejected_tokens=t(2, 5), **halved)
@@ -221,8 +274,7 @@ def test_length_normalisation_divides_by_token_counts(name):
 
 
 def test_sum_losses_ignore_token_counts():
-    kwargs = dict(chosen_logps=t(-6.0), rejected_logps=t(-8.0), ref_chosen_logps=t(-7.0),
-                  ref_rejected_logps=t(-7.0))
+    kwargs = dict(chosen_logps=t(-6.0), rejected_logps=t(-8.0), ref_chosen_logps=t(-7.0), ref_rejected_logps=t(-7.0))
     a = preference_loss("sigmoid", chosen_tokens=t(1), rejected_tokens=t(1), **kwargs)
     b = preference_loss("sigmoid", chosen_tokens=None, rejected_tokens=t(50), **kwargs)
     assert a.losses.item() == b.losses.item()
@@ -238,8 +290,7 @@ def test_log1mexp_is_accurate_at_both_ends():
 
 
 def test_half_precision_inputs_are_upcast():
-    out = dpo_sigmoid_loss(*(torch.tensor([v], dtype=torch.bfloat16) for v in (-3, -4, -5, -4)),
-                           beta=0.5)
+    out = dpo_sigmoid_loss(*(torch.tensor([v], dtype=torch.bfloat16) for v in (-3, -4, -5, -4)), beta=0.5)
     assert out.losses.dtype == torch.float32
     assert out.losses.item() == pytest.approx(softplus(-1.0), rel=1e-6)
 
@@ -258,20 +309,24 @@ def test_registry_flags():
 @pytest.mark.parametrize("name", ["sigmoid", "ipo", "hinge", "kto"])
 def test_reference_required(name):
     with pytest.raises(ValueError, match="ref_chosen_logps"):
-        preference_loss(name, chosen_logps=t(-1.0), rejected_logps=t(-2.0),
-                        chosen_tokens=t(1), rejected_tokens=t(1), ref_chosen_logps=t(-1.0))
+        preference_loss(
+            name,
+            chosen_logps=t(-1.0),
+            rejected_logps=t(-2.0),
+            chosen_tokens=t(1),
+            rejected_tokens=t(1),
+            ref_chosen_logps=t(-1.0),
+        )
 
 
 def test_reference_free_losses_ignore_a_missing_reference():
     for name in ("simpo", "orpo"):
-        preference_loss(name, chosen_logps=t(-1.0), rejected_logps=t(-2.0),
-                        chosen_tokens=t(1), rejected_tokens=t(1))
+        preference_loss(name, chosen_logps=t(-1.0), rejected_logps=t(-2.0), chosen_tokens=t(1), rejected_tokens=t(1))
 
 
 def test_unknown_name_lists_valid_names():
     with pytest.raises(ValueError) as err:
-        preference_loss("dpo", chosen_logps=t(-1.0), rejected_logps=t(-2.0),
-                        chosen_tokens=t(1), rejected_tokens=t(1))
+        preference_loss("dpo", chosen_logps=t(-1.0), rejected_logps=t(-2.0), chosen_tokens=t(1), rejected_tokens=t(1))
     for name in PREFERENCE_LOSSES:
         assert repr(name) in str(err.value)
 
@@ -303,8 +358,9 @@ def trl_helpers():
     return CPOTrainer, ORPOTrainer
 
 
-@pytest.mark.parametrize("loss_type,eps", [("sigmoid", 0.0), ("sigmoid", 0.2), ("hinge", 0.0),
-                                           ("ipo", 0.0), ("simpo", 0.0), ("simpo", 0.1)])
+@pytest.mark.parametrize(
+    "loss_type,eps", [("sigmoid", 0.0), ("sigmoid", 0.2), ("hinge", 0.0), ("ipo", 0.0), ("simpo", 0.0), ("simpo", 0.1)]
+)
 def test_matches_trl_cpo_loss_forms(trl_helpers, loss_type, eps):
     """TRL's CPO applies the sigmoid/hinge/IPO/SimPO forms to a log-prob difference; feeding it
     the DPO log-ratios (reference at 0) checks our forms, label smoothing included."""
@@ -312,8 +368,14 @@ def test_matches_trl_cpo_loss_forms(trl_helpers, loss_type, eps):
     torch.manual_seed(0)
     chosen, rejected = -torch.rand(16) * 3, -torch.rand(16) * 3
     beta, gamma = 0.7, 0.4
-    fake = SimpleNamespace(alpha=0.0, accelerator=SimpleNamespace(device="cpu"), beta=beta,
-                           loss_type=loss_type, label_smoothing=eps, simpo_gamma=gamma)
+    fake = SimpleNamespace(
+        alpha=0.0,
+        accelerator=SimpleNamespace(device="cpu"),
+        beta=beta,
+        loss_type=loss_type,
+        label_smoothing=eps,
+        simpo_gamma=gamma,
+    )
     want, want_c, want_r = cpo.cpo_loss(fake, chosen, rejected)
     zero = torch.zeros(16)
     if loss_type == "sigmoid":

@@ -113,13 +113,17 @@ def test_pairwise_matches_ranking_and_trl_formula():
     torch.manual_seed(0)
     chosen, rejected = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
     pair = pairwise_loss(chosen, rejected, margin=0.2, center_coefficient=0.01)
-    ranked = ranking_loss(torch.cat([chosen, rejected]), torch.arange(5).repeat(2),
-                          long(*[0] * 5, *[1] * 5), margin=0.2, center_coefficient=0.01)
+    ranked = ranking_loss(
+        torch.cat([chosen, rejected]),
+        torch.arange(5).repeat(2),
+        long(*[0] * 5, *[1] * 5),
+        margin=0.2,
+        center_coefficient=0.01,
+    )
     assert pair.loss_sum.item() == pytest.approx(ranked.loss_sum.item(), rel=1e-12)
     for field in ("prompts", "pairs", "correct"):
         assert getattr(pair, field) == getattr(ranked, field)
-    trl = (-torch.nn.functional.logsigmoid(chosen - rejected - 0.2).mean()
-           + 0.01 * ((chosen + rejected) ** 2).mean())
+    trl = -torch.nn.functional.logsigmoid(chosen - rejected - 0.2).mean() + 0.01 * ((chosen + rejected) ** 2).mean()
     assert (pair.loss_sum / pair.prompts).item() == pytest.approx(trl.item(), rel=1e-12)
 
 

@@ -126,8 +126,9 @@ def test_clipped_policy_loss_by_hand():
 def test_clipped_value_loss_by_hand():
     """eps = 0.5. Token 0: V_old 0, V 2, G 2: clipped V = 0.5, errors 0 and 2.25 -> 2.25 (clipped).
     Token 1: V_old 0, V 0.2, G 1: errors 0.64 and 0.64 -> 0.64. Loss = 0.5 * (2.25 + 0.64) / 2."""
-    loss, clip_frac = clipped_value_loss(torch.tensor([[2.0, 0.2]]), torch.zeros(1, 2),
-                                         torch.tensor([[2.0, 1.0]]), torch.ones(1, 2), clip_range=0.5)
+    loss, clip_frac = clipped_value_loss(
+        torch.tensor([[2.0, 0.2]]), torch.zeros(1, 2), torch.tensor([[2.0, 1.0]]), torch.ones(1, 2), clip_range=0.5
+    )
     assert loss.item() == pytest.approx(0.5 * 2.89 / 2, abs=1e-6)
     assert clip_frac.item() == pytest.approx(0.5)
 
@@ -163,7 +164,8 @@ def test_rloo_advantages_by_hand():
     """Group (1, 0, 0, 1): sample 0's baseline is (0 + 0 + 1) / 3, so 1 - 1/3 = 2/3; sample 1's is
     (1 + 0 + 1) / 3, so 0 - 2/3. Group (3, 1): 3 - 1 = 2 and 1 - 3 = -2."""
     assert rloo_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 4).tolist() == pytest.approx(
-        [2 / 3, -2 / 3, -2 / 3, 2 / 3])
+        [2 / 3, -2 / 3, -2 / 3, 2 / 3]
+    )
     assert rloo_advantages(torch.tensor([3.0, 1.0]), 2).tolist() == [2.0, -2.0]
     with pytest.raises(ValueError):
         rloo_advantages(torch.tensor([1.0, 2.0, 3.0]), 2)
@@ -181,8 +183,7 @@ def test_group_estimators_share_one_advantage_over_each_response():
     every real token of the respective response and 0 on padding."""
     rewards = torch.tensor([[0.5, 1.5, 0.0], [0.0, 0.0, 0.0]])
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
-    adv, returns = ADVANTAGE_ESTIMATORS["rloo"].estimate(rewards, None, mask, gamma=1.0, lam=1.0,
-                                                         group_size=2)
+    adv, returns = ADVANTAGE_ESTIMATORS["rloo"].estimate(rewards, None, mask, gamma=1.0, lam=1.0, group_size=2)
     assert returns is None
     assert adv.tolist() == [[2.0, 2.0, 0.0], [-2.0, -2.0, -2.0]]
 

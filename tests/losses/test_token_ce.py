@@ -57,7 +57,8 @@ def test_linear_cross_entropy_without_grad_and_empty():
     h, w, t = torch.randn(5, 4), torch.randn(9, 4), torch.randint(0, 9, (5,))
     with torch.no_grad():
         assert linear_cross_entropy(h, w, t, 2).item() == pytest.approx(
-            F.cross_entropy(h @ w.t(), t, reduction="sum").item(), rel=1e-5)
+            F.cross_entropy(h @ w.t(), t, reduction="sum").item(), rel=1e-5
+        )
     empty = linear_cross_entropy(torch.zeros(0, 4, requires_grad=True), w.requires_grad_(), t[:0])
     assert empty.item() == 0.0
     empty.backward()  # keeps the graph connected (DDP needs every parameter used)

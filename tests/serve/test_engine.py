@@ -48,7 +48,7 @@ def test_batched_greedy_equals_generate_alone_with_a_late_joiner(model):
     ids = [prompt_ids(p) for p in PROMPTS]
     alone = [generate(model, tokenizer, [p], max_new_tokens=12, temperature=0)[0] for p in ids]
     # The third request stops at a string from the middle of its own greedy text.
-    stop = alone[2][len(alone[2]) // 2: len(alone[2]) // 2 + 2]
+    stop = alone[2][len(alone[2]) // 2 : len(alone[2]) // 2 + 2]
     alone[2] = generate(model, tokenizer, [ids[2]], max_new_tokens=12, temperature=0, stop=[stop])[0]
     assert len(set(map(len, ids))) == len(ids)
 
@@ -60,8 +60,10 @@ def test_batched_greedy_equals_generate_alone_with_a_late_joiner(model):
         head = await started.__anext__()
         assert isinstance(head, Piece)  # the first two are generating
         engine.pause()
-        later = [engine.submit(ids[2], Sampling(max_new_tokens=12, stop=(stop,))),
-                 engine.submit(ids[3], Sampling(max_new_tokens=12))]
+        later = [
+            engine.submit(ids[2], Sampling(max_new_tokens=12, stop=(stop,))),
+            engine.submit(ids[3], Sampling(max_new_tokens=12)),
+        ]
         engine.resume()
         rest = [e async for e in started]
         (first_done,) = [e for e in rest if isinstance(e, Choice)]
@@ -104,7 +106,8 @@ def test_finished_rows_leave_the_batch(model):
     assert short.completion_tokens <= 3 and long.finish_reason == "length" and long.completion_tokens == 9
     # Rows x steps = tokens picked: the short row stopped costing steps once it finished.
     assert sum(size * steps for size, steps in engine.step_sizes.items()) == short.completion_tokens + 9 + (
-        short.finish_reason == "stop")
+        short.finish_reason == "stop"
+    )
     assert engine.step_sizes[1] >= 9 - 3
 
 
@@ -117,10 +120,12 @@ def test_seeded_sample_is_the_same_alone_and_batched(model):
 
     async def batched(engine):
         engine.pause()
-        subs = [engine.submit(ids[0], Sampling(max_new_tokens=12, temperature=1.0, seed=1)),
-                engine.submit(ids[1], sampled),
-                engine.submit(ids[2], Sampling(max_new_tokens=5)),
-                engine.submit(ids[3], Sampling(max_new_tokens=12, temperature=0.7, top_p=0.5, seed=1234))]
+        subs = [
+            engine.submit(ids[0], Sampling(max_new_tokens=12, temperature=1.0, seed=1)),
+            engine.submit(ids[1], sampled),
+            engine.submit(ids[2], Sampling(max_new_tokens=5)),
+            engine.submit(ids[3], Sampling(max_new_tokens=12, temperature=0.7, top_p=0.5, seed=1234)),
+        ]
         engine.resume()
         return await texts(subs)
 
@@ -222,8 +227,9 @@ def test_pick_samples_each_row_from_its_own_distribution_and_generator():
     other = torch.randn(3, 3)
     for seed in range(20):
         alone = pick(row[None], [1.0], [1.0], generators(seed))[0]
-        batched = pick(torch.cat([other[:1], row[None], other[1:]]), [0.5, 1.0, 0.0], [0.9, 1.0, 1.0],
-                       generators(99, seed, 7))[1]
+        batched = pick(
+            torch.cat([other[:1], row[None], other[1:]]), [0.5, 1.0, 0.0], [0.9, 1.0, 1.0], generators(99, seed, 7)
+        )[1]
         assert alone == batched
 
 

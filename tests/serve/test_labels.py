@@ -71,10 +71,14 @@ def test_ranks_from_order_with_ties():
     assert ranks_from_order([2, 0, 1, 3], [False, True, False, False], 4) == [0, 1, 0, 2]
     assert ranks_from_order([1, 0], None, 2) == [1, 0]
     assert ranks_from_order([0, 1, 2], [False, False, True], 3) == [0, 1, 1]
-    for order, tied, match in [([0, 0, 1], None, "exactly once"), ([0, 1], None, "exactly once"),
-                               ([0, 1, 2], [True, False, False], "nothing above"),
-                               ([0, 1, 2], [False, True, True], "all responses are tied"),
-                               ([0, 1, 2], [False, True], "3 booleans"), (None, None, "order")]:
+    for order, tied, match in [
+        ([0, 0, 1], None, "exactly once"),
+        ([0, 1], None, "exactly once"),
+        ([0, 1, 2], [True, False, False], "nothing above"),
+        ([0, 1, 2], [False, True, True], "all responses are tied"),
+        ([0, 1, 2], [False, True], "3 booleans"),
+        (None, None, "order"),
+    ]:
         with pytest.raises(InputError, match=match):
             ranks_from_order(order, tied, 3)
 
@@ -179,8 +183,12 @@ def test_concurrent_annotators_lose_and_duplicate_nothing(tmp_path):
             except Conflict:
                 pass
 
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(path), f"proc{i}"], cwd=REPO_ROOT,
-                              stdout=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(path), f"proc{i}"], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
+        )
+        for i in range(2)
+    ]
     threads = [threading.Thread(target=thread_worker, args=(name,)) for name in ["t0", "t1", "t2", "tab", "tab"]]
     for t in threads:
         t.start()
@@ -210,9 +218,11 @@ def test_export_is_what_the_reward_model_reads(tmp_path):
     from instructkit.data.encoders import as_rankings
 
     prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
-    path = write_store(tmp_path / "s.sqlite", [prompt, [{"role": "user", "content": "Hi"}],
-                                                [{"role": "user", "content": "Yo"}]],
-                       [["red", "blue", "  ", "green"], ["a", "b", "c", "d"], ["x", "", "y", "z"]])
+    path = write_store(
+        tmp_path / "s.sqlite",
+        [prompt, [{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Yo"}]],
+        [["red", "blue", "  ", "green"], ["a", "b", "c", "d"], ["x", "", "y", "z"]],
+    )
     store = LabelStore(path)
     store.submit(submission_id="1", prompt_id=1, annotator="ann", order=[3, 2, 0, 1])
     store.submit(submission_id="2", prompt_id=2, annotator="ann", skip=True)
@@ -253,20 +263,37 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def test_label_create_samples_k_seeded_responses(tiny, tmp_path, capsys):
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", [
-        {"prompt": "Say hi", "id": 1},
-        {"prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Say bye"}]},
-        {"prompt": "Count to three"},
-    ])
-    args = ["label", "create", "--prompts", str(prompts), "--model", str(tiny), "--k", "3",
-            "--max-new-tokens", "8", "--seed", "5"]
+    prompts = write_jsonl(
+        tmp_path / "prompts.jsonl",
+        [
+            {"prompt": "Say hi", "id": 1},
+            {"prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Say bye"}]},
+            {"prompt": "Count to three"},
+        ],
+    )
+    args = [
+        "label",
+        "create",
+        "--prompts",
+        str(prompts),
+        "--model",
+        str(tiny),
+        "--k",
+        "3",
+        "--max-new-tokens",
+        "8",
+        "--seed",
+        "5",
+    ]
     assert main([*args, "--out", str(tmp_path / "a.sqlite")]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["prompts"] == 3 and summary["responses"] == 9
     store = LabelStore(tmp_path / "a.sqlite")
     assert store.meta()["seed"] == 5 and store.meta()["k"] == 3 and store.meta()["model"] == str(tiny)
-    assert store.prompt(2)["messages"] == [{"role": "system", "content": "Be kind."},
-                                           {"role": "user", "content": "Say bye"}]
+    assert store.prompt(2)["messages"] == [
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": "Say bye"},
+    ]
     texts = [[r["text"] for r in store.prompt(i)["responses"]] for i in (1, 2, 3)]
     assert [len(t) for t in texts] == [3, 3, 3]
     assert len({t for ts in texts for t in ts}) > 1  # sampled, not one greedy answer repeated
@@ -274,17 +301,31 @@ def test_label_create_samples_k_seeded_responses(tiny, tmp_path, capsys):
     assert [[r["text"] for r in LabelStore(tmp_path / "b.sqlite").prompt(i)["responses"]] for i in (1, 2, 3)] == texts
 
 
-@pytest.mark.parametrize("content, extra, problem", [
-    ('{"prompt": "ok"}\n{"question": "no prompt"}\n', [], "prompts.jsonl:2, field 'prompt': missing field"),
-    ('{"prompt": "ok"}\n{"prompt": [{"role": "assistant", "content": "x"}]}\n', [], "prompts.jsonl:2"),
-    ('{"prompt": "ok"}\n{not json\n', [], "prompts.jsonl:2: invalid JSON"),
-    ('{"prompt": "ok"}\n', ["--k", "1"], "k must be at least 2"),
-])
+@pytest.mark.parametrize(
+    "content, extra, problem",
+    [
+        ('{"prompt": "ok"}\n{"question": "no prompt"}\n', [], "prompts.jsonl:2, field 'prompt': missing field"),
+        ('{"prompt": "ok"}\n{"prompt": [{"role": "assistant", "content": "x"}]}\n', [], "prompts.jsonl:2"),
+        ('{"prompt": "ok"}\n{not json\n', [], "prompts.jsonl:2: invalid JSON"),
+        ('{"prompt": "ok"}\n', ["--k", "1"], "k must be at least 2"),
+    ],
+)
 def test_label_create_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, content, extra, problem):
     (tmp_path / "prompts.jsonl").write_text(content)
     out = tmp_path / "out" / "store.sqlite"
-    code = main(["label", "create", "--prompts", str(tmp_path / "prompts.jsonl"), "--model", "no-such-model",
-                 "--out", str(out), *extra])
+    code = main(
+        [
+            "label",
+            "create",
+            "--prompts",
+            str(tmp_path / "prompts.jsonl"),
+            "--model",
+            "no-such-model",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
     assert code == 2
     assert problem in capsys.readouterr().err
     assert not out.parent.exists() or not any(out.parent.iterdir())
@@ -328,8 +369,13 @@ def test_ranking_endpoints(tiny_lm, tmp_path):
         step = client.get("/label/next", params={"annotator": "ann"}, headers=auth).json()
         pid = step["prompt"]["prompt_id"]
         assert step["progress"]["total"] == 2 and len(step["prompt"]["responses"]) == 3
-        body = {"submission_id": "s1", "prompt_id": pid, "annotator": "ann", "order": [2, 1, 0],
-                "tied": [False, False, True]}
+        body = {
+            "submission_id": "s1",
+            "prompt_id": pid,
+            "annotator": "ann",
+            "order": [2, 1, 0],
+            "tied": [False, False, True],
+        }
         assert client.post("/label/rank", json=body).status_code == 401
         r = client.post("/label/rank", json=body, headers=auth)
         assert r.status_code == 201 and r.json()["ranking"]["ranks"] == [1, 1, 0]
@@ -338,11 +384,20 @@ def test_ranking_endpoints(tiny_lm, tmp_path):
         assert r.status_code == 200 and r.json()["duplicate"]
         r = client.post("/label/rank", json={**body, "submission_id": "s2"}, headers=auth)
         assert r.status_code == 409 and "already answered" in r.json()["error"]["message"]
-        for bad, status in [({"tied": [False, True, True]}, 400), ({"order": [0, 0, 1]}, 400),
-                            ({"prompt_id": 42}, 404), ({"colour": "red"}, 400), ({"annotator": ""}, 400),
-                            ({"annotator": "\ud800"}, 400), ({"prompt_id": 2**63}, 400)]:
-            r = client.post("/label/rank", content=json.dumps({**body, "submission_id": "s3", **bad}),
-                            headers={**auth, "Content-Type": "application/json"})
+        for bad, status in [
+            ({"tied": [False, True, True]}, 400),
+            ({"order": [0, 0, 1]}, 400),
+            ({"prompt_id": 42}, 404),
+            ({"colour": "red"}, 400),
+            ({"annotator": ""}, 400),
+            ({"annotator": "\ud800"}, 400),
+            ({"prompt_id": 2**63}, 400),
+        ]:
+            r = client.post(
+                "/label/rank",
+                content=json.dumps({**body, "submission_id": "s3", **bad}),
+                headers={**auth, "Content-Type": "application/json"},
+            )
             assert r.status_code == status, (bad, r.text)
             assert r.json()["error"]["message"]
         assert len(LabelStore(path).rankings()) == 1
@@ -379,8 +434,9 @@ def test_runs_listing_and_files_stay_inside_the_folder(tiny_lm, tmp_path):
     (runs / "quick" / "sft").mkdir(parents=True)
     (runs / "quick" / "summary.json").write_text(json.dumps({"recipe": "quick", "out": "runs/quick"}))
     (runs / "quick" / "report.html").write_text("<h1>report</h1>")
-    (runs / "quick" / "sft" / "summary.json").write_text(json.dumps({"stage": "sft", "steps": 20, "loss": 0.25,
-                                                                     "ok": True, "final": "x"}))
+    (runs / "quick" / "sft" / "summary.json").write_text(
+        json.dumps({"stage": "sft", "steps": 20, "loss": 0.25, "ok": True, "final": "x"})
+    )
     (runs / "quick" / "sft" / "checkpoints" / "step-1").mkdir(parents=True)
     (runs / "quick" / "sft" / "checkpoints" / "step-1" / "config.yaml").write_text("a: 1\n")
     (runs / "quick" / "sft" / "train.py").write_text("print('x')")
@@ -404,9 +460,18 @@ def test_runs_listing_and_files_stay_inside_the_folder(tiny_lm, tmp_path):
         assert r.status_code == 200 and r.text == "<h1>report</h1>"
         assert r.headers["content-security-policy"].startswith("sandbox")
         assert client.get("/runs/file/quick/sft/summary.json").json()["steps"] == 20
-        for bad in ["../secret.txt", "quick/../../secret.txt", "%2e%2e/secret.txt", "quick/%2e%2e/%2e%2e/secret.txt",
-                    "quick/link.txt", "quick/.secret.json", "quick/sft/train.py", "quick/sft", "/etc/passwd",
-                    "%2fetc%2fpasswd"]:
+        for bad in [
+            "../secret.txt",
+            "quick/../../secret.txt",
+            "%2e%2e/secret.txt",
+            "quick/%2e%2e/%2e%2e/secret.txt",
+            "quick/link.txt",
+            "quick/.secret.json",
+            "quick/sft/train.py",
+            "quick/sft",
+            "/etc/passwd",
+            "%2fetc%2fpasswd",
+        ]:
             r = client.get(f"/runs/file/{bad}")
             assert r.status_code == 404, bad
             assert "outside" not in r.text
@@ -428,9 +493,25 @@ def test_sigkill_while_ranking_loses_no_acknowledged_ranking(tiny, tmp_path):
     path = make_store(tmp_path / "s.sqlite", prompts=400)
     port = free_port()
     log = (tmp_path / "server.log").open("w")
-    server = subprocess.Popen([sys.executable, "-m", "instructkit", "serve", "--model", str(tiny), "--port", str(port),
-                               "--label-store", str(path), "--runs", str(tmp_path)], cwd=REPO_ROOT, stdout=log,
-                              stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "instructkit",
+            "serve",
+            "--model",
+            str(tiny),
+            "--port",
+            str(port),
+            "--label-store",
+            str(path),
+            "--runs",
+            str(tmp_path),
+        ],
+        cwd=REPO_ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):  # the server loads torch and the model first
@@ -450,8 +531,12 @@ def test_sigkill_while_ranking_loses_no_acknowledged_ranking(tiny, tmp_path):
                 try:
                     while True:
                         step = http.get("/label/next", params={"annotator": annotator}).json()
-                        body = {"submission_id": uuid.uuid4().hex, "prompt_id": step["prompt"]["prompt_id"],
-                                "annotator": annotator, "order": [1, 0, 2]}
+                        body = {
+                            "submission_id": uuid.uuid4().hex,
+                            "prompt_id": step["prompt"]["prompt_id"],
+                            "annotator": annotator,
+                            "order": [1, 0, 2],
+                        }
                         r = http.post("/label/rank", json=body)
                         if r.is_success:
                             with lock:

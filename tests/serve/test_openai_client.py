@@ -97,8 +97,9 @@ def test_n_choices_are_distinct_and_seeded(client):
     assert len(first) == 3 and len(set(first)) == 3
     assert sample() == first
     # Streamed with n=2: deltas carry each choice's index.
-    stream = client.chat.completions.create(model=NAME, messages=HELLO, n=2, temperature=1.0, seed=5, max_tokens=10,
-                                            stream=True)
+    stream = client.chat.completions.create(
+        model=NAME, messages=HELLO, n=2, temperature=1.0, seed=5, max_tokens=10, stream=True
+    )
     texts = {0: "", 1: ""}
     for chunk in stream:
         for choice in chunk.choices:
@@ -109,7 +110,7 @@ def test_n_choices_are_distinct_and_seeded(client):
 def test_stop_sequences(client):
     text = greedy(client)
     assert len(text) >= 6
-    one, two = text[2:4], text[len(text) // 2: len(text) // 2 + 2]
+    one, two = text[2:4], text[len(text) // 2 : len(text) // 2 + 2]
     assert greedy(client, stop=two) == text[: text.find(two)]
     assert greedy(client, stop=[two, one]) == text[: min(text.find(one), text.find(two))]
 
@@ -117,8 +118,12 @@ def test_stop_sequences(client):
 def test_completions_endpoint(client):
     r = client.completions.create(model=NAME, prompt=HELLO[0]["content"], temperature=0, max_tokens=16)
     assert r.object == "text_completion" and r.choices[0].text == greedy(client)
-    pieces = [c.choices[0].text for c in client.completions.create(
-        model=NAME, prompt=HELLO[0]["content"], temperature=0, max_tokens=16, stream=True)]
+    pieces = [
+        c.choices[0].text
+        for c in client.completions.create(
+            model=NAME, prompt=HELLO[0]["content"], temperature=0, max_tokens=16, stream=True
+        )
+    ]
     assert "".join(pieces) == r.choices[0].text
 
 
@@ -152,13 +157,16 @@ def test_concurrent_clients_share_a_batch(live, client):
     assert max(engine.step_sizes) == len(prompts)
 
 
-@pytest.mark.parametrize("kwargs, param", [
-    ({"messages": []}, "messages"),
-    ({"messages": [{"role": "user", "content": "word " * 300}]}, "messages"),  # past the 256-token context
-    ({"messages": HELLO, "max_tokens": 10_000}, "messages"),
-    ({"messages": HELLO, "temperature": 5}, "temperature"),
-    ({"messages": HELLO, "presence_penalty": 0.5}, "presence_penalty"),
-])
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "user", "content": "word " * 300}]}, "messages"),  # past the 256-token context
+        ({"messages": HELLO, "max_tokens": 10_000}, "messages"),
+        ({"messages": HELLO, "temperature": 5}, "temperature"),
+        ({"messages": HELLO, "presence_penalty": 0.5}, "presence_penalty"),
+    ],
+)
 def test_bad_requests_raise_bad_request_error(client, kwargs, param):
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model=NAME, **kwargs)
@@ -173,11 +181,15 @@ def test_missing_or_wrong_key_raises_authentication_error(live):
         assert caught.value.status_code == 401 and caught.value.code == "invalid_api_key"
 
 
-@pytest.mark.parametrize("call", [
-    lambda client: client.chat.completions.create(model="gpt-4o", messages=HELLO, max_tokens=2),
-    lambda client: client.completions.create(model="gpt-4o", prompt="Hello", max_tokens=2),
-    lambda client: client.models.retrieve("gpt-4o"),
-], ids=["chat", "completions", "models.retrieve"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda client: client.chat.completions.create(model="gpt-4o", messages=HELLO, max_tokens=2),
+        lambda client: client.completions.create(model="gpt-4o", prompt="Hello", max_tokens=2),
+        lambda client: client.models.retrieve("gpt-4o"),
+    ],
+    ids=["chat", "completions", "models.retrieve"],
+)
 def test_unknown_model_raises_not_found_error(client, call):
     with pytest.raises(openai.NotFoundError) as caught:
         call(client)
@@ -221,7 +233,15 @@ def test_full_queue_answers_503(model):
 
 def test_stream_options_include_usage(client):
     whole = client.chat.completions.create(model=NAME, messages=HELLO, temperature=0, max_tokens=12)
-    chunks = list(client.chat.completions.create(model=NAME, messages=HELLO, temperature=0, max_tokens=12,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=NAME,
+            messages=HELLO,
+            temperature=0,
+            max_tokens=12,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
     assert all(c.usage is None for c in chunks[:-1])

@@ -169,10 +169,14 @@ def test_rank_two_prompts_export_and_train_a_reward_model_that_agrees(browser, p
         tops.append(best_first[0])
         bottoms.append(best_first[-1])
 
-    cfg = {"model": str(tiny), "out": str(tmp_path / "rm"),
-           "data": {"path": str(tmp_path / "rankings.jsonl"), "val_fraction": 0.0, "max_length": 64},
-           "peft": {"method": "full"}, "optim": {"lr": 1e-3, "scheduler": "constant", "warmup_steps": 0},
-           "train": {"batch_size": 2, "grad_accum": 1, "max_steps": 30, "progress": False}}
+    cfg = {
+        "model": str(tiny),
+        "out": str(tmp_path / "rm"),
+        "data": {"path": str(tmp_path / "rankings.jsonl"), "val_fraction": 0.0, "max_length": 64},
+        "peft": {"method": "full"},
+        "optim": {"lr": 1e-3, "scheduler": "constant", "warmup_steps": 0},
+        "train": {"batch_size": 2, "grad_accum": 1, "max_steps": 30, "progress": False},
+    }
     assert rm(cfg)["train_prompts"] == 2
     model, tokenizer, bias = load_reward_model(tmp_path / "rm", device="cpu")
     top = score(model, tokenizer, PROMPTS, [[{"role": "assistant", "content": t}] for t in tops], bias=bias)
@@ -219,9 +223,12 @@ def test_chat_streams_the_answer_and_keeps_the_conversation(browser, page):
         expect(answer).to_have_attribute("data-state", "done")
         text = answer.locator(".text").evaluate("e => e.textContent")
         lengths = [n for n in page.evaluate("window.lengths") if n > 0]
-        whole = httpx.post(f"{base}/v1/chat/completions", headers={"Authorization": "Bearer sekret"},
-                           json={"messages": [{"role": "user", "content": "Hello there!"}], "temperature": 0,
-                                 "max_tokens": 24}, timeout=60).json()["choices"][0]["message"]["content"]
+        whole = httpx.post(
+            f"{base}/v1/chat/completions",
+            headers={"Authorization": "Bearer sekret"},
+            json={"messages": [{"role": "user", "content": "Hello there!"}], "temperature": 0, "max_tokens": 24},
+            timeout=60,
+        ).json()["choices"][0]["message"]["content"]
         assert text == whole and len(text) > 0
         assert int(answer.get_attribute("data-chunks")) > 1  # several server-sent events, not one
         assert len(set(lengths)) > 1 and lengths == sorted(lengths) and lengths[-1] == len(text)  # it grew
@@ -231,5 +238,7 @@ def test_chat_streams_the_answer_and_keeps_the_conversation(browser, page):
         page.keyboard.press("Enter")
         expect(page.locator(".bubble.assistant").last).to_have_attribute("data-state", "done")
         assert sent[-1]["stream"] is True and sent[-1]["messages"] == [
-            {"role": "user", "content": "Hello there!"}, {"role": "assistant", "content": text},
-            {"role": "user", "content": "And again?"}]
+            {"role": "user", "content": "Hello there!"},
+            {"role": "assistant", "content": text},
+            {"role": "user", "content": "And again?"},
+        ]

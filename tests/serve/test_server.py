@@ -132,22 +132,26 @@ def test_stream_with_n_sends_each_choice_by_index(client):
 
 
 def test_completions_stream(client):
-    r = client.post("/v1/completions", json={"prompt": HELLO[0]["content"], "temperature": 0, "max_tokens": 16,
-                                             "stream": True})
+    r = client.post(
+        "/v1/completions", json={"prompt": HELLO[0]["content"], "temperature": 0, "max_tokens": 16, "stream": True}
+    )
     assert "".join(c["choices"][0]["text"] for c in sse_events(r)) == greedy(client)
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"messages": []}, "messages"),
-    ({"messages": [{"role": "bot", "content": "hi"}]}, "messages.0.role"),
-    ({"messages": HELLO, "temperature": "hot"}, "temperature"),
-    ({"messages": HELLO, "max_tokens": 0}, "max_tokens"),
-    ({"messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"messages": HELLO, "presence_penalty": 1.0}, "presence_penalty"),
-    ({"messages": HELLO, "max_tokens": 10_000}, "messages"),
-    ({"messages": [{"role": "user", "content": "word " * 300}]}, "messages"),
-    ({"messages": HELLO, "n": 17}, "n"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "bot", "content": "hi"}]}, "messages.0.role"),
+        ({"messages": HELLO, "temperature": "hot"}, "temperature"),
+        ({"messages": HELLO, "max_tokens": 0}, "max_tokens"),
+        ({"messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"messages": HELLO, "presence_penalty": 1.0}, "presence_penalty"),
+        ({"messages": HELLO, "max_tokens": 10_000}, "messages"),
+        ({"messages": [{"role": "user", "content": "word " * 300}]}, "messages"),
+        ({"messages": HELLO, "n": 17}, "n"),
+    ],
+)
 def test_bad_requests_are_400_in_openai_shape(client, body, param):
     error = assert_openai_error(client.post("/v1/chat/completions", json=body), 400, param)
     assert error["type"] == "invalid_request_error"
@@ -158,11 +162,14 @@ def test_malformed_json_is_400(client):
     assert "JSON" in assert_openai_error(r, 400)["message"]
 
 
-@pytest.mark.parametrize("method, path, body", [
-    ("POST", "/v1/chat/completions", {"model": "gpt-4o", "messages": HELLO}),
-    ("POST", "/v1/completions", {"model": "gpt-4o", "prompt": "Hello"}),
-    ("GET", "/v1/models/gpt-4o", None),
-])
+@pytest.mark.parametrize(
+    "method, path, body",
+    [
+        ("POST", "/v1/chat/completions", {"model": "gpt-4o", "messages": HELLO}),
+        ("POST", "/v1/completions", {"model": "gpt-4o", "prompt": "Hello"}),
+        ("GET", "/v1/models/gpt-4o", None),
+    ],
+)
 def test_unknown_model_is_404_as_openai_answers_it(client, method, path, body):
     """OpenAI's API: HTTP 404, type invalid_request_error, code model_not_found, param null."""
     error = assert_openai_error(client.request(method, path, json=body), 404, param=None)
@@ -220,8 +227,9 @@ def test_api_key(model):
     with make_client(model, api_key="sekret") as c:
         assert_openai_error(c.get("/v1/models"), 401)
         assert_openai_error(c.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
-        r = c.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2},
-                   headers={"Authorization": "Bearer wrong"})
+        r = c.post(
+            "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2}, headers={"Authorization": "Bearer wrong"}
+        )
         assert assert_openai_error(r, 401)["code"] == "invalid_api_key"
         assert c.get("/v1/models", headers={"Authorization": "Bearer sekret"}).status_code == 200
         assert c.get("/health").status_code == 200  # liveness stays open
@@ -261,8 +269,12 @@ def test_concurrent_requests_share_a_batch_and_each_gets_its_own_answer(model):
         engine.step_sizes.clear()
         engine.pause()
         answers: dict[int, str] = {}
-        senders = [threading.Thread(target=lambda i=i, p=p: answers.__setitem__(
-            i, greedy(c, messages=[{"role": "user", "content": p}]))) for i, p in enumerate(prompts)]
+        senders = [
+            threading.Thread(
+                target=lambda i=i, p=p: answers.__setitem__(i, greedy(c, messages=[{"role": "user", "content": p}]))
+            )
+            for i, p in enumerate(prompts)
+        ]
         for t in senders:
             t.start()
         while engine.waiting < len(prompts):

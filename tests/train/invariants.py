@@ -23,8 +23,9 @@ def assert_accumulation_is_exact(recipe: Callable, make_config: Callable, tmp_pa
     assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), abs=1e-5)
 
 
-def assert_resumes_exactly(recipe: Callable, make_config: Callable, tmp_path: Path, crash_after: int = 3,
-                           **train) -> None:
+def assert_resumes_exactly(
+    recipe: Callable, make_config: Callable, tmp_path: Path, crash_after: int = 3, **train
+) -> None:
     """A run killed after step ``crash_after`` and rerun reproduces the uninterrupted curve."""
     recipe(make_config(tmp_path / "full", save_every=2, **train))
 

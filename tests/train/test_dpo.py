@@ -94,15 +94,43 @@ def test_loss_matches_trl_dpo_trainer(tiny, tmp_path):
     tokenizer = load_tokenizer(tiny)
     # TRL gets plain strings: the rendered prompt, and each response's text (it appends eos,
     # which is the template's end-of-turn token, as our encoding trains it).
-    text = [{"prompt": tokenizer.decode(encode_prompt(tokenizer, r["prompt"])),
-             "chosen": r["chosen"][0]["content"], "rejected": r["rejected"][0]["content"]} for r in rows]
-    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=8, max_steps=10,
-                         learning_rate=1e-3, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-                         max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to="none", bf16=False,
-                         fp16=False, gradient_checkpointing=False, use_cpu=True, dataloader_num_workers=0, seed=0,
-                         beta=0.1, loss_type=["sigmoid"], max_length=64, disable_tqdm=True)
-    trainer = trl.DPOTrainer(model=load_model(tiny, dtype="fp32", device="cpu"), args=args,
-                             train_dataset=Dataset.from_list(text), processing_class=tokenizer)
+    text = [
+        {
+            "prompt": tokenizer.decode(encode_prompt(tokenizer, r["prompt"])),
+            "chosen": r["chosen"][0]["content"],
+            "rejected": r["rejected"][0]["content"],
+        }
+        for r in rows
+    ]
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path / "trl"),
+        per_device_train_batch_size=8,
+        max_steps=10,
+        learning_rate=1e-3,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        seed=0,
+        beta=0.1,
+        loss_type=["sigmoid"],
+        max_length=64,
+        disable_tqdm=True,
+    )
+    trainer = trl.DPOTrainer(
+        model=load_model(tiny, dtype="fp32", device="cpu"),
+        args=args,
+        train_dataset=Dataset.from_list(text),
+        processing_class=tokenizer,
+    )
     for row, example in zip(rows, trainer.train_dataset):  # the very same tokens are scored
         enc = encode_prompt_response(tokenizer, row["prompt"], row["chosen"])
         assert example["prompt_ids"] + example["chosen_ids"] == enc.input_ids[:-1]

@@ -83,12 +83,22 @@ def test_early_stopping_keeps_the_best_weights(tmp_path):
 
     model = tiny_model_dir(tmp_path / "tiny")
     data = write_jsonl(tmp_path / "d.jsonl", toy_conversations(24))
-    summary = sft({"model": str(model), "out": str(tmp_path / "run"),
-                   "data": {"path": str(data), "val_fraction": 0.25, "max_length": 64},
-                   "peft": {"method": "full"},
-                   "optim": {"lr": 1e-12, "scheduler": "constant"},
-                   "train": {"batch_size": 4, "max_steps": 20, "eval_every": 1, "early_stopping_patience": 2,
-                             "progress": False}})
+    summary = sft(
+        {
+            "model": str(model),
+            "out": str(tmp_path / "run"),
+            "data": {"path": str(data), "val_fraction": 0.25, "max_length": 64},
+            "peft": {"method": "full"},
+            "optim": {"lr": 1e-12, "scheduler": "constant"},
+            "train": {
+                "batch_size": 4,
+                "max_steps": 20,
+                "eval_every": 1,
+                "early_stopping_patience": 2,
+                "progress": False,
+            },
+        }
+    )
     assert summary["stopped_early"] and summary["steps"] == 3
     best = load_file(str(tmp_path / "run" / "checkpoints" / "best" / "trainable.safetensors"))
     final = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
@@ -155,14 +165,23 @@ def fit_regression(out: Path, *, extra: bool = True, on_step=None, on_forward=No
     from instructkit.runs import RunDir
 
     module = Regression(on_forward)
-    cfg = TrainConfig(**{"batch_size": 4, "grad_accum": 2, "max_steps": 6, "progress": False, "device": "cpu",
-                         **train})
+    cfg = TrainConfig(**{"batch_size": 4, "grad_accum": 2, "max_steps": 6, "progress": False, "device": "cpu", **train})
     run = RunDir(out)
     run.path.mkdir(parents=True, exist_ok=True)
-    engine.fit(loss_module=module, model=module, examples=regression_rows(), collate=collate_rows,
-               weight=lambda e: 1, length=lambda e: 1, train=cfg, optim=OptimConfig(lr=0.05, scheduler="constant"),
-               run=run, accelerator=engine.make_accelerator(cfg), on_step=on_step,
-               extra_state={"regression": RegressionState(module)} if extra else None)
+    engine.fit(
+        loss_module=module,
+        model=module,
+        examples=regression_rows(),
+        collate=collate_rows,
+        weight=lambda e: 1,
+        length=lambda e: 1,
+        train=cfg,
+        optim=OptimConfig(lr=0.05, scheduler="constant"),
+        run=run,
+        accelerator=engine.make_accelerator(cfg),
+        on_step=on_step,
+        extra_state={"regression": RegressionState(module)} if extra else None,
+    )
     return module
 
 

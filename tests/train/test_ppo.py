@@ -50,20 +50,34 @@ def sft_model(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("ppo-sft")
     rng = random.Random(0)
-    rows = [{"messages": [{"role": "user", "content": rng.choice(ASKS)},
-                          {"role": "assistant", "content": rng.choice(COLORS)}]} for _ in range(64)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": rng.choice(ASKS)},
+                {"role": "assistant", "content": rng.choice(COLORS)},
+            ]
+        }
+        for _ in range(64)
+    ]
     write_jsonl(root / "colors.jsonl", rows)
-    sft({"model": str(tiny_model_dir(root / "tiny")), "out": str(root / "sft"),
-         "data": {"path": str(root / "colors.jsonl"), "val_fraction": 0.0, "max_length": 64},
-         "peft": {"method": "full"}, "optim": {"lr": 2e-2, "scheduler": "constant"},
-         "train": {"batch_size": 8, "max_steps": 30, "progress": False}})
+    sft(
+        {
+            "model": str(tiny_model_dir(root / "tiny")),
+            "out": str(root / "sft"),
+            "data": {"path": str(root / "colors.jsonl"), "val_fraction": 0.0, "max_length": 64},
+            "peft": {"method": "full"},
+            "optim": {"lr": 2e-2, "scheduler": "constant"},
+            "train": {"batch_size": 8, "max_steps": 30, "progress": False},
+        }
+    )
     return root / "sft"
 
 
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("prompts") / "prompts.jsonl",
-                       [{"prompt": a, "target": "blue"} for a in ASKS * 4])
+    return write_jsonl(
+        tmp_path_factory.mktemp("prompts") / "prompts.jsonl", [{"prompt": a, "target": "blue"} for a in ASKS * 4]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,14 +87,20 @@ def colors_data(sft_model) -> Path:
 
 def config(model: Path, prompts: Path, out: Path, **over) -> dict:
     cfg = {
-        "model": str(model), "out": str(out),
+        "model": str(model),
+        "out": str(out),
         "data": {"path": str(prompts)},
         "reward": {"function": "tests.train.test_ppo:contains_target"},
         "peft": {"method": "full"},
         "optim": {"lr": 3e-3, "scheduler": "constant"},
         "train": {"batch_size": 16, "max_steps": 16, "progress": False},
-        "advantage": "gae", "rollout_batch_size": 16, "group_size": 1,
-        "max_new_tokens": 4, "ppo_epochs": 2, "kl_coef": 0.05, "vf_coef": 0.5,
+        "advantage": "gae",
+        "rollout_batch_size": 16,
+        "group_size": 1,
+        "max_new_tokens": 4,
+        "ppo_epochs": 2,
+        "kl_coef": 0.05,
+        "vf_coef": 0.5,
     }
     for key, value in over.items():
         if isinstance(value, dict):
@@ -107,8 +127,20 @@ def _tiny_gpt2(vocab_size: int):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2))
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=128,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    )
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -134,8 +166,17 @@ def test_rollout_logprobs_equal_the_training_forward_pass(sft_model, family):
     ids = [encode_prompt(tok, [{"role": "user", "content": c}]) for c in contents] * 4
     assert len({len(p) for p in ids}) == 3  # left padding in the batch
     for seed in range(20):  # a batch with responses that stop early and responses cut at the limit
-        rollout = sample(model, ids, stop_ids=stops, pad_id=tok.pad_token_id, max_new_tokens=5,
-                         temperature=1.5, top_p=0.95, batch_size=12, seed=seed)
+        rollout = sample(
+            model,
+            ids,
+            stop_ids=stops,
+            pad_id=tok.pad_token_id,
+            max_new_tokens=5,
+            temperature=1.5,
+            top_p=0.95,
+            batch_size=12,
+            seed=seed,
+        )
         if len(set(rollout.lengths.tolist())) > 1 and rollout.ended.any() and not rollout.ended.all():
             break
     else:
@@ -153,7 +194,7 @@ def test_rollout_logprobs_equal_the_training_forward_pass(sft_model, family):
         with torch.no_grad():
             plain = model(input_ids=rollout.query_responses, attention_mask=rollout.attention_mask).logits
         p = rollout.prompt_width
-        logp = torch.log_softmax(plain[:, p - 1:-1] / 1.5, -1).gather(2, rollout.responses[..., None]).squeeze(2)
+        logp = torch.log_softmax(plain[:, p - 1 : -1] / 1.5, -1).gather(2, rollout.responses[..., None]).squeeze(2)
         assert ((logp - rollout.logprobs) * rollout.response_mask).abs().max().item() > 1e-3
 
 
@@ -174,8 +215,22 @@ def test_ppo_raises_the_reward_with_bounded_kl_and_writes_the_run_folder(sft_mod
     assert first < 0.5
     assert last >= first + 0.35
     assert max(r["kl"] for r in rows) < 3.0
-    keys = {"step", "loss", "lr", "tokens_per_s", "reward_mean", "kl", "kl_coef", "entropy", "clip_frac",
-            "value_loss", "policy_loss", "response_length", "generate_seconds", "train_seconds"}
+    keys = {
+        "step",
+        "loss",
+        "lr",
+        "tokens_per_s",
+        "reward_mean",
+        "kl",
+        "kl_coef",
+        "entropy",
+        "clip_frac",
+        "value_loss",
+        "policy_loss",
+        "response_length",
+        "generate_seconds",
+        "train_seconds",
+    }
     assert keys <= set(rows[0])
     for name in ("config.yaml", "summary.json", "final/config.json", "final/model.safetensors"):
         assert (out / name).is_file(), name
@@ -215,8 +270,7 @@ def test_interrupted_run_resumes_exactly(sft_model, prompts, tmp_path):
     """Crash after step 3 (checkpoints every 2 steps), restart: the curve equals the uninterrupted
     one. The checkpoint must carry the policy and value weights, the optimizer, the adaptive KL
     coefficient and the EMA weights; rollouts and shuffles are functions of (seed, step)."""
-    over = dict(train={"max_steps": 4, "save_every": 2}, adaptive_kl={"target": 0.05, "horizon": 64},
-                ema_decay=0.5)
+    over = dict(train={"max_steps": 4, "save_every": 2}, adaptive_kl={"target": 0.05, "horizon": 64}, ema_decay=0.5)
     ppo(config(sft_model, prompts, tmp_path / "full", **over))
 
     def crash(step: int) -> None:
@@ -273,8 +327,9 @@ def test_ptx_term_keeps_the_language_model_loss_down(sft_model, prompts, colors_
     assert "ptx_loss" in records(tmp_path / "ptx0")[0]  # measured even when it does not train
 
     tok = real_tokenizer()
-    examples, _ = encode_records(tok, load_records(str(colors_data)).records, template=None, max_length=64,
-                                 where="colors")
+    examples, _ = encode_records(
+        tok, load_records(str(colors_data)).records, template=None, max_length=64, where="colors"
+    )
     batch = pad_batch(examples, pad_id=tok.pad_token_id)
 
     def lm_loss(model_dir: Path) -> float:
@@ -303,8 +358,18 @@ def test_lora_reference_is_the_policy_with_the_adapter_off(sft_model, prompts, t
     from instructkit.train.rollout import response_logprobs, sample
 
     tok = real_tokenizer()
-    cfg = load_config(PPOConfig, None, base=config(sft_model, prompts, tmp_path / "x", advantage="grpo",
-                                                   group_size=2, peft={"method": "lora", "r": 4, "alpha": 8}))
+    cfg = load_config(
+        PPOConfig,
+        None,
+        base=config(
+            sft_model,
+            prompts,
+            tmp_path / "x",
+            advantage="grpo",
+            group_size=2,
+            peft={"method": "lora", "r": 4, "alpha": 8},
+        ),
+    )
     models = build_models(cfg, tok, with_value=False, device="cpu")
     base = load_model(sft_model, device="cpu", dtype="fp32")
     _, base_total = count_parameters(base)
@@ -334,9 +399,21 @@ def test_lora_run_saves_an_adapter(sft_model, prompts, tmp_path, advantage):
     missing-EOS penalty, for two steps."""
     out = tmp_path / "lora"
     group = 4 if advantage == "rloo" else 1
-    summary = ppo(config(sft_model, prompts, out, advantage=advantage, rollout_batch_size=16 // group,
-                         group_size=group, peft={"method": "lora", "r": 4, "alpha": 8}, train={"max_steps": 2},
-                         kl_estimator="k3", whiten_rewards=True, missing_eos_penalty=1.0))
+    summary = ppo(
+        config(
+            sft_model,
+            prompts,
+            out,
+            advantage=advantage,
+            rollout_batch_size=16 // group,
+            group_size=group,
+            peft={"method": "lora", "r": 4, "alpha": 8},
+            train={"max_steps": 2},
+            kl_estimator="k3",
+            whiten_rewards=True,
+            missing_eos_penalty=1.0,
+        )
+    )
     rows = records(out)
     assert len(rows) == 2 and rows[1]["kl"] >= 0.0 and ("value_loss" in rows[0]) == (advantage == "gae")
     names = _safetensor_names(out / "checkpoints" / "step-000002" / "trainable.safetensors")
@@ -369,8 +446,17 @@ def test_reward_model_scores_and_starts_the_value_model(sft_model, prompts, tmp_
     rm.save_pretrained(rm_dir, safe_serialization=True)
     rm_tok.save_pretrained(rm_dir)
 
-    cfg = load_config(PPOConfig, None, base=config(sft_model, prompts, tmp_path / "run", reward={
-        "function": None, "model": str(rm_dir)}, train={"max_steps": 2}))
+    cfg = load_config(
+        PPOConfig,
+        None,
+        base=config(
+            sft_model,
+            prompts,
+            tmp_path / "run",
+            reward={"function": None, "model": str(rm_dir)},
+            train={"max_steps": 2},
+        ),
+    )
     models = build_models(cfg, real_tokenizer(), with_value=True, device="cpu")
     assert torch.equal(models.value.score.weight, rm.score.weight)
     assert models.value.score.weight.requires_grad
@@ -410,8 +496,9 @@ def test_value_model_from_the_policy_starts_at_zero_with_the_policy_backbone(sft
 
 def test_bad_prompt_record_names_file_line_and_field(sft_model, tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": [{"role": "bot", "content": "x"}]})
-                   + "\n")
+    bad.write_text(
+        json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": [{"role": "bot", "content": "x"}]}) + "\n"
+    )
     with pytest.raises(InputError) as err:
         ppo(config(sft_model, bad, tmp_path / "run"))
     assert err.value.line == 2 and err.value.field == "prompt[0].role"
@@ -420,14 +507,17 @@ def test_bad_prompt_record_names_file_line_and_field(sft_model, tmp_path):
         ppo(config(sft_model, missing, tmp_path / "run2"))
 
 
-@pytest.mark.parametrize("over, field", [
-    ({"advantage": "grop"}, "advantage"),
-    ({"advantage": "grpo", "group_size": 1}, "group_size"),
-    ({"kl_estimator": "k2"}, "kl_estimator"),
-    ({"rollout_batch_size": 3}, "train.batch_size"),
-    ({"reward": {"function": None}}, "reward"),
-    ({"train": {"eval_every": 5}}, "train.eval_every"),
-])
+@pytest.mark.parametrize(
+    "over, field",
+    [
+        ({"advantage": "grop"}, "advantage"),
+        ({"advantage": "grpo", "group_size": 1}, "group_size"),
+        ({"kl_estimator": "k2"}, "kl_estimator"),
+        ({"rollout_batch_size": 3}, "train.batch_size"),
+        ({"reward": {"function": None}}, "reward"),
+        ({"train": {"eval_every": 5}}, "train.eval_every"),
+    ],
+)
 def test_bad_config_is_refused_before_any_model_loads(sft_model, prompts, tmp_path, over, field):
     with pytest.raises(InputError) as err:
         ppo(config(sft_model, prompts, tmp_path / "run", **over))
@@ -436,8 +526,15 @@ def test_bad_config_is_refused_before_any_model_loads(sft_model, prompts, tmp_pa
 
 def test_reward_function_must_return_a_number(sft_model, prompts, tmp_path):
     with pytest.raises(InputError, match="not a finite number"):
-        ppo(config(sft_model, prompts, tmp_path / "run", reward={"function": "tests.train.test_ppo:not_a_number"},
-                   train={"max_steps": 1}))
+        ppo(
+            config(
+                sft_model,
+                prompts,
+                tmp_path / "run",
+                reward={"function": "tests.train.test_ppo:not_a_number"},
+                train={"max_steps": 1},
+            )
+        )
 
 
 def test_unknown_reward_function_is_refused_before_any_model_loads(sft_model, prompts, tmp_path):

@@ -29,22 +29,33 @@ def data(tmp_path_factory) -> Path:
 
 def stage_yaml(tmp_path: Path, tiny: Path, data: Path, out: Path) -> Path:
     path = tmp_path / "sft.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": str(tiny), "out": str(out),
-        "data": {"path": str(data), "val_fraction": 0.0, "max_length": 64},
-        "peft": {"method": "lora", "r": 4, "alpha": 8},
-        "optim": {"lr": 2e-4}, "train": {"batch_size": 4, "max_steps": 2, "progress": False}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(tiny),
+                "out": str(out),
+                "data": {"path": str(data), "val_fraction": 0.0, "max_length": 64},
+                "peft": {"method": "lora", "r": 4, "alpha": 8},
+                "optim": {"lr": 2e-4},
+                "train": {"batch_size": 4, "max_steps": 2, "progress": False},
+            }
+        )
+    )
     return path
 
 
 def checksums(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "instructkit", *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "instructkit", *args], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +76,10 @@ def test_rerunning_a_finished_stage_with_the_same_config_changes_nothing(finishe
     assert '"train_loss": null' not in out.stdout  # the saved summary, not an empty one
 
 
-@pytest.mark.parametrize(("override", "key"), [
-    ("optim.lr=1", "optim.lr"), ("peft.method=full", "peft.method"), ("data.path=other.jsonl", "data.path")])
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("optim.lr=1", "optim.lr"), ("peft.method=full", "peft.method"), ("data.path=other.jsonl", "data.path")],
+)
 def test_a_changed_config_on_rerun_exits_2_listing_the_keys_and_touches_nothing(finished, override, key):
     cfg, run = finished
     before = checksums(run)
@@ -95,9 +108,16 @@ def test_overwrite_and_a_new_out_both_proceed(tiny, data, tmp_path):
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["optim"]["lr"] == 1e-3
 
 
-@pytest.mark.parametrize(("override", "field"), [
-    ("train.dtype=fp64", "train.dtype"), ("train.device=tpu", "train.device"), ("optim.lr=-1", "optim.lr"),
-    ("peft.r=0", "peft.r"), ("train.max_steps=0", "train.max_steps")])
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("train.dtype=fp64", "train.dtype"),
+        ("train.device=tpu", "train.device"),
+        ("optim.lr=-1", "optim.lr"),
+        ("peft.r=0", "peft.r"),
+        ("train.max_steps=0", "train.max_steps"),
+    ],
+)
 def test_bad_values_are_one_line_and_exit_2_before_anything_loads(tiny, data, tmp_path, override, field):
     cfg = stage_yaml(tmp_path, tiny, data, tmp_path / "run")
     out = cli("sft", "--config", str(cfg), override)
@@ -127,8 +147,10 @@ def test_cuda_on_a_machine_without_it_is_an_input_error(tiny):
 
 def test_a_stage_that_fails_before_its_first_step_leaves_no_folder(tiny, tmp_path):
     """Every example is longer than max_length: the error comes after the folder was made."""
-    long = write_jsonl(tmp_path / "long.jsonl", [
-        {"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]}] * 4)
+    long = write_jsonl(
+        tmp_path / "long.jsonl",
+        [{"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]}] * 4,
+    )
     cfg = stage_yaml(tmp_path, tiny, long, tmp_path / "run")
     out = cli("sft", "--config", str(cfg), "data.max_length=16")
     assert out.returncode == 2 and "no trainable examples" in out.stderr

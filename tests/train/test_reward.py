@@ -64,9 +64,13 @@ def test_k_wise_rankings_train_with_ties_dropped(tiny, tmp_path):
     rows = []
     for pair in toy_preferences(16):
         good, bad = pair["chosen"][0]["content"], pair["rejected"][0]["content"]
-        rows.append({"prompt": pair["prompt"], "ranks": [0, 1, 1, 2],
-                     "responses": [[{"role": "assistant", "content": t}]
-                                   for t in (good, good + " ok", bad + " ok", bad)]})
+        rows.append(
+            {
+                "prompt": pair["prompt"],
+                "ranks": [0, 1, 1, 2],
+                "responses": [[{"role": "assistant", "content": t}] for t in (good, good + " ok", bad + " ok", bad)],
+            }
+        )
     data = write_jsonl(tmp_path / "ranked.jsonl", rows)
     summary = rm(config(tiny, data, tmp_path / "rm", max_steps=3))
     first = MetricsLog(tmp_path / "rm" / "metrics.jsonl").read()[0]
@@ -102,12 +106,28 @@ def test_loss_matches_trl_reward_trainer(tiny, tmp_path):
     model = reward_model_from_causal_lm(load_model(tiny, dtype="fp32", device="cpu"), tokenizer)
     enc = lambda r, k: list(encode_prompt_response(tokenizer, r["prompt"], r[k], max_length=64).input_ids)  # noqa: E731
     dataset = Dataset.from_list([{"chosen_ids": enc(r, "chosen"), "rejected_ids": enc(r, "rejected")} for r in rows])
-    args = trl.RewardConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=8, max_steps=10,
-                            learning_rate=1e-3, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-                            max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to="none",
-                            bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
-                            dataloader_num_workers=0, center_rewards_coefficient=None, seed=0, max_length=64,
-                            disable_tqdm=True)
+    args = trl.RewardConfig(
+        output_dir=str(tmp_path / "trl"),
+        per_device_train_batch_size=8,
+        max_steps=10,
+        learning_rate=1e-3,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        center_rewards_coefficient=None,
+        seed=0,
+        max_length=64,
+        disable_tqdm=True,
+    )
     trainer = trl.RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
     trl_curve = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -120,8 +140,10 @@ def test_loss_matches_trl_reward_trainer(tiny, tmp_path):
 def test_bad_data_is_an_input_error(tiny, tmp_path):
     from instructkit.errors import InputError
 
-    sft_rows = write_jsonl(tmp_path / "sft.jsonl", [{"messages": [{"role": "user", "content": "x"},
-                                                                   {"role": "assistant", "content": "y"}]}])
+    sft_rows = write_jsonl(
+        tmp_path / "sft.jsonl",
+        [{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}],
+    )
     with pytest.raises(InputError, match="preference pairs or rankings"):
         rm(config(tiny, sft_rows, tmp_path / "rm"))
     assert not (tmp_path / "rm" / "final").exists()

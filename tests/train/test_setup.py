@@ -18,8 +18,9 @@ def test_data_dataset_info_in_a_stage_config_reads_the_named_dataset(llama_facto
     """`data.dataset_info` + `data.path` naming an entry: the entry's file, format and columns apply,
     exactly as LLaMA-Factory reads it (alpaca_en_demo: instruction/input/output records)."""
     info = llama_factory_data / "dataset_info.json"
-    cfg = load_config(SFTConfig, None, [f"data.dataset_info={info}", "data.path=alpaca_en_demo",
-                                        "data.val_fraction=0.25"])
+    cfg = load_config(
+        SFTConfig, None, [f"data.dataset_info={info}", "data.path=alpaca_en_demo", "data.val_fraction=0.25"]
+    )
     splits = load_splits(cfg.data)
     rows = json.loads((llama_factory_data / "alpaca_en_demo.json").read_text())
     assert len(splits.train) + len(splits.val) == len(rows)

@@ -76,7 +76,7 @@ def test_mean_of_means_would_differ(tiny, data, tmp_path):
     tok = real_tokenizer()
     recs = load_records(str(data)).records[:8]
     counts = [sum(1 for x in encode_conversation(tok, r.messages).labels[1:] if x != -100) for r in recs]
-    micro = [sum(counts[i:i + 2]) for i in range(0, 8, 2)]
+    micro = [sum(counts[i : i + 2]) for i in range(0, 8, 2)]
     assert len(set(micro)) > 1
 
 
@@ -110,8 +110,7 @@ def test_lora_saves_an_adapter_and_merged_weights(tiny, data, tmp_path):
     assert hasattr(model, "peft_config")
 
 
-@pytest.mark.parametrize("peft", [{"method": "freeze", "trainable_layers": 1},
-                                  {"method": "freeze", "ffn_only": True}])
+@pytest.mark.parametrize("peft", [{"method": "freeze", "trainable_layers": 1}, {"method": "freeze", "ffn_only": True}])
 def test_freezing_trains_only_the_chosen_parameters(tiny, data, tmp_path, peft):
     from safetensors.torch import load_file
 
@@ -136,9 +135,25 @@ def test_two_processes_match_one(tiny, data, tmp_path):
     sft(cfg_one)
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "instructkit",
-                           "sft", "--config", str(tmp_path / "two.yaml")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "-m",
+            "instructkit",
+            "sft",
+            "--config",
+            str(tmp_path / "two.yaml"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 6
@@ -158,9 +173,25 @@ def test_two_processes_with_one_held_out_record_finish_with_the_same_val_loss(ti
     single = sft(cfg_one)
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29518", "-m", "instructkit",
-                           "sft", "--config", str(tmp_path / "two.yaml")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29518",
+            "-m",
+            "instructkit",
+            "sft",
+            "--config",
+            str(tmp_path / "two.yaml"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert two["val_examples"] == 1 and two["val_loss"] == pytest.approx(single["val_loss"], rel=1e-4)

@@ -31,8 +31,15 @@ def check(instruction_id: str, response: str, **kwargs) -> bool:
 
 def test_registry_has_the_25_benchmark_ids():
     prefixes = {
-        "keywords": 4, "language": 1, "length_constraints": 4, "detectable_content": 2,
-        "detectable_format": 6, "combination": 2, "startend": 2, "change_case": 3, "punctuation": 1,
+        "keywords": 4,
+        "language": 1,
+        "length_constraints": 4,
+        "detectable_content": 2,
+        "detectable_format": 6,
+        "combination": 2,
+        "startend": 2,
+        "change_case": 3,
+        "punctuation": 1,
     }
     assert len(INSTRUCTIONS) == 25
     for prefix, n in prefixes.items():
@@ -59,7 +66,7 @@ def test_keywords_existence_ignores_case_and_matches_inside_words():
 
 
 def test_keywords_frequency_boundaries():
-    """"fake Fake FAKE fakery" holds 4 case-insensitive occurrences (fakery included)."""
+    """ "fake Fake FAKE fakery" holds 4 case-insensitive occurrences (fakery included)."""
     text = "fake Fake FAKE fakery"
     assert check("keywords:frequency", text, keyword="fake", frequency=4, relation="at least")
     assert not check("keywords:frequency", text, keyword="fake", frequency=5, relation="at least")
@@ -81,9 +88,11 @@ def test_forbidden_words_match_whole_words_only():
 
 
 def test_letter_frequency_counts_the_letter_in_either_case():
-    """"Quick quiet Q" has three q's."""
+    """ "Quick quiet Q" has three q's."""
     assert check("keywords:letter_frequency", "Quick quiet Q", letter="q", let_frequency=3, let_relation="at least")
-    assert not check("keywords:letter_frequency", "Quick quiet Q", letter="Q", let_frequency=3, let_relation="less than")
+    assert not check(
+        "keywords:letter_frequency", "Quick quiet Q", letter="Q", let_frequency=3, let_relation="less than"
+    )
     assert check("keywords:letter_frequency", "# one ## two", letter="#", let_frequency=3, let_relation="at least")
 
 
@@ -115,8 +124,12 @@ def test_language_verdicts_are_repeatable():
 def test_capital_word_frequency_counts_nltk_word_tokens():
     """Tokens: THE BIG dog ran . -> 2 capitals; "I'M" splits into I + 'M, both capital;
     "U.S." stays one token."""
-    assert check("change_case:capital_word_frequency", "THE BIG dog ran.", capital_frequency=2, capital_relation="at least")
-    assert not check("change_case:capital_word_frequency", "THE BIG dog ran.", capital_frequency=3, capital_relation="at least")
+    assert check(
+        "change_case:capital_word_frequency", "THE BIG dog ran.", capital_frequency=2, capital_relation="at least"
+    )
+    assert not check(
+        "change_case:capital_word_frequency", "THE BIG dog ran.", capital_frequency=3, capital_relation="at least"
+    )
     assert check("change_case:capital_word_frequency", "I'M here", capital_frequency=2, capital_relation="at least")
     assert ifeval.word_tokens("I'M in the U.S. now.") == ["I", "'M", "in", "the", "U.S.", "now", "."]
     assert check("change_case:capital_word_frequency", "no caps", capital_frequency=1, capital_relation="less than")
@@ -126,7 +139,7 @@ def test_capital_word_frequency_counts_nltk_word_tokens():
 
 
 def test_number_words_counts_word_character_runs():
-    """"don't stop-me now" -> don, t, stop, me, now: 5 words."""
+    """ "don't stop-me now" -> don, t, stop, me, now: 5 words."""
     assert ifeval.count_words("don't stop-me now") == 5
     assert check("length_constraints:number_words", "don't stop-me now", num_words=5, relation="at least")
     assert not check("length_constraints:number_words", "don't stop-me now", num_words=5, relation="less than")
@@ -134,10 +147,12 @@ def test_number_words_counts_word_character_runs():
 
 
 def test_number_sentences_uses_punkt_abbreviations():
-    """"Dr." is a known abbreviation, so "Dr. Smith left. He ran." is two sentences, not three."""
+    """ "Dr." is a known abbreviation, so "Dr. Smith left. He ran." is two sentences, not three."""
     assert ifeval.count_sentences("Dr. Smith left. He ran.") == 2
     assert check("length_constraints:number_sentences", "Dr. Smith left. He ran.", num_sentences=2, relation="at least")
-    assert not check("length_constraints:number_sentences", "Dr. Smith left. He ran.", num_sentences=2, relation="less than")
+    assert not check(
+        "length_constraints:number_sentences", "Dr. Smith left. He ran.", num_sentences=2, relation="less than"
+    )
     assert check("length_constraints:number_sentences", "One. Two. Three.", num_sentences=4, relation="less than")
 
 
@@ -149,13 +164,25 @@ def test_number_paragraphs_splits_on_markdown_dividers():
 
 
 def test_nth_paragraph_first_word():
-    text = "Intro.\n\n\"Elm,\" she said.\n\nOutro."
-    assert check("length_constraints:nth_paragraph_first_word", text, num_paragraphs=3, nth_paragraph=2, first_word="elm")
-    assert not check("length_constraints:nth_paragraph_first_word", text, num_paragraphs=2, nth_paragraph=2, first_word="elm")
-    assert not check("length_constraints:nth_paragraph_first_word", "A\n\nElmwood b\n\nC", num_paragraphs=3, nth_paragraph=2, first_word="elm")
+    text = 'Intro.\n\n"Elm," she said.\n\nOutro.'
+    assert check(
+        "length_constraints:nth_paragraph_first_word", text, num_paragraphs=3, nth_paragraph=2, first_word="elm"
+    )
+    assert not check(
+        "length_constraints:nth_paragraph_first_word", text, num_paragraphs=2, nth_paragraph=2, first_word="elm"
+    )
+    assert not check(
+        "length_constraints:nth_paragraph_first_word",
+        "A\n\nElmwood b\n\nC",
+        num_paragraphs=3,
+        nth_paragraph=2,
+        first_word="elm",
+    )
     # A blank paragraph before the n-th: counted out of the total, but still in the indexing.
     blank_first = "Intro.\n\n\n\nElm trees.\n\nOutro."
-    assert not check("length_constraints:nth_paragraph_first_word", blank_first, num_paragraphs=3, nth_paragraph=2, first_word="elm")
+    assert not check(
+        "length_constraints:nth_paragraph_first_word", blank_first, num_paragraphs=3, nth_paragraph=2, first_word="elm"
+    )
 
 
 # --- content and format --------------------------------------------------------------------------
@@ -179,8 +206,12 @@ def test_bullets_highlights_sections():
     assert not check("detectable_format:number_highlighted_sections", "*a* **b**", num_highlights=3)
     # "***x***": the italic *x* inside, and the bold **x** around it.
     assert check("detectable_format:number_highlighted_sections", "***x***", num_highlights=2)
-    assert check("detectable_format:multiple_sections", "SECTION 1\na\nSECTION 2\nb", section_spliter="SECTION", num_sections=2)
-    assert not check("detectable_format:multiple_sections", "Section 1\na\nSection 2\nb", section_spliter="SECTION", num_sections=2)
+    assert check(
+        "detectable_format:multiple_sections", "SECTION 1\na\nSECTION 2\nb", section_spliter="SECTION", num_sections=2
+    )
+    assert not check(
+        "detectable_format:multiple_sections", "Section 1\na\nSection 2\nb", section_spliter="SECTION", num_sections=2
+    )
 
 
 def test_json_title_two_responses_quotation():
@@ -209,8 +240,14 @@ def test_startend_repeat_prompt_and_no_comma():
 
 def test_loose_variants_drop_first_or_last_line_and_stars():
     assert loose_variants("Sure:\n**Hi**\nBye") == [
-        "Sure:\n**Hi**\nBye", "**Hi**\nBye", "Sure:\n**Hi**", "**Hi**",
-        "Sure:\nHi\nBye", "Hi\nBye", "Sure:\nHi", "Hi",
+        "Sure:\n**Hi**\nBye",
+        "**Hi**\nBye",
+        "Sure:\n**Hi**",
+        "**Hi**",
+        "Sure:\nHi\nBye",
+        "Hi\nBye",
+        "Sure:\nHi",
+        "Hi",
     ]
 
 
@@ -236,10 +273,20 @@ def test_aggregate_math():
     [T], loose [T]. Prompt level: strict 1/2, loose 2/2. Instruction level: strict 2/3, loose
     3/3. no_comma: 2 seen, strict 2/2; title: 1 seen, strict 0/1, loose 1/1."""
     results = [
-        {"instruction_id_list": ["punctuation:no_comma", "detectable_format:title"],
-         "strict": [True, False], "loose": [True, True], "prompt_strict": False, "prompt_loose": True},
-        {"instruction_id_list": ["punctuation:no_comma"],
-         "strict": [True], "loose": [True], "prompt_strict": True, "prompt_loose": True},
+        {
+            "instruction_id_list": ["punctuation:no_comma", "detectable_format:title"],
+            "strict": [True, False],
+            "loose": [True, True],
+            "prompt_strict": False,
+            "prompt_loose": True,
+        },
+        {
+            "instruction_id_list": ["punctuation:no_comma"],
+            "strict": [True],
+            "loose": [True],
+            "prompt_strict": True,
+            "prompt_loose": True,
+        },
     ]
     summary = aggregate(results)
     assert summary["num_prompts"] == 2 and summary["num_instructions"] == 3
@@ -289,7 +336,9 @@ def write_jsonl(path, *records) -> str:
 
 
 GOOD = {
-    "key": 1, "prompt": "Write.", "instruction_id_list": ["length_constraints:number_words"],
+    "key": 1,
+    "prompt": "Write.",
+    "instruction_id_list": ["length_constraints:number_words"],
     "kwargs": [{"num_words": 10, "relation": "at least", "num_highlights": None}],
 }
 
@@ -305,10 +354,11 @@ def test_reader_drops_null_arguments_and_keeps_lines(tmp_path):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"instruction_id_list": ["length_constraints:number_word"]},
-         r"d.jsonl:2, field 'instruction_id_list\[0\]': unknown instruction id 'length_constraints:number_word' \(did you mean 'length_constraints:number_words'\?\)"),
-        ({"kwargs": [{"num_words": 10, "relaton": "at least"}]},
-         r"kwargs\[0\]\.relaton.*did you mean 'relation'"),
+        (
+            {"instruction_id_list": ["length_constraints:number_word"]},
+            r"d.jsonl:2, field 'instruction_id_list\[0\]': unknown instruction id 'length_constraints:number_word' \(did you mean 'length_constraints:number_words'\?\)",
+        ),
+        ({"kwargs": [{"num_words": 10, "relaton": "at least"}]}, r"kwargs\[0\]\.relaton.*did you mean 'relation'"),
         ({"kwargs": [{"num_words": "ten", "relation": "at least"}]}, r"kwargs\[0\]\.num_words.*expected int, got str"),
         ({"kwargs": []}, r"field 'kwargs'.*one per instruction id"),
         ({"prompt": None}, r"field 'prompt'.*expected a string"),

@@ -117,108 +117,340 @@ def targeted_cases() -> list[Case]:
         for response in responses:
             cases.append(Case([instruction_id], [kwargs], response, prompt or "Write something."))
 
-    add("keywords:existence", {"keywords": ["river", "bread"]},
-        LOREM, "A river ran.", "RIVER and BREAD!", "riverbank breadcrumbs", "", "   ")
-    add("keywords:frequency", {"keyword": "fake", "frequency": 3, "relation": "at least"},
-        "fake fake", "fake fake fake", "Fake news is FAKE, fakes abound.", "**fake** fake\nfake")
-    add("keywords:frequency", {"keyword": "fake", "frequency": 2, "relation": "less than"},
-        "no such word", "one fake", "fake and fake", "fakery fake")
-    add("keywords:forbidden_words", {"forbidden_words": ["rock", "yes"]},
-        "The stone was heavy.", "We rock!", "Rocky road.", "YES, sir.", "eyes open", "rock-solid")
-    add("keywords:letter_frequency", {"letter": "q", "let_frequency": 3, "let_relation": "at least"},
-        "quick quiet", "quick quiet quay", "Q q Q", "no letters here")
-    add("keywords:letter_frequency", {"letter": "e", "let_frequency": 2, "let_relation": "less than"},
-        "tall", "one", "three", "EE")
-    add("language:response_language", {"language": "de"},
+    add(
+        "keywords:existence",
+        {"keywords": ["river", "bread"]},
+        LOREM,
+        "A river ran.",
+        "RIVER and BREAD!",
+        "riverbank breadcrumbs",
+        "",
+        "   ",
+    )
+    add(
+        "keywords:frequency",
+        {"keyword": "fake", "frequency": 3, "relation": "at least"},
+        "fake fake",
+        "fake fake fake",
+        "Fake news is FAKE, fakes abound.",
+        "**fake** fake\nfake",
+    )
+    add(
+        "keywords:frequency",
+        {"keyword": "fake", "frequency": 2, "relation": "less than"},
+        "no such word",
+        "one fake",
+        "fake and fake",
+        "fakery fake",
+    )
+    add(
+        "keywords:forbidden_words",
+        {"forbidden_words": ["rock", "yes"]},
+        "The stone was heavy.",
+        "We rock!",
+        "Rocky road.",
+        "YES, sir.",
+        "eyes open",
+        "rock-solid",
+    )
+    add(
+        "keywords:letter_frequency",
+        {"letter": "q", "let_frequency": 3, "let_relation": "at least"},
+        "quick quiet",
+        "quick quiet quay",
+        "Q q Q",
+        "no letters here",
+    )
+    add(
+        "keywords:letter_frequency",
+        {"letter": "e", "let_frequency": 2, "let_relation": "less than"},
+        "tall",
+        "one",
+        "three",
+        "EE",
+    )
+    add(
+        "language:response_language",
+        {"language": "de"},
         "Das ist ein schöner Tag und wir gehen heute in den Park, um die Sonne zu genießen.",
         "This is a lovely day and we are going to the park to enjoy the sun.",
-        "12345 67 890")
-    add("language:response_language", {"language": "hi"},
+        "12345 67 890",
+    )
+    add(
+        "language:response_language",
+        {"language": "hi"},
         "आज मौसम बहुत अच्छा है और हम पार्क में घूमने जा रहे हैं।",
-        "Aaj mausam bahut accha hai.")
-    add("language:response_language", {"language": "ru"},
+        "Aaj mausam bahut accha hai.",
+    )
+    add(
+        "language:response_language",
+        {"language": "ru"},
         "Сегодня прекрасная погода, и мы идём гулять в парк.",
-        "Here is my answer:\nСегодня прекрасная погода, и мы идём гулять в парк.")
-    add("length_constraints:number_sentences", {"num_sentences": 3, "relation": "less than"},
-        sentences(2), sentences(3), "Dr. Smith went home. He was tired.", "One... two? Three! Four.")
-    add("length_constraints:number_sentences", {"num_sentences": 3, "relation": "at least"},
-        sentences(2), sentences(3), sentences(4), "Mr. J. R. R. Tolkien wrote it in the U.S. in 1937. Really.")
-    add("length_constraints:number_paragraphs", {"num_paragraphs": 3},
-        "a\n***\nb\n***\nc", "a***b***c", "a\n***\nb", "***\na\n***\nb\n***\nc\n***",
-        "a\n***\n\n***\nb\n***\nc", "a\n\nb\n\nc", "a\n* * *\nb\n***\nc\n***\nd")
-    add("length_constraints:number_words", {"num_words": 10, "relation": "less than"},
-        words(9), words(10), words(11), "don't stop-me now: it's 3:15 p.m.")
-    add("length_constraints:number_words", {"num_words": 10, "relation": "at least"},
-        words(9), words(10), "Sure!\n" + words(9), words(40))
-    add("length_constraints:nth_paragraph_first_word",
+        "Here is my answer:\nСегодня прекрасная погода, и мы идём гулять в парк.",
+    )
+    add(
+        "length_constraints:number_sentences",
+        {"num_sentences": 3, "relation": "less than"},
+        sentences(2),
+        sentences(3),
+        "Dr. Smith went home. He was tired.",
+        "One... two? Three! Four.",
+    )
+    add(
+        "length_constraints:number_sentences",
+        {"num_sentences": 3, "relation": "at least"},
+        sentences(2),
+        sentences(3),
+        sentences(4),
+        "Mr. J. R. R. Tolkien wrote it in the U.S. in 1937. Really.",
+    )
+    add(
+        "length_constraints:number_paragraphs",
+        {"num_paragraphs": 3},
+        "a\n***\nb\n***\nc",
+        "a***b***c",
+        "a\n***\nb",
+        "***\na\n***\nb\n***\nc\n***",
+        "a\n***\n\n***\nb\n***\nc",
+        "a\n\nb\n\nc",
+        "a\n* * *\nb\n***\nc\n***\nd",
+    )
+    add(
+        "length_constraints:number_words",
+        {"num_words": 10, "relation": "less than"},
+        words(9),
+        words(10),
+        words(11),
+        "don't stop-me now: it's 3:15 p.m.",
+    )
+    add(
+        "length_constraints:number_words",
+        {"num_words": 10, "relation": "at least"},
+        words(9),
+        words(10),
+        "Sure!\n" + words(9),
+        words(40),
+    )
+    add(
+        "length_constraints:nth_paragraph_first_word",
         {"num_paragraphs": 3, "nth_paragraph": 2, "first_word": "Elm"},
-        "Intro.\n\nElm trees grow.\n\nOutro.", "Intro.\n\n\"Elm,\" she said.\n\nOutro.",
-        "Intro.\n\nOak trees grow.\n\nOutro.", "Intro.\n\nElm trees grow.", "Intro.\n\n\n\nElm trees grow.\n\nOutro.",
-        "Intro.\n\nelm.\n\nOutro.\n\nExtra.", "Intro.\n\n**Elm** trees grow.\n\nOutro.",
-        "Intro.\n\n'Elm' trees.\n\nOutro.", "Intro.\n\nElmwood.\n\nOutro.")
-    add("length_constraints:nth_paragraph_first_word",
+        "Intro.\n\nElm trees grow.\n\nOutro.",
+        'Intro.\n\n"Elm," she said.\n\nOutro.',
+        "Intro.\n\nOak trees grow.\n\nOutro.",
+        "Intro.\n\nElm trees grow.",
+        "Intro.\n\n\n\nElm trees grow.\n\nOutro.",
+        "Intro.\n\nelm.\n\nOutro.\n\nExtra.",
+        "Intro.\n\n**Elm** trees grow.\n\nOutro.",
+        "Intro.\n\n'Elm' trees.\n\nOutro.",
+        "Intro.\n\nElmwood.\n\nOutro.",
+    )
+    add(
+        "length_constraints:nth_paragraph_first_word",
         {"num_paragraphs": 1, "nth_paragraph": 1, "first_word": "weekend"},
-        "Weekend plans are set.", "  \n\nWeekend plans.", "Weekend!\n\n", "My weekend.")
-    add("detectable_content:number_placeholders", {"num_placeholders": 2},
-        "Dear [name], at [address].", "Dear [name].", "Dear [].[]", "Dear [na\nme] [x]")
-    add("detectable_content:postscript", {"postscript_marker": "P.S."},
-        "Hello.\nP.S. bye", "Hello.\np. s. bye", "Hello.\nPS bye", "Hello. Tips.s. no", "Hello.\nP.P.S bye")
-    add("detectable_content:postscript", {"postscript_marker": "P.P.S"},
-        "Hello.\nP.P.S bye", "Hello.\np. p. s. bye", "Hello.\nP.S. bye")
-    add("detectable_format:number_bullet_lists", {"num_bullets": 2},
-        "* one\n* two", "- one\n- two", "* one\n- two\n* three", "**bold**\n* one\n* two",
-        "  * one\n\t- two", "* one", "---\n* one")
-    add("detectable_format:constrained_response", {},
-        "My answer is yes.", "My answer is no. Because.", "my answer is maybe.", "My answer is yes", "Well. My answer is maybe.")
-    add("detectable_format:number_highlighted_sections", {"num_highlights": 2},
-        "*one* and *two*", "*one* only", "**bold** only", "* * and *x*", "*multi\nline* *a*", "***x*** text")
-    add("detectable_format:multiple_sections", {"section_spliter": "SECTION", "num_sections": 2},
-        "SECTION 1\nabc\nSECTION 2\ndef", "SECTION 1\nabc", "Section 1\nSection 2", "SECTION1 x SECTION2 y",
-        "SECTION X\nSECTION Y")
-    add("detectable_format:multiple_sections", {"section_spliter": "Section", "num_sections": 3},
-        "Section 1 a Section 2 b Section 3 c", "Section 1 a Section 2 b")
-    add("detectable_format:json_format", {},
-        '{"a": 1}', '```json\n{"a": 1}\n```', '```JSON\n[1, 2]\n```', "```\n\"x\"\n```",
-        "Here it is: {\"a\": 1}", '{"a": 1,}', "null", "Here:\n{\"a\": 1}", "```python\n{}\n```")
-    add("detectable_format:title", {},
-        "<<My Title>>\nBody.", "<< >>\nBody.", "No title.", "<<two\nlines>>", "<<<Deep>>>", "**<<Bold>>**")
-    add("combination:two_responses", {},
-        "First answer.\n******\nSecond answer.", "Same.\n******\nSame.", "One only.",
-        "A\n******\nB\n******\nC", "******\nA\n******\nB\n******", "A\n******\n\n******\nB", "A\n*******\nB")
+        "Weekend plans are set.",
+        "  \n\nWeekend plans.",
+        "Weekend!\n\n",
+        "My weekend.",
+    )
+    add(
+        "detectable_content:number_placeholders",
+        {"num_placeholders": 2},
+        "Dear [name], at [address].",
+        "Dear [name].",
+        "Dear [].[]",
+        "Dear [na\nme] [x]",
+    )
+    add(
+        "detectable_content:postscript",
+        {"postscript_marker": "P.S."},
+        "Hello.\nP.S. bye",
+        "Hello.\np. s. bye",
+        "Hello.\nPS bye",
+        "Hello. Tips.s. no",
+        "Hello.\nP.P.S bye",
+    )
+    add(
+        "detectable_content:postscript",
+        {"postscript_marker": "P.P.S"},
+        "Hello.\nP.P.S bye",
+        "Hello.\np. p. s. bye",
+        "Hello.\nP.S. bye",
+    )
+    add(
+        "detectable_format:number_bullet_lists",
+        {"num_bullets": 2},
+        "* one\n* two",
+        "- one\n- two",
+        "* one\n- two\n* three",
+        "**bold**\n* one\n* two",
+        "  * one\n\t- two",
+        "* one",
+        "---\n* one",
+    )
+    add(
+        "detectable_format:constrained_response",
+        {},
+        "My answer is yes.",
+        "My answer is no. Because.",
+        "my answer is maybe.",
+        "My answer is yes",
+        "Well. My answer is maybe.",
+    )
+    add(
+        "detectable_format:number_highlighted_sections",
+        {"num_highlights": 2},
+        "*one* and *two*",
+        "*one* only",
+        "**bold** only",
+        "* * and *x*",
+        "*multi\nline* *a*",
+        "***x*** text",
+    )
+    add(
+        "detectable_format:multiple_sections",
+        {"section_spliter": "SECTION", "num_sections": 2},
+        "SECTION 1\nabc\nSECTION 2\ndef",
+        "SECTION 1\nabc",
+        "Section 1\nSection 2",
+        "SECTION1 x SECTION2 y",
+        "SECTION X\nSECTION Y",
+    )
+    add(
+        "detectable_format:multiple_sections",
+        {"section_spliter": "Section", "num_sections": 3},
+        "Section 1 a Section 2 b Section 3 c",
+        "Section 1 a Section 2 b",
+    )
+    add(
+        "detectable_format:json_format",
+        {},
+        '{"a": 1}',
+        '```json\n{"a": 1}\n```',
+        "```JSON\n[1, 2]\n```",
+        '```\n"x"\n```',
+        'Here it is: {"a": 1}',
+        '{"a": 1,}',
+        "null",
+        'Here:\n{"a": 1}',
+        "```python\n{}\n```",
+    )
+    add(
+        "detectable_format:title",
+        {},
+        "<<My Title>>\nBody.",
+        "<< >>\nBody.",
+        "No title.",
+        "<<two\nlines>>",
+        "<<<Deep>>>",
+        "**<<Bold>>**",
+    )
+    add(
+        "combination:two_responses",
+        {},
+        "First answer.\n******\nSecond answer.",
+        "Same.\n******\nSame.",
+        "One only.",
+        "A\n******\nB\n******\nC",
+        "******\nA\n******\nB\n******",
+        "A\n******\n\n******\nB",
+        "A\n*******\nB",
+    )
     prompt = "Write a haiku about the sea. Do not add anything else."
-    add("combination:repeat_prompt", {"prompt_to_repeat": prompt},
-        prompt + "\nWaves fold on the sand.", "  " + prompt.upper() + " waves", "Sure!\n" + prompt + " waves",
-        "Waves fold on the sand.", "**" + prompt + "** waves", prompt=prompt)
-    add("startend:end_checker", {"end_phrase": "Any other questions?"},
-        "Done. Any other questions?", 'Done. "Any other questions?"', "Done. any other questions?  ",
-        "Done. Any other questions?\nThanks!", "Done. Any other questions?**", "Done.")
-    add("change_case:capital_word_frequency", {"capital_frequency": 3, "capital_relation": "at least"},
-        "THE BIG DOG ran.", "THE BIG dog ran.", "I'M DON'T", "U.S. and U.K. and A", "NASA-LED TEAM",
-        "\"HELLO,\" SAID BOB.", "It was (REALLY) GOOD, OK?")
-    add("change_case:capital_word_frequency", {"capital_frequency": 2, "capital_relation": "less than"},
-        "ONE two", "ONE TWO", "no caps here", "I AM")
-    add("change_case:english_capital", {},
-        "THIS IS AN ENGLISH SENTENCE ABOUT THE WEATHER TODAY.", "THIS IS AN English SENTENCE.",
-        "DAS IST EIN DEUTSCHER SATZ ÜBER DAS WETTER HEUTE.", "12345", "Sure:\nTHIS IS ALL CAPS AND ENGLISH TEXT.")
-    add("change_case:english_lowercase", {},
-        "this is an english sentence about the weather today.", "this is an English sentence.",
-        "das ist ein deutscher satz über das wetter heute.", "Here:\nthis is all lower case english text.")
-    add("punctuation:no_comma", {},
-        "No commas here.", "One, comma.", "Chinese comma，ok", "First line, with comma\nno comma here")
-    add("startend:quotation", {},
-        '"Wrapped."', '  "Wrapped."  ', '"', 'Not "wrapped".', "“Curly.”", 'Sure:\n"Wrapped."', '**"Wrapped."**')
+    add(
+        "combination:repeat_prompt",
+        {"prompt_to_repeat": prompt},
+        prompt + "\nWaves fold on the sand.",
+        "  " + prompt.upper() + " waves",
+        "Sure!\n" + prompt + " waves",
+        "Waves fold on the sand.",
+        "**" + prompt + "** waves",
+        prompt=prompt,
+    )
+    add(
+        "startend:end_checker",
+        {"end_phrase": "Any other questions?"},
+        "Done. Any other questions?",
+        'Done. "Any other questions?"',
+        "Done. any other questions?  ",
+        "Done. Any other questions?\nThanks!",
+        "Done. Any other questions?**",
+        "Done.",
+    )
+    add(
+        "change_case:capital_word_frequency",
+        {"capital_frequency": 3, "capital_relation": "at least"},
+        "THE BIG DOG ran.",
+        "THE BIG dog ran.",
+        "I'M DON'T",
+        "U.S. and U.K. and A",
+        "NASA-LED TEAM",
+        '"HELLO," SAID BOB.',
+        "It was (REALLY) GOOD, OK?",
+    )
+    add(
+        "change_case:capital_word_frequency",
+        {"capital_frequency": 2, "capital_relation": "less than"},
+        "ONE two",
+        "ONE TWO",
+        "no caps here",
+        "I AM",
+    )
+    add(
+        "change_case:english_capital",
+        {},
+        "THIS IS AN ENGLISH SENTENCE ABOUT THE WEATHER TODAY.",
+        "THIS IS AN English SENTENCE.",
+        "DAS IST EIN DEUTSCHER SATZ ÜBER DAS WETTER HEUTE.",
+        "12345",
+        "Sure:\nTHIS IS ALL CAPS AND ENGLISH TEXT.",
+    )
+    add(
+        "change_case:english_lowercase",
+        {},
+        "this is an english sentence about the weather today.",
+        "this is an English sentence.",
+        "das ist ein deutscher satz über das wetter heute.",
+        "Here:\nthis is all lower case english text.",
+    )
+    add(
+        "punctuation:no_comma",
+        {},
+        "No commas here.",
+        "One, comma.",
+        "Chinese comma，ok",
+        "First line, with comma\nno comma here",
+    )
+    add(
+        "startend:quotation",
+        {},
+        '"Wrapped."',
+        '  "Wrapped."  ',
+        '"',
+        'Not "wrapped".',
+        "“Curly.”",
+        'Sure:\n"Wrapped."',
+        '**"Wrapped."**',
+    )
 
     # Several instructions on one prompt, as the benchmark has them.
-    cases.append(Case(
-        ["punctuation:no_comma", "detectable_format:number_highlighted_sections", "length_constraints:number_words"],
-        [{}, {"num_highlights": 3}, {"relation": "at least", "num_words": 12}],
-        "*One* part and *two* part and *three* part make the whole thing work well.",
-    ))
-    cases.append(Case(
-        ["change_case:english_lowercase", "startend:quotation"],
-        [{}, {}],
-        '"this is a lower case english answer in quotes about the sea."',
-    ))
+    cases.append(
+        Case(
+            [
+                "punctuation:no_comma",
+                "detectable_format:number_highlighted_sections",
+                "length_constraints:number_words",
+            ],
+            [{}, {"num_highlights": 3}, {"relation": "at least", "num_words": 12}],
+            "*One* part and *two* part and *three* part make the whole thing work well.",
+        )
+    )
+    cases.append(
+        Case(
+            ["change_case:english_lowercase", "startend:quotation"],
+            [{}, {}],
+            '"this is a lower case english answer in quotes about the sea."',
+        )
+    )
     return cases
 
 
@@ -362,8 +594,11 @@ def cases(shared_data) -> list[Case]:
 @pytest.fixture(scope="module")
 def verdicts(reference, cases) -> list[tuple[Case, tuple[list[bool], list[bool]], dict[str, Any]]]:
     return [
-        (case, reference_verdicts(reference, case),
-         evaluate_response(case.prompt, case.response, case.instruction_id_list, case.kwargs))
+        (
+            case,
+            reference_verdicts(reference, case),
+            evaluate_response(case.prompt, case.response, case.instruction_id_list, case.kwargs),
+        )
         for case in cases
     ]
 
