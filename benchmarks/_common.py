@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import statistics
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -280,7 +280,7 @@ def trl_fair_args(
     )
 
 
-def measure_callback(seen: dict[str, Any], probe: "MemoryProbe", clock: "StepClock"):
+def measure_callback(seen: dict[str, Any], probe: MemoryProbe, clock: StepClock):
     """A transformers TrainerCallback that hashes the starting adapter, and runs the memory
     probe and the step clock over the training loop."""
     from transformers import TrainerCallback

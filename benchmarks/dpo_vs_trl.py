@@ -76,7 +76,6 @@ import dataclasses
 import json
 import math
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -90,9 +89,9 @@ from _common import (
     markdown_table,
     measure_callback,
     run_worker,
+    save_results,
     timed_window,
     trainable_hash,
-    save_results,
     trl_fair_args,
     write_json_atomic,
 )

@@ -64,7 +64,6 @@ import argparse
 import dataclasses
 import itertools
 import os
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -77,9 +76,9 @@ from _common import (
     markdown_table,
     measure_callback,
     run_worker,
+    save_results,
     timed_window,
     trainable_hash,
-    save_results,
     trl_fair_args,
     write_json_atomic,
 )

@@ -242,7 +242,7 @@ def load_recipe(
     data, lines = read_yaml(path)
     origin = Origin(str(path), lines, override_origins(overrides, override_prefix))
     cfg = from_dict(RecipeConfig, merge(data, parse_overrides(overrides, override_prefix)), origin=origin)
-    for i, name in enumerate(cfg.stages):
+    for name in cfg.stages:
         if name not in STAGES:
             raise origin.error(
                 f"unknown stage '{name}' (one of {', '.join(STAGES)}){did_you_mean(name, STAGES)}", "stages"

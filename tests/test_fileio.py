@@ -25,9 +25,8 @@ def test_atomic_dir_replaces_only_when_complete(tmp_path):
     target = tmp_path / "final"
     with fileio.atomic_dir(target) as tmp:
         (tmp / "x").write_text("1")
-    with pytest.raises(RuntimeError):
-        with fileio.atomic_dir(target) as tmp:
-            (tmp / "x").write_text("2")
-            raise RuntimeError
+    with pytest.raises(RuntimeError), fileio.atomic_dir(target) as tmp:
+        (tmp / "x").write_text("2")
+        raise RuntimeError
     assert (target / "x").read_text() == "1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]

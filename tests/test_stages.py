@@ -164,7 +164,7 @@ def test_stage_command_on_a_recipe_locates_override_errors_as_typed(tmp_path):
 def test_every_shipped_recipe_passes_the_up_front_checks():
     from instructkit.pipeline import check_data, plan_stages
 
-    for name, path in shipped_recipes().items():
+    for path in shipped_recipes().values():
         loaded = load_recipe(path)
         check_data(plan_stages(loaded, Path("unused")), loaded)  # raises on a missing or bad file
 

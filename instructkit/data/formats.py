@@ -867,9 +867,12 @@ def _entry_name_for_file(info_path: Path, path: Path) -> str:
     info = _read_json_object(info_path)
     target = path.resolve()
     for name, entry in info.items():
-        if isinstance(entry, dict) and "file_name" in entry:
-            if (info_path.parent / entry["file_name"]).resolve() == target:
-                return name
+        if (
+            isinstance(entry, dict)
+            and "file_name" in entry
+            and (info_path.parent / entry["file_name"]).resolve() == target
+        ):
+            return name
     raise InputError(f"no entry has file_name '{path.name}'; name one", file=str(info_path))
 
 

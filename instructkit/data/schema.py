@@ -8,7 +8,7 @@ losses, evaluation) sees only these. Pure Python, no torch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 Role = Literal["system", "user", "assistant", "tool"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
@@ -76,7 +76,7 @@ class Classification:
     label: str
 
 
-Record = Union[Conversation, Preference, Ranking, Unpaired, Text, Classification]
+Record = Conversation | Preference | Ranking | Unpaired | Text | Classification
 
 FORMATS: tuple[str, ...] = (
     "alpaca",

@@ -10,8 +10,8 @@ and is what recipes call. Formulas follow TRL 1.16 (``DPOTrainer``, ``experiment
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

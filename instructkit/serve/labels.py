@@ -37,7 +37,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +121,7 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,8 +452,8 @@ def create_label_store(
 ) -> dict[str, Any]:
     """``instructkit label create``: sample ``k`` responses to each prompt of ``prompts`` (records
     with a ``prompt``, a string or a message list, as PPO reads them) into a new store."""
-    from instructkit.datasets import resolve_data_path
     from instructkit.data.prompts import read_prompts
+    from instructkit.datasets import resolve_data_path
 
     if k < 2:
         raise InputError(f"k must be at least 2 (a ranking compares responses), got {k}", field="k")

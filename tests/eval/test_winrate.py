@@ -40,7 +40,7 @@ def test_wilson_interval_by_hand():
     low, high = m["win_rate_ci_low"], m["win_rate_ci_high"]
     assert low == pytest.approx(0.2307, abs=2e-4) and high == pytest.approx(0.8824, abs=2e-4)
     assert wilson_interval(3, 5) == (low, high)
-    assert Z_95 == pytest.approx(1.96, abs=1e-3)
+    assert pytest.approx(1.96, abs=1e-3) == Z_95
 
 
 def test_wilson_interval_edges():

@@ -214,8 +214,8 @@ def test_concurrent_annotators_lose_and_duplicate_nothing(tmp_path):
 
 
 def test_export_is_what_the_reward_model_reads(tmp_path):
-    from instructkit.data.formats import load_records
     from instructkit.data.encoders import as_rankings
+    from instructkit.data.formats import load_records
 
     prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
     path = write_store(

@@ -10,14 +10,12 @@ import threading
 import time
 
 import pytest
-
 from playwright.sync_api import Page, expect, sync_playwright
 
 from instructkit.serve.labels import export_rankings, write_store
 from tests.browser import ARGS as CHROMIUM_ARGS
 from tests.browser import CHROMIUM
 from tests.tiny import real_tokenizer, tiny_llama, tiny_model_dir
-
 
 # Two prompts, three responses each, stored in an order the person does not agree with. The
 # person's ranking, best first; on the second prompt the last two are tied.

@@ -69,8 +69,8 @@ def test_gradient_accumulation_is_exact(tiny, data, tmp_path):
 def test_mean_of_means_would_differ(tiny, data, tmp_path):
     """Control for the test above: micro-batches have different token counts, so averaging
     per-micro-batch means would not equal the token-weighted loss of the whole step."""
-    from instructkit.data.templates import encode_conversation
     from instructkit.data.formats import load_records
+    from instructkit.data.templates import encode_conversation
     from tests.tiny import real_tokenizer
 
     tok = real_tokenizer()

@@ -18,11 +18,11 @@ from instructkit.verifiers import (
     INSTRUCTIONS,
     aggregate,
     evaluate_response,
+    ifeval,
     ifeval_reward,
     loose_variants,
     read_ifeval_jsonl,
 )
-from instructkit.verifiers import ifeval
 
 
 def check(instruction_id: str, response: str, **kwargs) -> bool:
