@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -211,13 +212,11 @@ def dpo(
 
         # 4. Encode prompt + response with the chat template; only response tokens are scored.
         d = cfg.data
-        train_ex, dropped = encode_preferences(
-            parts.tokenizer, splits.train, template=d.template, max_length=d.max_length, paired=spec.paired
+        encode = partial(
+            encode_preferences, parts.tokenizer, template=d.template, max_length=d.max_length, paired=spec.paired
         )
-        val_ex, val_dropped = encode_preferences(
-            parts.tokenizer, splits.val, template=d.template, max_length=d.max_length, paired=spec.paired
-        )
-        setup.check_encoded(train_ex, d, "no training examples left after encoding")
+        enc = setup.encode_splits(splits, encode, d, "no training examples left after encoding")
+        train_ex, val_ex = enc.train, enc.val
         collate = preference_collate(parts.tokenizer.pad_token_id)
 
         # 5. Reference log-probs: once, from the starting weights (no second model copy), or per
@@ -251,20 +250,10 @@ def dpo(
     #    reference is the starting model), then save the policy like SFT does.
     with stage.accelerator.autocast():
         val = held_out(loss_module, val_ex, collate, cfg.train.batch_size) if val_ex else {}
-    summary = setup.stage_summary(
-        "dpo",
-        cfg,
-        parts,
-        stage.run,
-        loss=cfg.loss,
-        beta=cfg.beta,
-        reference=reference if spec.needs_reference else None,
-        **result.summary(started),
-        **{f"val_{k}": v for k, v in val.items()},
-        train_examples=len(train_ex),
-        val_examples=len(val_ex),
-        dropped_too_long=dropped + val_dropped,
-    )
+    own = {"loss": cfg.loss, "beta": cfg.beta, "reference": reference if spec.needs_reference else None}
+    counts = {"train_examples": len(train_ex), "val_examples": len(val_ex), "dropped_too_long": enc.dropped}
+    held = {f"val_{k}": v for k, v in val.items()}
+    summary = setup.stage_summary("dpo", cfg, parts, stage.run, **own, **result.summary(started), **held, **counts)
     return stage.finish(
         summary, lambda: setup.save_final(parts.model, parts.tokenizer, stage.run, base_spec=cfg.model, merged=False)
     )

@@ -679,87 +679,109 @@ def fit(
     tokens/s figure. ``model`` is the object whose trainable parameters are saved;
     ``extra_state`` is saved with them and restored on resume (see :class:`ExtraState`).
     """
-    rank, world = accelerator.process_index, accelerator.num_processes
     # 1. The data order and the number of steps; each example's share of the loss and its length.
-    plan, total_steps = plan_steps(len(examples), train, world)
-    weights, lengths = [weight(e) for e in examples], [length(e) for e in examples]
+    plan, total_steps = plan_steps(len(examples), train, accelerator.num_processes)
+    lengths, weights = [length(e) for e in examples], [weight(e) for e in examples]
 
-    # 2. Optimizer and schedule over the trainable parameters.
-    params, optimizer, scheduler = optimizer_and_schedule(model, optim, total_steps)
-    loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
+    # 2. Optimizer and schedule over the trainable parameters, and what takes one optimizer step.
+    step_fn = _OptimizerStep.build(model, loss_module, optim, total_steps, accelerator)
+    step_fn.bind_data(examples, weights, collate, train, (extra_metrics, finish_metrics))
 
     # 3. Checkpoints and the loop around the steps, validation; resume from the last checkpoint.
-    checkpointer = Checkpointer(
-        run,
-        accelerator,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        keep=train.keep_checkpoints,
-        extra_state=extra_state,
-    )
-    loop = TrainingLoop(
-        run,
-        accelerator,
-        train,
-        checkpointer,
-        total_steps=total_steps,
-        on_step=on_step,
-        show={"loss": ".4f", "lr": ".2e", "tokens_per_s": ".0f"},
-    )
+    checkpointer = step_fn.checkpointer(run, model, train.keep_checkpoints, extra_state)
+    show = {"loss": ".4f", "lr": ".2e", "tokens_per_s": ".0f"}
+    loop = TrainingLoop(run, accelerator, train, checkpointer, total_steps=total_steps, on_step=on_step, show=show)
     validation = Validation(val_examples, collate, train, run, model, total_steps)
     state = loop.resume()
     if state is None:
-        set_seed(train.seed + rank)
+        set_seed(train.seed + accelerator.process_index)
     else:
         validation.load_state_dict(state)
 
     step, real_tokens = loop.start_step, 0
-    loss_module.train()
+    step_fn.loss_module.train()
     with loop:
         while step < total_steps and not validation.stopped:
-            # 4. The examples of this optimizer step, and its loss denominator over all of them.
+            # 4. One optimizer step over this step's examples (all processes, no padding counted).
             indices = plan.indices(step)
-            denom = sum(weights[i] for i in indices)
-            real_tokens += sum(lengths[j] for j in indices)  # all processes, no padding
-            # 5. Forward/backward each micro-batch of this process; clip, step, schedule.
-            micro = micro_batches(indices, train.batch_size, train.grad_accum, rank, world)
-            loss_sum, extras = accumulate_gradients(
-                loss_module, [[examples[j] for j in idx] for idx in micro], collate, denom, accelerator, extra_metrics
-            )
-            lr = scheduler.get_last_lr()[0]
-            grad_norm = optimizer_step(
-                optimizer, scheduler, params, optim.max_grad_norm, clip=accelerator.clip_grad_norm_
-            )
+            real_tokens += sum(lengths[j] for j in indices)
+            denom, loss, lr, extras = step_fn(indices)
             step += 1
-            # 6. The exact step loss (summed over processes, divided by the step's count).
-            record = {
-                "step": step,
-                "loss": float(_sum_over_processes(loss_sum, accelerator)) / max(denom, 1),
-                "lr": lr,
-                "tokens_per_s": real_tokens / max(loop.train_seconds, 1e-9),
-                count_key: denom,
-                "epoch": round(step / plan.steps_per_epoch, 4),
-            }
-            record.update(_grad_and_extras(grad_norm, extras, accelerator, finish_metrics))
-            # 7. Validation and early stopping; then log, checkpoint, stop, call back.
+            speed, epoch = real_tokens / max(loop.train_seconds, 1e-9), round(step / plan.steps_per_epoch, 4)
+            record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": speed, count_key: denom, "epoch": epoch}
+            record.update(extras)
+            # 5. Validation and early stopping; then log, checkpoint, stop, call back.
             if validation.due(step):
                 with loop.paused():
-                    record["val_loss"] = validation.evaluate(loss_module, step, accelerator)
+                    record["val_loss"] = validation.evaluate(step_fn.loss_module, step, accelerator)
             loop.end_step(
                 step, record, state=validation.state_dict(), log="val_loss" in record, save=validation.stopped
             )
     if validation.stopped:
         validation.restore_best(step, accelerator)
     return FitResult(
-        steps=step,
-        best_val_loss=validation.best,
-        final_val_loss=validation.last,
-        stopped_early=validation.stopped,
-        tokens_per_s=real_tokens / max(loop.train_seconds, 1e-9),
-        train_seconds=loop.train_seconds,
-        history=loop.history,
+        step,
+        validation.best,
+        validation.last,
+        validation.stopped,
+        real_tokens / max(loop.train_seconds, 1e-9),
+        loop.train_seconds,
+        loop.history,
     )
+
+
+class _OptimizerStep:
+    """One optimizer step of :func:`fit`: what it needs is fixed for the run, the step's example
+    indices are the argument. Returns (loss denominator, exact step loss, lr, extra metrics)."""
+
+    @classmethod
+    def build(
+        cls, model: nn.Module, loss_module: nn.Module, optim: OptimConfig, total_steps: int, accelerator
+    ) -> _OptimizerStep:
+        self = cls()
+        self.params, optimizer, self.scheduler = optimizer_and_schedule(model, optim, total_steps)
+        self.loss_module, self.optimizer = accelerator.prepare(loss_module, optimizer)
+        self.max_grad_norm, self.accelerator = optim.max_grad_norm, accelerator
+        return self
+
+    def bind_data(
+        self,
+        examples: Sequence[Any],
+        weights: list[int],
+        collate,
+        train: TrainConfig,
+        metrics: tuple[Callable | None, Callable | None],
+    ) -> None:
+        self.examples, self.weights, self.collate, self.train = examples, weights, collate, train
+        self.extra_metrics, self.finish_metrics = metrics
+
+    def checkpointer(
+        self, run: RunDir, model: nn.Module, keep: int, extra_state: Mapping[str, ExtraState] | None
+    ) -> Checkpointer:
+        return Checkpointer(
+            run,
+            self.accelerator,
+            model=model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            keep=keep,
+            extra_state=extra_state,
+        )
+
+    def __call__(self, indices: list[int]) -> tuple[int, float, float, dict[str, float]]:
+        acc, train = self.accelerator, self.train
+        # The step's loss denominator over all its examples, known before its first micro-batch.
+        denom = sum(self.weights[i] for i in indices)
+        micro = micro_batches(indices, train.batch_size, train.grad_accum, acc.process_index, acc.num_processes)
+        batches = [[self.examples[j] for j in idx] for idx in micro]
+        loss_sum, extras = accumulate_gradients(self.loss_module, batches, self.collate, denom, acc, self.extra_metrics)
+        lr = self.scheduler.get_last_lr()[0]
+        grad_norm = optimizer_step(
+            self.optimizer, self.scheduler, self.params, self.max_grad_norm, clip=acc.clip_grad_norm_
+        )
+        # The exact step loss: summed over processes, divided by the step's count.
+        loss = float(_sum_over_processes(loss_sum, acc)) / max(denom, 1)
+        return denom, loss, lr, _grad_and_extras(grad_norm, extras, acc, self.finish_metrics)
 
 
 def accumulate_gradients(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -134,9 +135,9 @@ def rm(
 
         # 4. Encode every response of every ranking with the chat template.
         d = cfg.data
-        train_ex, dropped = encode_rankings(parts.tokenizer, splits.train, template=d.template, max_length=d.max_length)
-        val_ex, val_dropped = encode_rankings(parts.tokenizer, splits.val, template=d.template, max_length=d.max_length)
-        setup.check_encoded(train_ex, d, "no ranking has two responses of different rank left to compare")
+        encode = partial(encode_rankings, parts.tokenizer, template=d.template, max_length=d.max_length)
+        enc = setup.encode_splits(splits, encode, d, "no ranking has two responses of different rank left to compare")
+        train_ex, val_ex = enc.train, enc.val
         collate = ranking_collate(parts.tokenizer.pad_token_id)
         loss_module = RankingLoss(parts.model, cfg.center_rewards_coefficient)
         with stage.accelerator.autocast():
@@ -165,32 +166,37 @@ def rm(
     # 6. Held-out accuracy, then the bias that centres reference responses on 0.
     with stage.accelerator.autocast():
         after = pairwise_accuracy(loss_module, val_ex, collate, cfg.train.batch_size) if val_ex else None
-        bias = 0.0
-        if cfg.normalize:
-            bias = -mean_score(
-                parts.model,
-                reference_sequences(cfg, parts.tokenizer, train_ex),
-                parts.tokenizer.pad_token_id,
-                cfg.train.batch_size,
-            )
+        bias = centring_bias(cfg, parts, train_ex)
 
     # 7. Save final/ as a plain sequence classifier (adapters merged) that anything can load.
+    held_out = {"before": before, "after": after}
     summary = setup.stage_summary(
-        "rm",
-        cfg,
-        parts,
-        stage.run,
-        **result.summary(started),
-        val_loss=after["loss"] if after else None,
-        val_accuracy=after["accuracy"] if after else None,
-        val_accuracy_before=before["accuracy"] if before else None,
-        val_pairs=after["pairs"] if after else 0,
-        bias=bias,
-        train_prompts=len(train_ex),
-        val_prompts=len(val_ex),
-        dropped_without_pairs=dropped + val_dropped,
+        "rm", cfg, parts, stage.run, **result.summary(started), **rm_summary(held_out, bias, enc)
     )
     return stage.finish(summary, lambda: save_reward_model(parts.model, parts.tokenizer, stage.run.final, bias=bias))
+
+
+def centring_bias(cfg: RewardConfig, parts, train_ex: list[dict[str, Any]]) -> float:
+    """Minus the mean score of the reference responses (0 when ``normalize`` is off)."""
+    if not cfg.normalize:
+        return 0.0
+    sequences = reference_sequences(cfg, parts.tokenizer, train_ex)
+    return -mean_score(parts.model, sequences, parts.tokenizer.pad_token_id, cfg.train.batch_size)
+
+
+def rm_summary(held_out: dict[str, dict[str, float] | None], bias: float, enc) -> dict[str, Any]:
+    """The reward model's own summary fields: held-out loss and accuracy (before and after)."""
+    before, after = held_out["before"], held_out["after"]
+    return {
+        "val_loss": after["loss"] if after else None,
+        "val_accuracy": after["accuracy"] if after else None,
+        "val_accuracy_before": before["accuracy"] if before else None,
+        "val_pairs": after["pairs"] if after else 0,
+        "bias": bias,
+        "train_prompts": len(enc.train),
+        "val_prompts": len(enc.val),
+        "dropped_without_pairs": enc.dropped,
+    }
 
 
 def save_reward_model(model: nn.Module, tokenizer, path: Path, *, bias: float) -> None:

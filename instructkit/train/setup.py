@@ -145,6 +145,32 @@ def check_encoded(examples: Sequence[Any], data: DataConfig, problem: str) -> No
         raise InputError(problem, file=data.path)
 
 
+@dataclass
+class EncodedSplits:
+    train: list[Any]
+    val: list[Any]
+    train_dropped: int  # examples that did not fit (see each encoder)
+    val_dropped: int
+
+    @property
+    def dropped(self) -> int:
+        return self.train_dropped + self.val_dropped
+
+
+Encoder = Callable[[Sequence[Any]], tuple[list[Any], int]]
+
+
+def encode_splits(
+    splits: Splits, encode: Encoder, data: DataConfig, problem: str, *, encode_val: Encoder | None = None
+) -> EncodedSplits:
+    """Both splits through ``encode(records) -> (examples, dropped)`` (``encode_val`` for the
+    validation split, when it differs); no training example left is an InputError saying ``problem``."""
+    train, train_dropped = encode(splits.train)
+    val, val_dropped = (encode_val or encode)(splits.val)
+    check_encoded(train, data, problem)
+    return EncodedSplits(train, val, train_dropped, val_dropped)
+
+
 # ----------------------------------------------------------------------------------------------
 # Model
 

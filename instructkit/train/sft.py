@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,19 +45,18 @@ def sft(
 
         # 4. Encode with the chat template: only assistant tokens (and their end-of-turn) train.
         d = cfg.data
-        train_ex, dropped = encode_records(
-            parts.tokenizer, splits.train, template=d.template, max_length=d.max_length, where=d.path
+        encode = partial(encode_records, parts.tokenizer, template=d.template, max_length=d.max_length)
+        problem = "no trainable examples left after encoding (all too long or without assistant turns)"
+        enc = setup.encode_splits(
+            splits, partial(encode, where=d.path), d, problem, encode_val=partial(encode, where=d.val_path or d.path)
         )
-        val_ex, val_dropped = encode_records(
-            parts.tokenizer, splits.val, template=d.template, max_length=d.max_length, where=d.val_path or d.path
-        )
-        setup.check_encoded(
-            train_ex, d, "no trainable examples left after encoding (all too long or without assistant turns)"
-        )
+        train_ex, val_ex = enc.train, enc.val
         if d.packing:
             train_ex, val_ex = pack_examples(train_ex, d.max_length), pack_examples(val_ex, d.max_length)
-        if dropped:
-            stage.print(f"note: {dropped} training examples did not fit max_length={d.max_length} and were left out")
+        if enc.train_dropped:
+            stage.print(
+                f"note: {enc.train_dropped} training examples did not fit max_length={d.max_length} and were left out"
+            )
 
         # 5. Train: exact token-weighted loss across micro-batches and processes.
         started = time.time()
@@ -86,7 +86,7 @@ def sft(
         best_val_loss=result.best_val_loss,
         train_examples=len(train_ex),
         val_examples=len(val_ex),
-        dropped_too_long=dropped + val_dropped,
+        dropped_too_long=enc.dropped,
     )
     merged = cfg.save_merged and is_peft(parts.model)
     return stage.finish(
