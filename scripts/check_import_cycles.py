@@ -9,8 +9,12 @@ Run by `make lint`: ``python scripts/check_import_cycles.py [package]``.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import grimp
+
+# The checkout this script is in, not whatever copy of the package is installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def find_cycles(package: str) -> list[list[str]]:
