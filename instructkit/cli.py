@@ -140,34 +140,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sampling(args: argparse.Namespace) -> dict[str, object]:
+    """The options `generate` and `chat` share (see :func:`_sampling_args`)."""
+    return {
+        "system": args.system,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+    }
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from instructkit.chat import generate_text
 
-    print(
-        generate_text(
-            args.model,
-            args.prompt,
-            system=args.system,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
-        )
-    )
+    print(generate_text(args.model, args.prompt, **_sampling(args)))
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from instructkit.chat import chat
 
-    chat(
-        args.model,
-        system=args.system,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-    )
+    chat(args.model, **_sampling(args))
     return 0
 
 
