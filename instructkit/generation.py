@@ -8,7 +8,8 @@ What it owns:
   derives position ids from it, so a padded row sees the same positions as the row alone).
 * **Batching.** Prompts are sorted by length (longest first, so running out of memory happens
   at once, not at the end) and cut into batches, which keeps padding small; results come back
-  in the caller's order.
+  in the caller's order. peft prompt-tuning and p-tuning models go one prompt at a time: peft
+  puts their virtual tokens before the padding (:func:`prepends_virtual_tokens`).
 * **Stopping.** A row stops at eos, at the template's end-of-turn marker, or at any ``stop``
   string; the returned text never contains them.
 * **Decoding.** ``temperature == 0`` is greedy. Otherwise sampling with temperature and
@@ -75,6 +76,8 @@ def generate(
         else {"do_sample": False}
     )
 
+    if prepends_virtual_tokens(model):
+        batch_size = 1  # see prepends_virtual_tokens: a row alone has no padding to misplace them
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     out: list[str] = [""] * len(ids)
     was_training = model.training
@@ -103,6 +106,17 @@ def generate(
     finally:
         model.train(was_training)
     return out
+
+
+def prepends_virtual_tokens(model: Any) -> bool:
+    """Whether ``model`` is a peft prompt-tuning or p-tuning model, whose ``generate`` puts the
+    virtual tokens in front of the whole row, left padding included: in a padded row they sit
+    further from the prompt than in the row alone, and greedy text changes with the batch.
+    Prefix tuning's key/value prefix is outside the row (peft offsets the positions), so it
+    batches as any model does."""
+    config = getattr(model, "active_peft_config", None)
+    prompt_learning = bool(getattr(config, "is_prompt_learning", False))
+    return prompt_learning and getattr(config, "peft_type", None) not in ("PREFIX_TUNING", "CARTRIDGE")
 
 
 def _prompt_ids(tokenizer: Any, prompt: Prompt, template: str | None) -> list[int]:
