@@ -24,7 +24,25 @@ T = TypeVar("T")
 # (losses/, models/, data/formats); these Literals let a config be rejected before anything
 # heavy is imported, and tests/test_config.py checks each against its registry.
 
-PeftMethod = Literal["full", "freeze", "lora", "dora", "ia3"]
+PeftMethod = Literal[
+    "full",
+    "freeze",
+    "bitfit",
+    "lora",
+    "dora",
+    "rslora",
+    "vera",
+    "loha",
+    "lokr",
+    "ia3",
+    "ln_tuning",
+    "prompt_tuning",
+    "prefix_tuning",
+    "p_tuning",
+]
+PeftInit = Literal["default", "gaussian", "pissa", "olora"]  # how a LoRA adapter starts
+LORA_FAMILY = ("lora", "dora", "rslora")  # the methods peft.init applies to
+WITH_DROPOUT = (*LORA_FAMILY, "vera", "loha", "lokr")  # the methods peft.dropout applies to
 PreferenceLoss = Literal["sigmoid", "ipo", "hinge", "simpo", "orpo", "kto"]
 Advantage = Literal["gae", "grpo", "rloo"]
 GROUP_RELATIVE = ("grpo", "rloo")  # advantages compare the responses within a prompt's group
@@ -104,11 +122,15 @@ class DataConfig:
 
 @dataclasses.dataclass
 class PeftConfig:
-    method: PeftMethod = "lora"  # full | freeze | lora | dora | ia3
-    r: int = 16  # LoRA rank
-    alpha: int = 32  # LoRA alpha (scale = alpha / r)
-    dropout: float = 0.0  # LoRA dropout
-    target_modules: list[str] | str = "all-linear"  # module names, or all-linear
+    method: PeftMethod = "lora"  # what trains: full, freeze, bitfit, lora, dora, rslora, ... (docs/sft.md)
+    r: int = 16  # rank of lora, dora, rslora, loha and lokr
+    alpha: int = 32  # scale = alpha / r (rslora: alpha / sqrt(r)); lora family, loha and lokr
+    dropout: float = 0.0  # on the adapter's input (lora family, vera); rank dropout for loha and lokr
+    target_modules: list[str] | str = "all-linear"  # module names or all-linear: lora family, vera, loha, lokr, ia3
+    init: PeftInit = "default"  # lora family's start: default (B = 0), gaussian, pissa or olora
+    vera_r: int = 256  # vera: rank of the frozen random projections shared by every layer
+    num_virtual_tokens: int = 20  # prompt_tuning, prefix_tuning, p_tuning: learned positions before the input
+    encoder_hidden_size: int | None = None  # p_tuning: width of its prompt MLP (null: the model's width)
     trainable_layers: int = 0  # freeze: train only the top N decoder layers (0 = all)
     ffn_only: bool = False  # freeze: train only the feed-forward (MLP) blocks
     freeze_embeddings: bool = True  # freeze: keep input/output embeddings frozen
@@ -117,8 +139,25 @@ class PeftConfig:
         require(self.r >= 1, "r", "the LoRA rank must be at least 1")
         require(self.alpha > 0, "alpha", "must be positive")
         require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        require(
+            not self.dropout or self.method in WITH_DROPOUT,
+            "dropout",
+            f"{self.method} has no adapter dropout (it applies to {', '.join(WITH_DROPOUT)}); leave it at 0",
+        )
         require(self.trainable_layers >= 0, "trainable_layers", "must be >= 0 (0 trains every layer)")
         require(bool(self.target_modules), "target_modules", "name at least one module, or all-linear")
+        require(
+            self.init == "default" or self.method in LORA_FAMILY,
+            "init",
+            f"'{self.init}' starts a LoRA adapter ({', '.join(LORA_FAMILY)}), not {self.method}; leave it at default",
+        )
+        require(self.vera_r >= 1, "vera_r", "must be at least 1")
+        require(self.num_virtual_tokens >= 1, "num_virtual_tokens", "must be at least 1")
+        require(
+            self.encoder_hidden_size is None or self.encoder_hidden_size >= 1,
+            "encoder_hidden_size",
+            "must be at least 1 (or null for the model's hidden size)",
+        )
 
 
 @dataclasses.dataclass
