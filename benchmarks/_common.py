@@ -223,6 +223,47 @@ def trainable_hash(model) -> str:
     return h.hexdigest()[:16]
 
 
+def instructkit_fair_sections(
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    betas: tuple[float, float],
+    weight_decay: float,
+    max_grad_norm: float,
+    **extra_train: Any,
+) -> dict[str, Any]:
+    """The ``optim`` and ``train`` sections of an instructkit stage config set up as
+    :func:`trl_fair_args` sets up TRL: AdamW, constant lr without warm-up, fp32 on CPU, no
+    gradient checkpointing, no eval, no saving, logging every step. ``extra_train`` adds keys
+    (DPO turns dropout off, as TRL's DPOTrainer does)."""
+    optim = {
+        "name": "adamw",
+        "lr": lr,
+        "betas": list(betas),
+        "weight_decay": weight_decay,
+        "scheduler": "constant",
+        "warmup_steps": 0,
+        "max_grad_norm": max_grad_norm,
+    }
+    train = {
+        "batch_size": batch_size,
+        "grad_accum": 1,
+        "max_steps": steps,
+        "seed": seed,
+        "eval_every": 0,
+        "save_every": 0,
+        "log_every": 1,
+        "dtype": "fp32",
+        "device": "cpu",
+        "gradient_checkpointing": False,
+        "progress": False,
+        **extra_train,
+    }
+    return {"optim": optim, "train": train}
+
+
 def trl_fair_args(
     config_cls,
     *,

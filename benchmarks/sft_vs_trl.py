@@ -72,6 +72,7 @@ from typing import Any
 from _common import (
     MemoryProbe,
     StepClock,
+    instructkit_fair_sections,
     machine_info,
     markdown_table,
     measure_callback,
@@ -198,28 +199,15 @@ def worker_instructkit(s: Settings) -> dict[str, Any]:
                 "dropout": lora.dropout,
                 "target_modules": lora.target_modules,
             },
-            "optim": {
-                "name": "adamw",
-                "lr": LR,
-                "betas": list(BETAS),
-                "weight_decay": WEIGHT_DECAY,
-                "scheduler": "constant",
-                "warmup_steps": 0,
-                "max_grad_norm": MAX_GRAD_NORM,
-            },
-            "train": {
-                "batch_size": s.batch_size,
-                "grad_accum": 1,
-                "max_steps": s.steps,
-                "seed": s.seed,
-                "eval_every": 0,
-                "save_every": 0,
-                "log_every": 1,
-                "dtype": "fp32",
-                "device": "cpu",
-                "gradient_checkpointing": False,
-                "progress": False,
-            },
+            **instructkit_fair_sections(
+                steps=s.steps,
+                batch_size=s.batch_size,
+                lr=LR,
+                seed=s.seed,
+                betas=BETAS,
+                weight_decay=WEIGHT_DECAY,
+                max_grad_norm=MAX_GRAD_NORM,
+            ),
         }
         summary = sft(config, on_step=lambda step: clock.stamp())
     fit = seen["fit"]

@@ -711,21 +711,13 @@ def build_world(folder: Path, shared_data: Path) -> World:
 def _tiny_reward_model(path: Path, tokenizer) -> None:
     """A one-label sequence classifier on the tiny Llama: eval.md says any such model judges."""
     import torch
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from transformers import LlamaForSequenceClassification
+
+    from tests.tiny import tiny_llama_config
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        num_labels=1,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    config = tiny_llama_config(len(tokenizer), num_labels=1, **ids)
     LlamaForSequenceClassification(config).save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
 

@@ -31,23 +31,10 @@ def tokenizer():
 def model(tokenizer):
     """A 2-layer, 32-wide random Llama. Untied embeddings: with tied ones a random model
     echoes its last input token, every prompt gives the same text and the tests prove nothing."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.tiny import tiny_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
-    return LlamaForCausalLM(config)
+    ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    return tiny_llama(len(tokenizer), tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, **ids)
 
 
 def test_batched_left_padded_greedy_equals_each_prompt_alone(model, tokenizer):

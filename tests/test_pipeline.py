@@ -31,27 +31,34 @@ def test_unknown_stage_and_key_are_input_errors(tmp_path):
         load_recipe(bad)
 
 
-def test_recipe_runs_stages_in_order_and_skips_finished_ones(tmp_path, capsys):
+def _tiny_recipe(tmp_path: Path, *, rows: int = 16, sft: dict | None = None, eval_: dict | None = None) -> Path:
+    """A two-stage recipe (full SFT of a tiny model, then eval) on toy conversations; ``sft``
+    adds keys to the sft section, ``eval_`` replaces the eval section (``{data}`` and ``{test}``
+    name the training file and its first four records)."""
     model = tiny_model_dir(tmp_path / "tiny")
-    rows = toy_conversations(24)
-    data = write_jsonl(tmp_path / "train.jsonl", rows)
-    test = write_jsonl(tmp_path / "test.jsonl", rows[:4])
+    records = toy_conversations(rows)
+    data = write_jsonl(tmp_path / "train.jsonl", records)
+    test = write_jsonl(tmp_path / "test.jsonl", records[:4])
+    sft_section = {
+        "data": {"path": str(data), "val_fraction": 0.0, "max_length": 64},
+        "peft": {"method": "full"},
+        "train": {"batch_size": 4, "max_steps": 2, "progress": False},
+        **(sft or {}),
+    }
+    eval_section = {"suites": ["loss"], "data": "{data}", "limit": 4} if eval_ is None else eval_
+    eval_section = {k: (v.format(data=data, test=test) if isinstance(v, str) else v) for k, v in eval_section.items()}
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(
-        json.dumps(
-            {
-                "name": "tiny",
-                "model": str(model),
-                "stages": ["sft", "eval"],
-                "sft": {
-                    "data": {"path": str(data), "val_fraction": 0.0, "max_length": 64},
-                    "peft": {"method": "full"},
-                    "optim": {"lr": 1e-2},
-                    "train": {"batch_size": 4, "max_steps": 3, "progress": False},
-                },
-                "eval": {"suites": ["exact_match", "loss"], "data": str(test), "max_new_tokens": 4},
-            }
-        )
+    spec = {"name": "tiny", "model": str(model), "stages": ["sft", "eval"], "sft": sft_section, "eval": eval_section}
+    recipe.write_text(json.dumps(spec))
+    return recipe
+
+
+def test_recipe_runs_stages_in_order_and_skips_finished_ones(tmp_path, capsys):
+    recipe = _tiny_recipe(
+        tmp_path,
+        rows=24,
+        sft={"optim": {"lr": 1e-2}, "train": {"batch_size": 4, "max_steps": 3, "progress": False}},
+        eval_={"suites": ["exact_match", "loss"], "data": "{test}", "max_new_tokens": 4},
     )
     out = tmp_path / "run"
     summary = run(recipe, out=out)
@@ -232,29 +239,6 @@ def test_killed_recipe_reruns_skipping_finished_stages_and_matches_an_uninterrup
         for metric, value in row.items():
             assert resumed["table"][name][metric] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, metric)
     assert (killed / "report.html").is_file()
-
-
-def _tiny_recipe(tmp_path: Path) -> Path:
-    model = tiny_model_dir(tmp_path / "tiny")
-    rows = toy_conversations(16)
-    data = write_jsonl(tmp_path / "train.jsonl", rows)
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(
-        json.dumps(
-            {
-                "name": "tiny",
-                "model": str(model),
-                "stages": ["sft", "eval"],
-                "sft": {
-                    "data": {"path": str(data), "val_fraction": 0.0, "max_length": 64},
-                    "peft": {"method": "full"},
-                    "train": {"batch_size": 4, "max_steps": 2, "progress": False},
-                },
-                "eval": {"suites": ["loss"], "data": str(data), "limit": 4},
-            }
-        )
-    )
-    return recipe
 
 
 def _checksums(folder: Path) -> dict[str, bytes]:

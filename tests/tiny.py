@@ -15,24 +15,31 @@ def real_tokenizer():
     return load_tokenizer("smollm2-135m-instruct")
 
 
+TINY_LLAMA = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": True,
+    "attention_dropout": 0.0,
+}
+"""The 2-layer, 32-wide Llama every test builds; ``overrides`` change any of it."""
+
+
+def tiny_llama_config(vocab_size: int, **overrides):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**{**TINY_LLAMA, "vocab_size": vocab_size, **overrides})
+
+
 def tiny_llama(vocab_size: int, seed: int = 0, **overrides):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        attention_dropout=0.0,
-        **overrides,
-    )
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(tiny_llama_config(vocab_size, **overrides))
 
 
 def tiny_model_dir(path: Path, seed: int = 0, **overrides) -> Path:

@@ -112,18 +112,12 @@ VOCAB = 61
 
 
 def tiny_llama(attn: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
+
+    from tests.tiny import tiny_llama_config
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
+    config = tiny_llama_config(VOCAB, max_position_embeddings=128, tie_word_embeddings=False)
     config._attn_implementation = attn
     return LlamaForCausalLM(config).eval()
 

@@ -99,26 +99,11 @@ def test_no_records_scores_zero():
 def test_end_to_end_on_a_tiny_model():
     """The references are the tiny model's own greedy answer (padded with whitespace, which is
     normalised away) and a string it does not produce: exact match 1/2."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tests.tiny import real_tokenizer
+    from tests.tiny import real_tokenizer, tiny_llama
 
     tokenizer = real_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    model = tiny_llama(len(tokenizer), tie_word_embeddings=False, **ids)
     prompt = [Message("user", "Reply as name: NAME\nAda from Oslo ordered a lamp.")]
     own = instructkit.generation.generate(model, tokenizer, [prompt], max_new_tokens=6)[0]
     records = [

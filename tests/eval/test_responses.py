@@ -5,7 +5,6 @@ have one response per prompt. Verdicts derived by hand in each docstring."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -14,6 +13,7 @@ import instructkit.generation
 import instructkit.models.loading
 from instructkit.errors import InputError
 from instructkit.eval.run import evaluate
+from tests.eval.test_run import held_out  # the same three labelled reviews
 from tests.tiny import write_jsonl
 
 NO_COMMA = {
@@ -92,20 +92,6 @@ def test_ifeval_scores_every_row_of_a_file_with_two_responses_per_prompt(tmp_pat
     ]
     err = capsys.readouterr().err
     assert "warning: 1 row of" in err and "(line 5)" in err and "unmatched_rows" in err
-
-
-def held_out(tmp_path: Path) -> Path:
-    rows = [
-        {
-            "messages": [
-                {"role": "system", "content": "Label the review."},
-                {"role": "user", "content": f"review {i}"},
-                {"role": "assistant", "content": ref},
-            ]
-        }
-        for i, ref in enumerate(["positive", "negative", "positive"])
-    ]
-    return write_jsonl(tmp_path / "held_out.jsonl", rows)
 
 
 def test_conversation_suites_score_every_row_with_several_rows_per_prompt(tmp_path):

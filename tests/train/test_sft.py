@@ -35,6 +35,14 @@ def config(tiny: Path, data: Path, out: Path, **train) -> dict:
     }
 
 
+def torchrun_sft(config: Path, *, port: int) -> subprocess.CompletedProcess:
+    """`instructkit sft --config CONFIG` in 2 CPU processes (gloo DDP) through torchrun."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [torchrun, "--nproc_per_node", "2", "--master_port", str(port), "-m", "instructkit", "sft", "--config"]
+    return subprocess.run([*command, str(config)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
 def test_sft_lowers_the_loss_and_writes_the_run_folder(tiny, data, tmp_path):
     cfg = config(tiny, data, tmp_path / "run", max_steps=25)
     cfg["data"]["val_fraction"] = 0.2
@@ -133,27 +141,7 @@ def test_two_processes_match_one(tiny, data, tmp_path):
     cfg_two = config(tiny, data, tmp_path / "two", batch_size=4)
     (tmp_path / "two.yaml").write_text(json.dumps(cfg_two))
     sft(cfg_one)
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [
-            torchrun,
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29517",
-            "-m",
-            "instructkit",
-            "sft",
-            "--config",
-            str(tmp_path / "two.yaml"),
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = torchrun_sft(tmp_path / "two.yaml", port=29517)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 6
@@ -171,27 +159,7 @@ def test_two_processes_with_one_held_out_record_finish_with_the_same_val_loss(ti
         cfg["data"]["val_path"] = str(one_record)
     (tmp_path / "two.yaml").write_text(json.dumps(cfg_two))
     single = sft(cfg_one)
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [
-            torchrun,
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29518",
-            "-m",
-            "instructkit",
-            "sft",
-            "--config",
-            str(tmp_path / "two.yaml"),
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = torchrun_sft(tmp_path / "two.yaml", port=29518)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert two["val_examples"] == 1 and two["val_loss"] == pytest.approx(single["val_loss"], rel=1e-4)
