@@ -38,3 +38,27 @@ def assert_resumes_exactly(
     assert not (tmp_path / "cut" / "final").exists()
     recipe(make_config(tmp_path / "cut", save_every=2, **train))
     assert losses(tmp_path / "full") == losses(tmp_path / "cut")
+
+
+def trl_parity_args(out: Path) -> dict:
+    """The TRL trainer settings the parity tests compare against instructkit's own run: batch 8,
+    10 steps at a constant lr 1e-3 without warm-up or decay, clipping at 1, fp32 on CPU, no
+    gradient checkpointing, logging every step, no saving, no worker processes."""
+    return {
+        "output_dir": str(out),
+        "per_device_train_batch_size": 8,
+        "max_steps": 10,
+        "learning_rate": 1e-3,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "bf16": False,
+        "fp16": False,
+        "gradient_checkpointing": False,
+        "use_cpu": True,
+        "dataloader_num_workers": 0,
+    }

@@ -10,7 +10,7 @@ from instructkit.losses.preference import PREFERENCE_LOSSES
 from instructkit.train.dpo import dpo
 from instructkit.train.engine import MetricsLog
 from tests.tiny import toy_preferences, write_jsonl
-from tests.train.invariants import assert_accumulation_is_exact, assert_resumes_exactly, losses
+from tests.train.invariants import assert_accumulation_is_exact, assert_resumes_exactly, losses, trl_parity_args
 
 
 def config(tiny: Path, data: Path, out: Path, **train) -> dict:
@@ -103,22 +103,7 @@ def test_loss_matches_trl_dpo_trainer(tiny, tmp_path):
         for r in rows
     ]
     args = trl.DPOConfig(
-        output_dir=str(tmp_path / "trl"),
-        per_device_train_batch_size=8,
-        max_steps=10,
-        learning_rate=1e-3,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
-        use_cpu=True,
-        dataloader_num_workers=0,
+        **trl_parity_args(tmp_path / "trl"),
         seed=0,
         beta=0.1,
         loss_type=["sigmoid"],

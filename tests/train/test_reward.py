@@ -10,7 +10,7 @@ import pytest
 from instructkit.train.engine import MetricsLog
 from instructkit.train.reward import rm
 from tests.tiny import toy_preferences, write_jsonl
-from tests.train.invariants import assert_accumulation_is_exact, assert_resumes_exactly, losses
+from tests.train.invariants import assert_accumulation_is_exact, assert_resumes_exactly, losses, trl_parity_args
 
 
 def config(tiny: Path, data: Path, out: Path, **train) -> dict:
@@ -107,22 +107,7 @@ def test_loss_matches_trl_reward_trainer(tiny, tmp_path):
     enc = lambda r, k: list(encode_prompt_response(tokenizer, r["prompt"], r[k], max_length=64).input_ids)  # noqa: E731
     dataset = Dataset.from_list([{"chosen_ids": enc(r, "chosen"), "rejected_ids": enc(r, "rejected")} for r in rows])
     args = trl.RewardConfig(
-        output_dir=str(tmp_path / "trl"),
-        per_device_train_batch_size=8,
-        max_steps=10,
-        learning_rate=1e-3,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
-        use_cpu=True,
-        dataloader_num_workers=0,
+        **trl_parity_args(tmp_path / "trl"),
         center_rewards_coefficient=None,
         seed=0,
         max_length=64,
