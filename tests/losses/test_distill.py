@@ -43,7 +43,7 @@ def test_forward_and_reverse_kl_by_hand():
     student, teacher = logits(Q, 1.7), logits(P, -0.3)  # shifts do not change a softmax
     assert forward_kl(student[None], teacher[None])[0].item() == pytest.approx(KL_PQ, abs=1e-12)
     assert reverse_kl(student[None], teacher[None])[0].item() == pytest.approx(KL_QP, abs=1e-12)
-    assert abs(KL_PQ - KL_QP) > 0.1  # the example tells the two directions apart
+    assert abs(KL_PQ - KL_QP) > 0.02  # the example tells the two directions apart
 
 
 def test_jsd_at_one_half_by_hand():
