@@ -193,6 +193,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from instructkit.export import export
+
+    result = export(args.model, args.out, fmt=args.format, quant=args.quant)
+    size = result["bytes"] / 2**20
+    print(
+        f"wrote {result['out']} ({result['format']}{', ' + result['quant'] if result['quant'] else ''}, {size:.1f} MiB)"
+    )
+    print(
+        f"checked: loaded back, max |logit difference| {result['max_abs_logit_diff']:.3g} over "
+        f"{result['positions']} positions, greedy next token agrees at {100 * result['argmax_agreement']:.0f}%"
+    )
+    return 0
+
+
 def cmd_label_create(args: argparse.Namespace) -> int:
     from instructkit.serve.labels import create_label_store
 
@@ -439,6 +454,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--runs", default="runs", metavar="DIR", help="run folders listed on the runs page (/runs) (default runs/)"
     )
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "export",
+        help="write a model out as an HF folder, merged weights or a GGUF file",
+        description="Export a model or run folder: --format hf (as saved: an adapter stays an adapter), "
+        "merged (adapters folded into the base: an ordinary HF folder) or gguf (one file for llama.cpp, "
+        "Ollama and transformers, with the tokenizer and chat template; --quant f16, q8_0 or q4_0). "
+        "The written model is loaded back and compared with the source. See docs/export.md.",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model or run folder (default: %(default)s)")
+    p.add_argument("--format", default="merged", choices=["hf", "merged", "gguf"], help="default: %(default)s")
+    p.add_argument("--quant", default="f16", choices=["f16", "q8_0", "q4_0"], help="GGUF weights (default: f16)")
+    p.add_argument("--out", required=True, help="output folder (hf, merged) or file ending in .gguf")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
         "label",

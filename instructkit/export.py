@@ -1,0 +1,83 @@
+"""`instructkit export`: a model or run folder out as an HF folder, merged weights, or one GGUF file.
+
+- ``hf``: the model as it is saved (a peft adapter stays an adapter, with the base it names);
+- ``merged``: adapters folded into the base, an ordinary HF folder any tool loads;
+- ``gguf``: the merged model and its tokenizer in one GGUF file (``--quant f16|q8_0|q4_0``), for
+  llama.cpp, Ollama and transformers.
+
+Every export is checked after writing: the written model is loaded back and its next-token logits
+on a probe text are compared with the source's (the largest absolute difference is reported,
+with whether the greedy next tokens agree). Outputs appear whole or not at all.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+ExportFormat = Literal["hf", "merged", "gguf"]
+FORMATS = ("hf", "merged", "gguf")
+PROBE = "Ada ordered three lamps for the office in Oslo. Reply with the name, the item, the count and the city."
+
+
+def _probe_logits(model: Any, tokenizer: Any):
+    import torch
+
+    ids = torch.tensor([tokenizer(PROBE)["input_ids"]], device=next(model.parameters()).device)
+    with torch.no_grad():
+        return model(input_ids=ids).logits[0].float().cpu()
+
+
+def compare(source: Any, written: Any, tokenizer: Any) -> dict[str, Any]:
+    """Largest logit difference on the probe text and the share of positions whose argmax agrees."""
+    a, b = _probe_logits(source, tokenizer), _probe_logits(written, tokenizer)
+    return {
+        "max_abs_logit_diff": float((a - b).abs().max()),
+        "argmax_agreement": float((a.argmax(-1) == b.argmax(-1)).float().mean()),
+        "positions": int(a.shape[0]),
+    }
+
+
+def _load_gguf(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype="float32").eval()
+
+
+def export(model: str, out: str | os.PathLike, *, fmt: str = "merged", quant: str = "f16") -> dict[str, Any]:
+    """Export ``model`` (a spec: run folder, HF folder, adapter, embedded name) to ``out``."""
+    from instructkit.errors import InputError, did_you_mean
+    from instructkit.fileio import atomic_dir
+    from instructkit.models.gguf_export import QUANTS, write_gguf
+    from instructkit.models.loading import load_model, load_tokenizer, resolve
+
+    if fmt not in FORMATS:
+        raise InputError(
+            f"unknown format {fmt!r} (one of {', '.join(FORMATS)}){did_you_mean(fmt, FORMATS)}", field="format"
+        )
+    if quant != "f16" and fmt != "gguf":
+        raise InputError(f"--quant {quant} applies to --format gguf only", field="quant")
+    if quant not in QUANTS:
+        raise InputError(f"unknown GGUF quantisation {quant!r} (one of {', '.join(QUANTS)})", field="quant")
+    out = Path(out)
+    if fmt == "gguf" and out.suffix != ".gguf":
+        raise InputError(f"a GGUF export is one file; name it *.gguf, not {out}", field="out")
+    tokenizer = load_tokenizer(model)
+    source = load_model(model, dtype="fp32", device="cpu", merge_adapter=fmt != "hf").eval()
+    if fmt == "gguf":
+        write_gguf(source, tokenizer, out, quant=quant)
+        written = _load_gguf(out)
+    else:
+        with atomic_dir(out) as tmp:
+            source.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            adapter = resolve(model).adapter if fmt == "hf" else None
+            marker = Path(adapter, "instructkit_base.txt") if adapter else None
+            if marker is not None and marker.is_file():  # the base it sits on (an earlier stage's run)
+                (tmp / marker.name).write_text(marker.read_text())
+        written = load_model(str(out), dtype="fp32", device="cpu").eval()
+    size = out.stat().st_size if out.is_file() else sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return {"format": fmt, "quant": quant if fmt == "gguf" else None, "out": str(out), "bytes": size} | compare(
+        source, written, tokenizer
+    )

@@ -1,0 +1,79 @@
+"""`instructkit export`: hf, merged and gguf outputs load back as the model they came from."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from instructkit.cli import main
+from instructkit.export import export
+from instructkit.models.loading import load_model, load_tokenizer
+from tests.tiny import tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tmp_path_factory):
+    """A run-shaped folder holding a LoRA adapter (nonzero B, so merging changes the weights)."""
+    import peft
+
+    root = tmp_path_factory.mktemp("export")
+    base = tiny_model_dir(root / "base", seed=1)
+    model = load_model(str(base), dtype="fp32", device="cpu")
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    final = root / "run" / "final"
+    lora.save_pretrained(final)
+    load_tokenizer(str(base)).save_pretrained(final)
+    (final / "instructkit_base.txt").write_text(str(base) + "\n")
+    return root / "run", base
+
+
+def _logits(spec):
+    model = load_model(str(spec), dtype="fp32", device="cpu").eval()
+    ids = torch.tensor([[5, 17, 230, 1000, 42]])
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_merged_equals_the_adapter_and_differs_from_the_base(tmp_path, adapter_run):
+    run, base = adapter_run
+    result = export(str(run), tmp_path / "merged", fmt="merged")
+    assert (tmp_path / "merged" / "config.json").is_file()
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+    torch.testing.assert_close(_logits(tmp_path / "merged"), _logits(run), atol=1e-5, rtol=1e-5)
+    assert (_logits(tmp_path / "merged") - _logits(base)).abs().max() > 1e-3
+    assert result["max_abs_logit_diff"] < 1e-4
+
+
+def test_hf_keeps_the_adapter_on_its_base(tmp_path, adapter_run):
+    run, _ = adapter_run
+    export(str(run), tmp_path / "hf", fmt="hf")
+    assert (tmp_path / "hf" / "adapter_config.json").is_file()
+    torch.testing.assert_close(_logits(tmp_path / "hf"), _logits(run))
+
+
+def test_gguf_through_the_command(tmp_path, adapter_run, capsys):
+    run, _ = adapter_run
+    out = tmp_path / "model.gguf"
+    assert main(["export", "--model", str(run), "--format", "gguf", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "checked: loaded back" in printed and "agrees at 100%" in printed
+    torch.testing.assert_close(_logits(out), _logits(run), atol=2e-2, rtol=0)  # f16 weights
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--format", "gguf", "--out", "x.bin"], "name it *.gguf"),
+        (["--format", "merged", "--quant", "q8_0", "--out", "x"], "applies to --format gguf only"),
+    ],
+)
+def test_bad_requests_exit_2_before_loading(tmp_path, adapter_run, capsys, argv, message):
+    run, _ = adapter_run
+    argv = [a if a not in ("x", "x.bin") else str(tmp_path / a) for a in argv]
+    assert main(["export", "--model", str(run), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
