@@ -237,6 +237,44 @@ class SFTConfig:
 
 
 @dataclasses.dataclass
+class PruneConfig:
+    """Pruning: `instructkit prune --config FILE` (docs/prune.md). Structured steps first (whole
+    decoder layers, then FFN channels), then weight masks on what remains."""
+
+    model: str = "smollm2-135m-instruct"  # the model to prune (adapters are merged first)
+    out: str = "runs/prune"
+    data: DataConfig = dataclasses.field(  # calibration demonstrations or text (Wanda, layer and channel choice)
+        default_factory=lambda: DataConfig(path="shipped:extract/train", max_length=128)
+    )
+    calibration_examples: int = 64  # the first N records of data.path
+    batch_size: int = 8  # calibration forward passes
+    drop_layers: int = 0  # remove this many consecutive decoder layers (least angular change)
+    ffn_keep: float = 1.0  # fraction of each layer's FFN channels kept (1: all)
+    scores: Literal["magnitude", "wanda"] = "magnitude"  # weight importance: |W|, or |W| x input norm
+    pattern: Literal["unstructured", "semi_structured"] = "unstructured"  # semi_structured: 2:4, two of every four weights along a row
+    sparsity: float = 0.0  # unstructured: fraction of weights zeroed per row (wanda) or per matrix (magnitude)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)  # device and seed only
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        require(self.calibration_examples >= 1, "calibration_examples", "must be at least 1")
+        require(self.batch_size >= 1, "batch_size", "must be at least 1")
+        require(self.drop_layers >= 0, "drop_layers", "must be >= 0")
+        require(0.0 < self.ffn_keep <= 1.0, "ffn_keep", "must be in (0, 1]")
+        require(0.0 <= self.sparsity < 1.0, "sparsity", "must be in [0, 1)")
+        require(
+            not (self.pattern == "semi_structured" and self.sparsity),
+            "sparsity",
+            "semi_structured (2:4) fixes the sparsity at 0.5; leave sparsity at 0 with it",
+        )
+        require(
+            bool(self.drop_layers or self.ffn_keep < 1.0 or self.sparsity or self.pattern == "semi_structured"),
+            "sparsity",
+            "nothing to prune: set sparsity, pattern: semi_structured (2:4), drop_layers or ffn_keep",
+        )
+
+
+@dataclasses.dataclass
 class RewardConfig:
     """Reward model on ranked comparisons: `instructkit rm --config FILE`."""
 

@@ -24,6 +24,7 @@ from instructkit.config import (
     EvalStageConfig,
     Origin,
     PPOConfig,
+    PruneConfig,
     RewardConfig,
     SFTConfig,
     from_dict,
@@ -160,6 +161,17 @@ STAGES: dict[str, Stage] = {
             missing=_ppo_missing,
         ),
         Stage(
+            "prune",
+            PruneConfig,
+            "instructkit.train.prune:prune",
+            "prune a model: drop decoder layers or FFN channels, or zero weights (magnitude, Wanda, 2:4)",
+            "Pruning: remove whole decoder layers (the block whose output is closest in angle to its input) "
+            "and FFN channels, saved as an ordinary smaller HF model; or zero weights by magnitude or Wanda "
+            "(|W| x input norm over a calibration set), unstructured or 2:4 (pattern: semi_structured). See docs/prune.md.",
+            "policy",
+            lambda cfg: [DataFile("data.path", cfg.data.path, "any", cfg.data.format, cfg.data.columns)],
+        ),
+        Stage(
             "eval",
             EvalStageConfig,
             "instructkit.eval.stage:eval_stage",
@@ -196,6 +208,7 @@ class RecipeConfig:
     dpo: dict[str, Any] = dataclasses.field(default_factory=dict)  # DPO-family stage (docs/dpo.md)
     ppo: dict[str, Any] = dataclasses.field(default_factory=dict)  # PPO/GRPO stage (docs/ppo.md)
     eval: dict[str, Any] = dataclasses.field(default_factory=dict)  # evaluation stage (docs/run.md)
+    prune: dict[str, Any] = dataclasses.field(default_factory=dict)  # pruning stage (docs/prune.md)
 
 
 @dataclasses.dataclass
