@@ -36,13 +36,19 @@ PeftMethod = Literal[
     "lokr",
     "ia3",
     "ln_tuning",
+    "qlora",
+    "houlsby",
+    "pfeiffer",
     "prompt_tuning",
     "prefix_tuning",
     "p_tuning",
 ]
 PeftInit = Literal["default", "gaussian", "pissa", "olora"]  # how a LoRA adapter starts
 LORA_FAMILY = ("lora", "dora", "rslora")  # the methods peft.init applies to
-WITH_DROPOUT = (*LORA_FAMILY, "vera", "loha", "lokr")  # the methods peft.dropout applies to
+WITH_DROPOUT = (*LORA_FAMILY, "qlora", "vera", "loha", "lokr")  # the methods peft.dropout applies to
+BOTTLENECK_METHODS = ("houlsby", "pfeiffer")  # bottleneck adapters (models/bottleneck.py)
+AdapterAct = Literal["relu", "gelu", "silu"]  # the bottleneck's nonlinearity (models/bottleneck.ACTIVATIONS)
+NOT_MERGING = (*BOTTLENECK_METHODS, "qlora")  # trained methods with no merged/ (save_merged refused)
 PreferenceLoss = Literal["sigmoid", "ipo", "hinge", "simpo", "orpo", "kto"]
 Advantage = Literal["gae", "grpo", "rloo"]
 GROUP_RELATIVE = ("grpo", "rloo")  # advantages compare the responses within a prompt's group
@@ -55,7 +61,7 @@ Suite = Literal[
     "exact_match", "accuracy", "bleu", "rouge", "reward", "winrate", "perplexity", "ifeval", "preference", "loss", "f1"
 ]
 NAMED_TEMPLATES = ("tokenizer", "chatml", "llama-3", "alpaca")
-PEFT_ADAPTERS = ("lora", "dora", "ia3")  # methods that leave the base weights untouched
+PEFT_ADAPTERS = ("lora", "dora", "ia3", "qlora")  # methods that leave the base weights untouched
 
 
 class FieldError(ValueError):
@@ -134,6 +140,8 @@ class PeftConfig:
     trainable_layers: int = 0  # freeze: train only the top N decoder layers (0 = all)
     ffn_only: bool = False  # freeze: train only the feed-forward (MLP) blocks
     freeze_embeddings: bool = True  # freeze: keep input/output embeddings frozen
+    reduction_factor: int = 16  # houlsby, pfeiffer: bottleneck width = hidden size / reduction_factor
+    adapter_act: AdapterAct = "relu"  # houlsby, pfeiffer: the bottleneck's nonlinearity (relu, gelu, silu)
 
     def __post_init__(self) -> None:
         require(self.r >= 1, "r", "the LoRA rank must be at least 1")
@@ -158,6 +166,36 @@ class PeftConfig:
             "encoder_hidden_size",
             "must be at least 1 (or null for the model's hidden size)",
         )
+        require(
+            self.reduction_factor >= 1, "reduction_factor", "must be at least 1 (the bottleneck is hidden size / it)"
+        )
+        for key, default in (("reduction_factor", 16), ("adapter_act", "relu")):
+            require(
+                getattr(self, key) == default or self.method in BOTTLENECK_METHODS,
+                key,
+                f"sets a bottleneck adapter ({', '.join(BOTTLENECK_METHODS)}), not {self.method}; leave it at {default}",
+            )
+        require(self.method != "qlora" or _has_bitsandbytes(), "method", QLORA_NEEDS)
+
+
+QLORA_NEEDS = (
+    "qlora stores the base in 4-bit NF4 with bitsandbytes, which is not installed: "
+    "pip install 'instructkit[qlora]' (bitsandbytes==0.50.2, as requirements.lock), or use lora"
+)
+
+
+def _has_bitsandbytes() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def _check_merged(save_merged: bool, peft: PeftConfig) -> None:
+    require(
+        not save_merged or peft.method not in NOT_MERGING,
+        "save_merged",
+        f"{peft.method} adapters do not merge into plain weights (docs/sft.md); leave save_merged false",
+    )
 
 
 @dataclasses.dataclass
@@ -234,6 +272,9 @@ class SFTConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     save_merged: bool = False  # LoRA: also write merged full weights to merged/
     trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        _check_merged(self.save_merged, self.peft)
 
 
 @dataclasses.dataclass
@@ -445,6 +486,7 @@ class PPOConfig:
             "PPO runs train.max_steps steps; epochs over the prompts do not apply",
         )
         require(self.train.max_steps is not None, "train.max_steps", "set the number of PPO steps")
+        _check_merged(self.save_merged, self.peft)
 
 
 @dataclasses.dataclass

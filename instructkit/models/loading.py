@@ -1,14 +1,16 @@
 """Load a causal LM and its tokenizer from any model spec a user can give.
 
 A spec is one of: the name of an embedded model (``smollm2-135m-instruct``), a GGUF file, a run
-folder of ours (its ``final/``), a local Hugging Face folder (full weights or a peft adapter),
-or a Hub id found in the local cache. Weights load from safetensors only; remote code runs only
-when asked.
+folder of ours (its ``final/``), a local Hugging Face folder (full weights, a peft adapter, or
+bottleneck adapters, see ``models.bottleneck``), or a Hub id found in the local cache. Weights
+load from safetensors only; remote code runs only when asked. A qlora adapter's base is
+quantised to 4 bits again before the adapter goes on (``models.qlora``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,12 @@ from typing import Any
 
 from instructkit.errors import InputError
 from instructkit.models.embedded import EMBEDDED, embedded_model_dir, gguf_model_dir
+
+BOTTLENECK_CONFIG = "bottleneck_config.json"  # models.bottleneck.CONFIG_NAME (that module imports torch)
+QUANTIZATION_RECORD = "instructkit_quantization.json"  # models.qlora.RECORD_NAME
+# bitsandbytes (imported by peft when installed) warns on every import, on CPUs with AVX512-BF16,
+# that an optional Hub kernel is missing; its own CPU kernels run instead.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)
@@ -26,6 +34,13 @@ class ResolvedModel:
     adapter: str | None = None
     local: bool = True
     merged_first: tuple[str, ...] = ()  # earlier adapters (e.g. SFT's under DPO's), merged in order
+    bottleneck: str | None = None  # a folder of bottleneck adapters to attach (instead of ``adapter``)
+    quantized: bool = False  # the adapter was trained over the 4-bit NF4 base (qlora)
+
+    @property
+    def folder(self) -> str | None:
+        """The adapter folder of either kind, if any."""
+        return self.adapter or self.bottleneck
 
 
 def default_device() -> str:
@@ -99,9 +114,19 @@ def resolve(spec: str | os.PathLike) -> ResolvedModel:
                 base = marker.read_text().strip()
             if not base:
                 raise InputError("adapter_config.json names no base model", file=str(path))
-            under = resolve(base)  # the base may itself be an adapter run (DPO over LoRA SFT)
+            under = _base_under(base, path)
             earlier = (*under.merged_first, under.adapter) if under.adapter else under.merged_first
-            return ResolvedModel(under.base, adapter=str(path), local=under.local, merged_first=earlier)
+            quantized = (path / QUANTIZATION_RECORD).is_file()
+            return ResolvedModel(
+                under.base, adapter=str(path), local=under.local, merged_first=earlier, quantized=quantized
+            )
+        if (path / BOTTLENECK_CONFIG).is_file():
+            if (path / "config.json").is_file():  # whole weights with the adapters beside (a reward model)
+                return ResolvedModel(str(path), bottleneck=str(path))
+            base = _bottleneck_base(path)
+            under = _base_under(base, path)
+            earlier = (*under.merged_first, under.adapter) if under.adapter else under.merged_first
+            return ResolvedModel(under.base, local=under.local, merged_first=earlier, bottleneck=str(path))
         if (path / "config.json").is_file():
             return ResolvedModel(str(path))
         raise InputError("folder holds no model (no config.json, adapter_config.json or final/)", file=spec)
@@ -111,6 +136,26 @@ def resolve(spec: str | os.PathLike) -> ResolvedModel:
         return ResolvedModel(spec, local=False)
     names = ", ".join(EMBEDDED)
     raise InputError(f"no such model file or folder, and not a Hub id or embedded model ({names})", file=spec)
+
+
+def _bottleneck_base(path: Path) -> str:
+    try:
+        base = json.loads((path / BOTTLENECK_CONFIG).read_text()).get("base")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"cannot read {BOTTLENECK_CONFIG} ({exc})", file=str(path)) from exc
+    if not base:
+        raise InputError(f"{BOTTLENECK_CONFIG} names no base model", file=str(path))
+    return base
+
+
+def _base_under(base: str, path: Path) -> ResolvedModel:
+    """The model an adapter folder sits on; it may itself be an adapter run (DPO over LoRA SFT),
+    but not one whose adapters cannot merge (a 4-bit or a bottleneck-adapter stage)."""
+    under = resolve(base)
+    if under.bottleneck or under.quantized:
+        kind = "bottleneck adapters" if under.bottleneck else "a qlora adapter over a 4-bit base"
+        raise InputError(f"the base {base} holds {kind}, which cannot merge under another adapter", file=str(path))
+    return under
 
 
 def _hub_kwargs(resolved: ResolvedModel) -> dict[str, Any]:
@@ -131,8 +176,8 @@ def load_tokenizer(spec: str | os.PathLike, *, trust_remote_code: bool = False):
 
     resolved = resolve(spec)
     source = (
-        resolved.adapter
-        if resolved.adapter and Path(resolved.adapter, "tokenizer_config.json").is_file()
+        resolved.folder
+        if resolved.folder and Path(resolved.folder, "tokenizer_config.json").is_file()
         else resolved.base
     )
     try:
@@ -157,7 +202,9 @@ def load_model(
 ):
     """Load a causal LM from a model spec, on ``device`` in ``dtype`` (sensible defaults).
 
-    An adapter folder comes back as a ``PeftModel`` over its base (merged when asked).
+    An adapter folder comes back as a ``PeftModel`` over its base (merged when asked). Bottleneck
+    adapters come back attached to their base, unmerged even when a merge is asked (a later stage
+    keeps training them); a qlora adapter comes back over its 4-bit base and cannot merge.
     """
     from transformers import AutoModelForCausalLM
 
@@ -174,14 +221,32 @@ def load_model(
         if not resolved.local:
             raise _offline_error(resolved.base, exc) from exc
         raise
-    if resolved.adapter:
+    if resolved.quantized and merge_adapter:
+        raise InputError(
+            "a qlora adapter was trained over the 4-bit base and does not merge into it exactly; a stage "
+            "cannot start from it (train the earlier stage with lora, or run this one from the base)",
+            file=resolved.adapter,
+        )
+    if resolved.merged_first:
         from peft import PeftModel
 
         for earlier in resolved.merged_first:
             model = PeftModel.from_pretrained(model, earlier).merge_and_unload()
+    if resolved.quantized:
+        from instructkit.models.qlora import check_record, quantize_nf4
+
+        check_record(Path(resolved.adapter))
+        quantize_nf4(model)
+    if resolved.adapter:
+        from peft import PeftModel
+
         model = PeftModel.from_pretrained(model, resolved.adapter)
         if merge_adapter:
             model = model.merge_and_unload()
+    if resolved.bottleneck:
+        from instructkit.models import bottleneck
+
+        bottleneck.load(model, Path(resolved.bottleneck))
     return model.to(device)
 
 

@@ -4,9 +4,10 @@ Each method is a :class:`Method` in :data:`METHODS`: a function ``(model, PeftCo
 model`` and what the method allows (merging, the tasks instructkit can train it for); recipes look
 the method up by name through :func:`apply_method` and never branch on it.
 
-Two kinds of saved model come out: whole weights (``full``, ``freeze``, ``bitfit``), and a peft
-adapter (every other method: ``save_pretrained`` writes it, ``models.loading`` puts it back on
-the untouched base it names).
+Three kinds of saved model come out: whole weights (``full``, ``freeze``, ``bitfit``); a peft
+adapter (``save_pretrained`` writes it, ``models.loading`` puts it back on the untouched base it
+names; ``qlora``'s base is put back 4-bit, see ``models.qlora``); and bottleneck adapters
+(``houlsby``, ``pfeiffer``: instructkit's own layout, see ``models.bottleneck``).
 """
 
 from __future__ import annotations
@@ -38,11 +39,12 @@ class Method:
     """A way to choose what trains, and what it allows."""
 
     build: Callable[[nn.Module, PeftConfig, str], nn.Module]  # (model, cfg, peft task type) -> model
-    adapter: bool = True  # saved as a peft adapter (else whole weights)
+    adapter: bool = True  # saved as a peft adapter (else whole weights, or bottleneck adapters)
     merges: bool = True  # an adapter ``merge_and_unload`` folds into plain weights
     targets: bool = False  # wraps the modules named by ``peft.target_modules``
     tasks: tuple[str, ...] = tuple(TASKS)  # the peft task types instructkit can train it for
     unsupported: str = ""  # why not, for the other tasks
+    bottleneck: bool = False  # places bottleneck adapters: the only methods that train over them
 
 
 def _train_head(model: nn.Module) -> None:
@@ -207,6 +209,42 @@ def _p_tuning(model: nn.Module, cfg: PeftConfig, task: str) -> Any:
     )
 
 
+def _bottleneck(method: str) -> Callable[[nn.Module, PeftConfig, str], nn.Module]:
+    """Houlsby (after attention and FFN) or Pfeiffer (after the FFN) bottleneck adapters; see
+    ``models.bottleneck``. They cannot merge (a nonlinearity sits between the two projections).
+    Over a model that already carries them (a stage chained over a bottleneck stage) the same
+    adapters keep training."""
+
+    def build(model: nn.Module, cfg: PeftConfig, task: str) -> nn.Module:
+        from instructkit.models import bottleneck
+
+        if is_peft(model):
+            raise InputError(
+                f"{method} adapters go on a plain model, not on a peft adapter model "
+                f"({type(model).__name__}); start from the base or a merged folder",
+                field="peft.method",
+            )
+        if bottleneck.spec_of(model) is None:
+            bottleneck.attach(model, method, cfg.reduction_factor, cfg.adapter_act)
+        else:
+            bottleneck.trainable_again(model, method, cfg.reduction_factor, cfg.adapter_act)
+        _train_head(model)
+        return model
+
+    return build
+
+
+def _qlora(model: nn.Module, cfg: PeftConfig, task: str) -> nn.Module:
+    """QLoRA (Dettmers et al. 2023): the base's linear layers to 4-bit NF4 (bitsandbytes, double
+    quantisation), then LoRA on top; see ``models.qlora``."""
+    import peft
+
+    from instructkit.models.qlora import quantize_nf4
+
+    quantize_nf4(model)
+    return peft.get_peft_model(model, _lora("lora")(model, cfg, task))
+
+
 def _peft(
     make_config: Callable[[nn.Module, PeftConfig, str], Any],
 ) -> Callable[[nn.Module, PeftConfig, str], nn.Module]:
@@ -232,6 +270,9 @@ METHODS: dict[str, Method] = {
     "lokr": Method(_peft(_lokr), targets=True),
     "ia3": Method(_peft(_ia3), targets=True),
     "ln_tuning": Method(_peft(_ln_tuning)),
+    "qlora": Method(_qlora, merges=False, targets=True),  # a merge would re-quantise W + BA to 4 bits
+    "houlsby": Method(_bottleneck("houlsby"), adapter=False, merges=False, bottleneck=True),
+    "pfeiffer": Method(_bottleneck("pfeiffer"), adapter=False, merges=False, bottleneck=True),
     "prompt_tuning": Method(_peft(_prompt_tuning), **_PROMPT),
     "prefix_tuning": Method(_peft(_prefix_tuning), **_PROMPT),
     "p_tuning": Method(_peft(_p_tuning), **_PROMPT),
@@ -264,6 +305,13 @@ def apply_method(model: nn.Module, cfg: PeftConfig, task: str = "CAUSAL_LM") -> 
     if task not in method.tasks:
         raise InputError(
             f"{cfg.method} cannot train a {TASKS.get(task, task)} ({task}): {method.unsupported}", field="peft.method"
+        )
+    carried = getattr(model, "bottleneck_spec", None)
+    if carried is not None and not method.bottleneck:
+        raise InputError(
+            f"the model carries {carried.method} adapters from an earlier stage, which cannot merge into its "
+            f"base; train this stage with peft.method {carried.method} (the same adapters keep training)",
+            field="peft.method",
         )
     if method.targets:
         _check_targets(model, cfg)

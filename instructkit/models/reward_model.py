@@ -37,12 +37,15 @@ def reward_model_from_causal_lm(causal_lm: nn.Module, tokenizer) -> nn.Module:
     """A one-label sequence classifier sharing the causal LM's backbone weights; fresh head."""
     from transformers import AutoModelForSequenceClassification
 
+    from instructkit.models.bottleneck import copy_adapters
+
     config = causal_lm.config
     config.num_labels = 1
     distinct_pad_token(tokenizer, causal_lm)
     config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(config, dtype=causal_lm.dtype)
+    copy_adapters(causal_lm, model)  # an SFT stage's bottleneck adapters come along (and keep training)
     prefix = model.base_model_prefix
     getattr(model, prefix).load_state_dict(getattr(causal_lm, prefix).state_dict())
     head = model.score if hasattr(model, "score") else None
@@ -74,6 +77,10 @@ def load_reward_model(spec: str | os.PathLike, device: str | None = None):
     resolved = resolve(spec)
     path = Path(resolved.base)
     model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+    if resolved.bottleneck:  # bottleneck adapters saved beside the whole weights (models.bottleneck)
+        from instructkit.models import bottleneck
+
+        bottleneck.load(model, Path(resolved.bottleneck))
     model.to(device or default_device()).eval()
     tokenizer = load_tokenizer(path)
     return model, tokenizer, float(getattr(model.config, BIAS_KEY, 0.0) or 0.0)

@@ -109,9 +109,12 @@ def value_model_from_policy(causal_lm: nn.Module) -> nn.Module:
     the policy's config and the global random seed alone."""
     from transformers import AutoModelForSequenceClassification
 
+    from instructkit.models.bottleneck import copy_adapters
+
     config = copy.deepcopy(causal_lm.config)
     config.num_labels = 1
     value = AutoModelForSequenceClassification.from_config(config, dtype=causal_lm.dtype)
+    copy_adapters(causal_lm, value)  # the policy's bottleneck adapters, if it carries them
     prefix = value.base_model_prefix
     getattr(value, prefix).load_state_dict(getattr(causal_lm, prefix).state_dict())
     # Zero, not random: a random head's values are noise of the size of the rewards, and GAE

@@ -201,6 +201,7 @@ def rm_summary(held_out: dict[str, dict[str, float] | None], bias: float, enc) -
 
 def save_reward_model(model: nn.Module, tokenizer, path: Path, *, bias: float) -> None:
     from instructkit.fileio import atomic_dir
+    from instructkit.models import bottleneck
     from instructkit.models.peft_methods import is_peft
     from instructkit.models.reward_model import BIAS_KEY
 
@@ -209,3 +210,5 @@ def save_reward_model(model: nn.Module, tokenizer, path: Path, *, bias: float) -
     with atomic_dir(path) as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if bottleneck.spec_of(plain) is not None:  # they do not merge: saved beside, loaded back by load_reward_model
+            bottleneck.save(plain, tmp, base_spec=None)

@@ -224,14 +224,21 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 
 def save_final(model: nn.Module, tokenizer: Any, run: RunDir, *, base_spec: str, merged: bool) -> None:
-    """Write final/ atomically (adapter or full weights + tokenizer), and merged/ if asked."""
+    """Write final/ atomically (adapter, bottleneck adapters or full weights + tokenizer), and
+    merged/ if asked. A qlora adapter also says how its base was quantised (``models.qlora``)."""
+    from instructkit.models import bottleneck, qlora
     from instructkit.models.peft_methods import is_peft
 
     with atomic_dir(run.final) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if bottleneck.spec_of(model) is not None:
+            bottleneck.save(model, tmp, base_spec)  # only the adapters; the base is named
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if is_peft(model):
             (tmp / "instructkit_base.txt").write_text(str(base_spec) + "\n")
+        if qlora.is_quantized(model):
+            qlora.save_record(model, tmp)
     if merged:
         with atomic_dir(run.path / "merged") as tmp:
             model.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
