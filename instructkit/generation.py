@@ -8,8 +8,8 @@ What it owns:
   derives position ids from it, so a padded row sees the same positions as the row alone).
 * **Batching.** Prompts are sorted by length (longest first, so running out of memory happens
   at once, not at the end) and cut into batches, which keeps padding small; results come back
-  in the caller's order. peft prompt-tuning and p-tuning models go one prompt at a time: peft
-  puts their virtual tokens before the padding (:func:`prepends_virtual_tokens`).
+  in the caller's order. peft prompt-tuning and p-tuning models batch too, through
+  :func:`generate_new` (peft's own ``generate`` would count their left padding as positions).
 * **Stopping.** A row stops at eos, at the template's end-of-turn marker, or at any ``stop``
   string; the returned text never contains them.
 * **Decoding.** ``temperature == 0`` is greedy. Otherwise sampling with temperature and
@@ -76,8 +76,6 @@ def generate(
         else {"do_sample": False}
     )
 
-    if prepends_virtual_tokens(model):
-        batch_size = 1  # see prepends_virtual_tokens: a row alone has no padding to misplace them
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     out: list[str] = [""] * len(ids)
     was_training = model.training
@@ -88,10 +86,11 @@ def generate(
             torch.manual_seed(seed)
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
-                input_ids, attention_mask = left_pad([ids[i] for i in rows], pad_id, device)
-                generated = model.generate(
-                    input_ids=input_ids,  # (B, T)
-                    attention_mask=attention_mask,  # (B, T), 0 on the left padding
+                input_ids, attention_mask = left_pad([ids[i] for i in rows], pad_id, device)  # (B, T), 0 on padding
+                generated, width = generate_new(
+                    model,
+                    input_ids,
+                    attention_mask,
                     max_new_tokens=max_new_tokens,
                     eos_token_id=stop_ids,
                     pad_token_id=pad_id,
@@ -99,8 +98,8 @@ def generate(
                     stop_strings=watch or None,
                     tokenizer=tokenizer if watch else None,
                     **sampling,
-                )  # (B, T + new)
-                new = generated[:, input_ids.shape[1] :].tolist()
+                )
+                new = generated[:, width:].tolist()  # (B, new)
                 for i, row in zip(rows, new):
                     out[i] = decode_response(tokenizer, row, stop_ids, stop_strings)
     finally:
@@ -109,14 +108,41 @@ def generate(
 
 
 def prepends_virtual_tokens(model: Any) -> bool:
-    """Whether ``model`` is a peft prompt-tuning or p-tuning model, whose ``generate`` puts the
-    virtual tokens in front of the whole row, left padding included: in a padded row they sit
-    further from the prompt than in the row alone, and greedy text changes with the batch.
-    Prefix tuning's key/value prefix is outside the row (peft offsets the positions), so it
-    batches as any model does."""
+    """Whether ``model`` is an active peft prompt-tuning or p-tuning model (virtual tokens as
+    embeddings before the input), the kind :func:`generate_new` generates through its base model.
+    Prefix tuning's key/value prefix is outside the row (peft offsets the positions), so peft's
+    own ``generate`` batches it as any model; inside ``disable_adapter()`` there are no virtual
+    tokens (peft says so only in ``_adapters_disabled``)."""
     config = getattr(model, "active_peft_config", None)
-    prompt_learning = bool(getattr(config, "is_prompt_learning", False))
-    return prompt_learning and getattr(config, "peft_type", None) not in ("PREFIX_TUNING", "CARTRIDGE")
+    if not getattr(config, "is_prompt_learning", False) or getattr(model, "_adapters_disabled", False):
+        return False
+    return config.peft_type in ("PROMPT_TUNING", "P_TUNING")
+
+
+def generate_new(model: Any, input_ids: Any, attention_mask: Any, **kwargs: Any) -> tuple[Any, int]:
+    """``model.generate`` on left-padded (B, T) prompts, and the column where the new tokens
+    start in what it returns (its ``sequences`` if ``return_dict_in_generate``).
+
+    peft's ``generate`` for prompt and p-tuning puts the virtual tokens before the whole row,
+    padding included, and drops position ids, so the model counts the padding as positions and a
+    padded row's text changes with the batch. Here the base model gets the virtual tokens as
+    embeddings with the mask extended by ones, and transformers derives the positions from the
+    mask (``cumsum - 1``): virtual tokens 0..n-1, then the real tokens, what the row alone gets
+    from peft. This is ``models.lm.virtual_token_inputs``'s 2-D case, written again because
+    generation may not import models (the floors in pyproject.toml); the training pass reads
+    through that one, and tests/models/test_prompt_learning.py checks that the two agree.
+    Given only embeddings, transformers returns only the new tokens.
+    """
+    if not prepends_virtual_tokens(model):
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs), input_ids.shape[1]
+    import torch
+
+    n = model.active_peft_config.num_virtual_tokens
+    embeds = model.word_embeddings(input_ids)  # (B, T, H)
+    prompts = model.get_prompt(batch_size=input_ids.shape[0]).to(embeds.dtype)  # (B, n, H)
+    mask = torch.cat((attention_mask.new_ones(attention_mask.shape[0], n), attention_mask), dim=1)  # (B, n + T)
+    inputs_embeds = torch.cat((prompts, embeds), dim=1)
+    return model.get_base_model().generate(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs), 0
 
 
 def _prompt_ids(tokenizer: Any, prompt: Prompt, template: str | None) -> list[int]:

@@ -24,14 +24,9 @@ from instructkit.errors import InputError, did_you_mean
 TASKS = {"CAUSAL_LM": "causal LM", "SEQ_CLS": "reward or value model"}  # peft task type -> what it trains
 
 # Prompt-learning methods live in peft's wrapper forward (virtual tokens prepended to the
-# embeddings, or a key/value prefix), but instructkit's loss paths call the backbone directly:
-# ``models.lm.outputs_at`` (SFT, DPO, PPO log-probs, the loss suites) and
-# ``models.reward_model.sequence_scores``. Training would see the plain model, so these methods
-# are refused until those two read through the wrapper; their adapters load and generate.
-PROMPT_LEARNING_UNSUPPORTED = (
-    "its virtual tokens live in peft's wrapper forward, and instructkit's loss paths "
-    "(models.lm.outputs_at, reward_model.sequence_scores) call the backbone directly; use lora"
-)
+# embeddings, or a key/value prefix); instructkit's loss paths call the backbone, and put the
+# virtual tokens in themselves (models.lm.virtual_token_inputs), so they train causal LMs and
+# reward/value models. They never merge into weights (peft has no merge_and_unload for them).
 
 
 @dataclass(frozen=True)
@@ -45,6 +40,7 @@ class Method:
     tasks: tuple[str, ...] = tuple(TASKS)  # the peft task types instructkit can train it for
     unsupported: str = ""  # why not, for the other tasks
     bottleneck: bool = False  # places bottleneck adapters: the only methods that train over them
+    virtual_tokens: bool = False  # prompt learning: trains activations (virtual tokens), not weights
 
 
 def _train_head(model: nn.Module) -> None:
@@ -197,6 +193,9 @@ def _prompt_tuning(model: nn.Module, cfg: PeftConfig, task: str) -> Any:
 def _prefix_tuning(model: nn.Module, cfg: PeftConfig, task: str) -> Any:
     import peft
 
+    from instructkit.models.lm import check_prefix_tuning
+
+    check_prefix_tuning(model)  # peft refuses only gradient checkpointing up front
     return peft.PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type=task)
 
 
@@ -256,7 +255,7 @@ def _peft(
     return build
 
 
-_PROMPT = dict(merges=False, tasks=(), unsupported=PROMPT_LEARNING_UNSUPPORTED)
+_PROMPT = dict(merges=False, virtual_tokens=True)
 
 METHODS: dict[str, Method] = {
     "full": Method(_full, adapter=False, merges=False),

@@ -55,12 +55,15 @@ def reward_model_from_causal_lm(causal_lm: nn.Module, tokenizer) -> nn.Module:
 
 
 def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scores (N,) of right-padded sequences (N, T), read at each one's last real token."""
-    from instructkit.models.lm import base_causal_lm
+    """Scores (N,) of right-padded sequences (N, T), read at each one's last real token.
 
-    base = base_causal_lm(model)
-    backbone = getattr(base, base.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    A peft prompt-learning model sees its virtual tokens (``models.lm.virtual_token_inputs``).
+    Read at the last real token, not where peft's own forward reads prompt-tuning rows: given
+    embeddings, transformers cannot see the padding and scores the last column, padding or not.
+    """
+    from instructkit.models.lm import backbone_hidden
+
+    base, hidden = backbone_hidden(model, input_ids=input_ids, attention_mask=attention_mask)  # (N, T, H)
     last = attention_mask.long().sum(-1) - 1  # (N,)
     picked = hidden[torch.arange(hidden.size(0), device=hidden.device), last]  # (N, H)
     return base.score(picked).squeeze(-1).float()

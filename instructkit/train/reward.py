@@ -120,6 +120,7 @@ def rm(
 
     # 1. Config and run folder (a finished run with this config is returned as is).
     cfg = resolve_stage_config(RewardConfig, "rm", config, overrides)
+    _refuse_unmergeable_adapter(cfg.peft.method)
     stage = setup.open_run(cfg, stage="rm", overwrite=overwrite)
     if stage.finished:
         return stage.run.saved_summary()
@@ -197,6 +198,20 @@ def rm_summary(held_out: dict[str, dict[str, float] | None], bias: float, enc) -
         "val_prompts": len(enc.val),
         "dropped_without_pairs": enc.dropped,
     }
+
+
+def _refuse_unmergeable_adapter(method: str) -> None:
+    """final/ is a plain classifier with the adapter merged (save_reward_model): prompt learning's
+    virtual tokens do not merge and could not be saved, so they are refused up front."""
+    from instructkit.models.peft_methods import METHODS
+
+    spec = METHODS.get(method)
+    if spec is not None and spec.virtual_tokens:
+        raise InputError(
+            f"{method} cannot train a reward model here: final/ is a plain sequence classifier with the "
+            f"adapter merged, and {method}'s virtual tokens do not merge into weights; use lora or full",
+            field="peft.method",
+        )
 
 
 def save_reward_model(model: nn.Module, tokenizer, path: Path, *, bias: float) -> None:

@@ -115,7 +115,7 @@ def sample(
     """
     from transformers import GenerationConfig
 
-    from instructkit.generation import left_pad
+    from instructkit.generation import generate_new, left_pad
 
     device = next(model.parameters()).device
     config = GenerationConfig(
@@ -142,8 +142,8 @@ def sample(
             for start in range(0, len(prompts), batch_size):
                 chunk = [list(p) for p in prompts[start : start + batch_size]]
                 input_ids, attention_mask = left_pad(chunk, pad_id, device)  # (B, P)
-                out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-                new = out.sequences[:, input_ids.size(1) :]  # (B, R')
+                out, width = generate_new(model, input_ids, attention_mask, generation_config=config)
+                new = out.sequences[:, width:]  # (B, R')
                 logprobs = torch.empty(new.shape, dtype=torch.float32, device=device)
                 entropy = torch.empty(new.shape, dtype=torch.float32, device=device)
                 for t, logits in enumerate(out.logits):  # R' tensors of (B, V): one (B, V) block at a time
@@ -210,16 +210,14 @@ def response_logprobs(model: nn.Module, batch: Rollout, temperature: float, chun
 def response_values(value_model: nn.Module, batch: Rollout) -> torch.Tensor:
     """(N, R) value of the state before each response token, from a one-label sequence
     classifier (a reward model's architecture) read at every position; 0 on padding."""
-    from instructkit.models.lm import base_causal_lm
+    from instructkit.models.lm import backbone_hidden
 
-    base = base_causal_lm(value_model)
-    backbone = getattr(base, base.base_model_prefix)
-    hidden = backbone(
+    base, hidden = backbone_hidden(
+        value_model,
         input_ids=batch.query_responses,
         attention_mask=batch.attention_mask,
         position_ids=position_ids(batch.attention_mask),
-        use_cache=False,
-    ).last_hidden_state
+    )  # (N, P + R, H)
     values = base.score(hidden[:, batch.prompt_width - 1 : -1]).squeeze(-1).float()  # (N, R)
     return values * batch.response_mask
 

@@ -76,10 +76,7 @@ def _config(case: str) -> PeftConfig:
 
 
 def _build(case: str, folder):
-    """The model of ``case`` from ``folder``, through apply_method as a recipe would; the
-    prompt-learning methods, which apply_method refuses for training (see
-    test_prompt_learning_is_refused_until_the_loss_paths_see_virtual_tokens), are built directly
-    to check peft's side of them."""
+    """The model of ``case`` from ``folder``, through apply_method as a recipe would."""
     cfg = _config(case)
     model = load_model(folder, device="cpu", dtype="fp32")
     method = METHODS[cfg.method]
@@ -282,15 +279,11 @@ def test_bitfit_on_a_bias_free_model_names_ln_tuning():
 
 @pytest.mark.parametrize("task", ["CAUSAL_LM", "SEQ_CLS"])
 @pytest.mark.parametrize("method", PROMPT_LEARNING)
-def test_prompt_learning_is_refused_until_the_loss_paths_see_virtual_tokens(method, task):
-    """models.lm.outputs_at and reward_model.sequence_scores call the backbone, not peft's
-    wrapper, so a prompt-learning model would train as the plain model (its first backward
-    fails: nothing trainable is in the graph). apply_method says so, in one line, before any
-    training."""
-    with pytest.raises(InputError) as err:
-        apply_method(tiny_llama(64), PeftConfig(method=method), task=task)
-    message = str(err.value)
-    assert err.value.field == "peft.method" and method in message and task in message and "\n" not in message
+def test_prompt_learning_trains_both_tasks(method, task):
+    """models.lm.outputs_at and reward_model.sequence_scores put the virtual tokens in
+    (tests/models/test_prompt_learning.py checks them against peft's forward), so apply_method
+    takes prompt learning for causal LMs and reward/value models."""
+    assert is_peft(apply_method(tiny_llama(64), PeftConfig(method=method, num_virtual_tokens=2), task=task))
 
 
 def test_config_choices_equal_the_registries():
