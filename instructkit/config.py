@@ -316,6 +316,46 @@ class PruneConfig:
 
 
 @dataclasses.dataclass
+class DistillConfig:
+    """Knowledge distillation: `instructkit distill --config FILE` (docs/distill.md)."""
+
+    model: str = "smollm2-135m-instruct"  # the student (e.g. a pruned run folder)
+    teacher: str = ""  # the teacher: any model spec or run folder (adapters merged)
+    out: str = "runs/distill"
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)  # demonstrations (their prompts, for on_policy/sequence)
+    peft: PeftConfig = dataclasses.field(default_factory=lambda: PeftConfig(method="full"))  # what of the student trains
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=1e-4))
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    mode: Literal["offline", "on_policy", "sequence"] = "offline"  # whose tokens the loss reads (docs/distill.md)
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"  # the divergence (losses/distill.py)
+    beta: float = 0.5  # jsd: the mixture weight (0 -> forward KL, 1 -> reverse KL)
+    temperature: float = 1.0  # both distributions at softmax(logits / T)
+    alpha: float = 1.0  # weight of the divergence; 1 - alpha goes to the SFT cross-entropy
+    max_new_tokens: int = 64  # on_policy and sequence: longest answer sampled or written
+    sample_temperature: float = 1.0  # on_policy: the student's sampling temperature
+    generation_batch_size: int = 16  # sequence: prompts the teacher answers at once
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        require(0.0 <= self.beta <= 1.0, "beta", "must be in [0, 1]")
+        require(self.beta == 0.5 or self.loss == "jsd", "beta", f"beta applies to loss: jsd, not {self.loss}")
+        require(self.temperature > 0, "temperature", "must be positive")
+        require(0.0 <= self.alpha <= 1.0, "alpha", "must be in [0, 1]")
+        require(
+            self.mode != "sequence" or (self.alpha == 1.0 and self.loss == "forward_kl" and self.temperature == 1.0),
+            "mode",
+            "sequence mode fine-tunes on the teacher's answers with cross-entropy; loss, temperature and alpha do not apply",
+        )
+        require(self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1")
+        require(self.sample_temperature > 0, "sample_temperature", "must be positive")
+        require(self.generation_batch_size >= 1, "generation_batch_size", "must be at least 1")
+
+    @property
+    def divergence_beta(self) -> float:
+        return {"forward_kl": 0.0, "reverse_kl": 1.0}.get(self.loss, self.beta)
+
+
+@dataclasses.dataclass
 class RewardConfig:
     """Reward model on ranked comparisons: `instructkit rm --config FILE`."""
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from instructkit.config import (
+    DistillConfig,
     DPOConfig,
     EvalStageConfig,
     Origin,
@@ -161,6 +162,19 @@ STAGES: dict[str, Stage] = {
             missing=_ppo_missing,
         ),
         Stage(
+            "distill",
+            DistillConfig,
+            "instructkit.train.distill:distill",
+            "distil a teacher into a student (forward/reverse KL, GKD's JSD; offline, on-policy or sequence-level)",
+            "Knowledge distillation: the student matches the teacher's next-token distributions (forward KL, reverse "
+            "KL or the generalised JSD at a temperature, mixed with SFT by alpha) on the demonstrations (offline) or "
+            "on its own sampled answers (on_policy, GKD); or fine-tunes on the teacher's answers (sequence, for a "
+            "teacher with another tokenizer). See docs/distill.md.",
+            "policy",
+            _training_data("demonstrations"),
+            missing=lambda cfg: [] if cfg.teacher else [("teacher", "name the teacher model (a model spec or run folder)")],
+        ),
+        Stage(
             "prune",
             PruneConfig,
             "instructkit.train.prune:prune",
@@ -209,6 +223,7 @@ class RecipeConfig:
     ppo: dict[str, Any] = dataclasses.field(default_factory=dict)  # PPO/GRPO stage (docs/ppo.md)
     eval: dict[str, Any] = dataclasses.field(default_factory=dict)  # evaluation stage (docs/run.md)
     prune: dict[str, Any] = dataclasses.field(default_factory=dict)  # pruning stage (docs/prune.md)
+    distill: dict[str, Any] = dataclasses.field(default_factory=dict)  # distillation stage (docs/distill.md)
 
 
 @dataclasses.dataclass
