@@ -11,7 +11,7 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Any, ClassVar, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
@@ -60,6 +60,8 @@ DataFormat = Literal[
 Suite = Literal[
     "exact_match", "accuracy", "bleu", "rouge", "reward", "winrate", "perplexity", "ifeval", "preference", "loss", "f1"
 ]
+ContinualStrategy = Literal["naive", "replay", "ewc", "lwf", "adapter_per_task"]  # train/continual.STRATEGIES
+ReplayBy = Literal["examples", "tokens"]  # what replay.fraction is a share of
 NAMED_TEMPLATES = ("tokenizer", "chatml", "llama-3", "alpaca")
 PEFT_ADAPTERS = ("lora", "dora", "ia3", "qlora")  # methods that leave the base weights untouched
 
@@ -551,6 +553,134 @@ class EvalStageConfig:
         require(self.limit is None or self.limit >= 1, "limit", "must be at least 1 (or null for all records)")
 
 
+@dataclasses.dataclass
+class ContinualTaskConfig:
+    """One task of a continual stage: trained in its turn, measured after every task."""
+
+    name: str = ""  # the task's name: its run folder, its row and column of R, its adapter (adapter_per_task)
+    train: str = ""  # training demonstrations: a file or shipped:NAME/SPLIT
+    test: str = ""  # held-out conversations scored by exact match before the first task and after every task
+    val: str | None = None  # validation demonstrations for the validation loss; null: none
+    steps: int | None = None  # optimizer steps on this task; null: train.max_steps, else train.epochs epochs
+    limit: int | None = None  # use only the first N training records
+
+    def __post_init__(self) -> None:
+        require(bool(self.name), "name", "every task needs a name (its folder and its row of the accuracy matrix)")
+        require(
+            self.name.replace("_", "").replace("-", "").isalnum(),
+            "name",
+            f"'{self.name}' names a folder and an adapter: use letters, digits, - and _",
+        )
+        require(bool(self.train), "train", f"task '{self.name}' has no training data: set train")
+        require(bool(self.test), "test", f"task '{self.name}' has no held-out data to measure: set test")
+        require(self.steps is None or self.steps >= 1, "steps", "must be at least 1 (or null)")
+        require(self.limit is None or self.limit >= 1, "limit", "must be at least 1 (or null for all records)")
+
+
+@dataclasses.dataclass
+class ReplayConfig:
+    """The replay strategy: earlier tasks' training examples mixed into each new task's epoch."""
+
+    fraction: float = 0.2  # share of each task's epoch taken from earlier tasks, in [0, 1)
+    by: ReplayBy = "examples"  # the share counts examples, or trained tokens
+
+    def __post_init__(self) -> None:
+        require(
+            0.0 <= self.fraction < 1.0,
+            "fraction",
+            f"must lie in [0, 1) (the share of each epoch taken from earlier tasks), got {self.fraction}",
+        )
+
+
+@dataclasses.dataclass
+class EWCConfig:
+    """The ewc strategy (Kirkpatrick et al. 2017): a Fisher-weighted pull to each earlier task's weights."""
+
+    KEY_ALIASES: ClassVar[dict[str, str]] = {"lambda": "lambda_"}  # `lambda` is a Python keyword
+    lambda_: float = 100.0  # written `lambda`: the penalty's weight, (lambda / 2) sum_i F_i (theta_i - theta*_i)^2
+    fisher_examples: int = 32  # training examples of the finished task the diagonal Fisher averages over
+
+    def __post_init__(self) -> None:
+        require(self.lambda_ >= 0, "lambda", "must be >= 0")
+        require(self.fisher_examples >= 1, "fisher_examples", "must be at least 1")
+
+
+@dataclasses.dataclass
+class LwFConfig:
+    """The lwf strategy (Li and Hoiem 2017): distil the previous model's token distributions."""
+
+    weight: float = 1.0  # weight of the distillation term beside the task loss (both per trained token)
+    temperature: float = 2.0  # tau of the softened distributions (the paper uses 2)
+
+    def __post_init__(self) -> None:
+        require(self.weight >= 0, "weight", "must be >= 0")
+        require(self.temperature > 0, "temperature", "must be > 0")
+
+
+@dataclasses.dataclass
+class ContinualDataConfig:
+    template: str | None = None  # chat template: the tokenizer's own unless chatml/llama-3/alpaca
+    max_length: int = 512  # tokens per training example; longer ones are left out
+    general: str | None = "shipped:generic_text/test"  # plain text whose perplexity measures general ability
+    seed: int = 0  # seed of the replay mix
+
+    def __post_init__(self) -> None:
+        require(self.max_length >= 8, "max_length", "must be at least 8")
+        _check_template(self.template)
+
+
+@dataclasses.dataclass
+class ContinualEvalConfig:
+    max_new_tokens: int = 32  # greedy tokens per held-out answer
+    batch_size: int = 50  # prompts generated together; texts per perplexity batch
+    limit: int | None = None  # score only the first N held-out records of each task
+
+    def __post_init__(self) -> None:
+        require(self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1")
+        require(self.batch_size >= 1, "batch_size", "must be at least 1")
+        require(self.limit is None or self.limit >= 1, "limit", "must be at least 1 (or null for all records)")
+
+
+@dataclasses.dataclass
+class ContinualConfig:
+    """Continual learning: tasks in sequence, one run per strategy, the accuracy matrix (docs/continual.md)."""
+
+    model: str = "smollm2-135m-instruct"  # every strategy starts from this model
+    out: str = "runs/continual"
+    tasks: list[ContinualTaskConfig] = dataclasses.field(default_factory=list)  # trained in this order
+    strategies: list[ContinualStrategy] = dataclasses.field(default_factory=lambda: ["naive"])
+    replay: ReplayConfig = dataclasses.field(default_factory=ReplayConfig)  # the replay strategy only
+    ewc: EWCConfig = dataclasses.field(default_factory=EWCConfig)  # the ewc strategy only
+    lwf: LwFConfig = dataclasses.field(default_factory=LwFConfig)  # the lwf strategy only
+    data: ContinualDataConfig = dataclasses.field(default_factory=ContinualDataConfig)
+    eval: ContinualEvalConfig = dataclasses.field(default_factory=ContinualEvalConfig)
+    peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        require(len(self.tasks) >= 2, "tasks", "a continual stage needs at least two tasks (name, train, test each)")
+        names = [t.name for t in self.tasks]
+        twice = next((n for n in names if names.count(n) > 1), None)
+        require(twice is None, "tasks", f"task name '{twice}' is used twice; each task needs its own name")
+        require(bool(self.strategies), "strategies", "name at least one strategy")
+        again = next((s for s in self.strategies if self.strategies.count(s) > 1), None)
+        require(again is None, "strategies", f"strategy '{again}' is listed twice")
+        for section, default in (("replay", ReplayConfig()), ("ewc", EWCConfig()), ("lwf", LwFConfig())):
+            require(
+                getattr(self, section) == default or section in self.strategies,
+                section,
+                f"{section} settings apply to the {section} strategy, which strategies does not list "
+                f"({', '.join(self.strategies)}); remove the section or add {section}",
+            )
+        require(
+            self.peft.method in LORA_FAMILY,
+            "peft.method",
+            f"the continual strategies carry, penalise, distil or route a LoRA adapter: use {', '.join(LORA_FAMILY)}",
+        )
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading and validation
 
@@ -569,6 +699,10 @@ def _key_lines(text: str) -> dict[str, int]:
                 dotted = f"{prefix}{key.value}"
                 lines[dotted] = key.start_mark.line + 1
                 walk(value, dotted + ".")
+        elif isinstance(node, yaml.SequenceNode):  # a list of sections (continual.tasks): key.0.name
+            for i, item in enumerate(node.value):
+                lines[f"{prefix}{i}"] = item.start_mark.line + 1
+                walk(item, f"{prefix}{i}.")
 
     walk(root, "")
     return lines
@@ -702,12 +836,20 @@ def from_dict(
         raise origin.error("expected a mapping of keys to values", here)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    aliases: dict[str, str] = getattr(cls, "KEY_ALIASES", {})  # YAML key -> field name (`lambda` -> lambda_)
     kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
+    for written, value in data.items():
+        dotted = f"{prefix}{written}"
+        key = aliases.get(written, written)
         if key not in fields:
-            raise origin.error(f"unknown key{did_you_mean(str(key), fields)}", dotted)
+            raise origin.error(f"unknown key{did_you_mean(str(written), [*aliases, *fields])}", dotted)
         tp = hints[key]
+        inner = get_args(tp)[0] if get_origin(tp) is list and get_args(tp) else None
+        if inner is not None and dataclasses.is_dataclass(inner):  # a list of sections
+            if not isinstance(value, list):
+                raise origin.error("expected a list of sections", dotted)
+            kwargs[key] = [from_dict(inner, v, prefix=f"{dotted}.{i}.", origin=origin) for i, v in enumerate(value)]
+            continue
         if dataclasses.is_dataclass(tp):
             section = value if value is not None else {}
             factory = fields[key].default_factory

@@ -21,7 +21,7 @@ from instructkit.fileio import atomic_write_json, atomic_write_text
 from instructkit.runs import RunDir, remove_run, remove_stale_temporaries, rerun_state
 from instructkit.stages import RECIPES_DIR, STAGES, LoadedRecipe, Stage, load_recipe, shipped_recipes
 
-__all__ = ["RECIPES_DIR", "load_recipe", "run", "list_recipes", "plan_stages"]
+__all__ = ["RECIPES_DIR", "load_recipe", "run", "list_recipes", "plan_stages", "continual"]
 
 
 @dataclasses.dataclass
@@ -88,8 +88,27 @@ def run(
     }
     write_report(root, summary)
     atomic_write_json(root / "summary.json", summary)
+    if summaries.get("continual"):
+        from instructkit.train.continual import format_results
+
+        print(format_results(summaries["continual"]))
+        if not summary["table"]:
+            print(f"\nrun folder: {summary['out']}  (summary.json)\nreport: {summary['report']}")
     _print_table(summary)
     return summary
+
+
+def continual(config: Any = None, overrides: list[str] | None = None, *, overwrite: bool = False) -> dict[str, Any]:
+    """The ``continual`` stage (``instructkit continual --config FILE``, or a recipe's stage): the
+    training leaf :func:`instructkit.train.continual.continual`, measured with eval's exact match
+    and perplexity. It lives here because train/ may not import eval/; this floor joins them."""
+    from instructkit.eval.conversations import score_perplexity
+    from instructkit.eval.exact_match import evaluate_exact_match
+    from instructkit.train.continual import Measures
+    from instructkit.train.continual import continual as run_continual
+
+    measures = Measures(exact_match=evaluate_exact_match, perplexity=score_perplexity)
+    return run_continual(config, overrides, measures=measures, overwrite=overwrite)
 
 
 def plan_stages(loaded: LoadedRecipe, root: Path) -> list[PlannedStage]:

@@ -9,7 +9,9 @@ the evaluation stage's per-example files), so it can be rebuilt at any time with
   its k-shot prompting baseline if asked, then the model after each stage), with the change
   from the starting model;
 - ``curves``: loss, reward and KL curves per training stage (matplotlib PNGs, inlined);
-- ``samples``: responses of every model to the same held-out prompts, side by side.
+- ``samples``: responses of every model to the same held-out prompts, side by side;
+- ``continual`` (a recipe with a continual stage): per strategy its accuracy matrix R as a heat
+  map, forgetting per earlier task, and the metrics of R (ACC, BWT, FWT, forgetting, perplexity).
 """
 
 from __future__ import annotations
@@ -184,6 +186,86 @@ def samples_table(samples: list[dict[str, Any]], models: list[str]) -> str:
     return f'<table class="samples"><tr><th>prompt</th><th>reference</th>{head}</tr>{"".join(rows)}</table>'
 
 
+def _png(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def plot_accuracy_matrices(result: dict[str, Any]) -> str:
+    """One heat map per strategy: rows are the model before the first task and after each task,
+    columns the tasks, cells the held-out exact match (0 to 1), written in each cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks, strategies = result["tasks"], result["strategies"]
+    rows = ["start", *(f"after {t}" for t in tasks)]
+    fig, axes = plt.subplots(
+        1, len(strategies), figsize=(1.0 + 0.9 * len(tasks) * len(strategies), 0.9 + 0.45 * len(rows)), squeeze=False
+    )
+    for ax, (name, s) in zip(axes[0], strategies.items()):
+        R = [result["baseline"]["exact_match"], *s["R"]]
+        image = ax.imshow(R, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        for i, row in enumerate(R):
+            for j, x in enumerate(row):
+                ax.text(j, i, f"{x:.2f}", ha="center", va="center", fontsize=8, color="white" if x < 0.6 else "black")
+        ax.set_xticks(range(len(tasks)), tasks, fontsize=8, rotation=30)
+        ax.set_yticks(range(len(rows)), rows if ax is axes[0][0] else [""] * len(rows), fontsize=8)
+        ax.set_title(name, fontsize=10)
+    fig.colorbar(image, ax=list(axes[0]), fraction=0.02, label="exact match")
+    return _png(fig)
+
+
+def plot_forgetting(result: dict[str, Any]) -> str:
+    """Forgetting of each earlier task (best value it ever had minus its value at the end), one
+    group of bars per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks, strategies = result["tasks"][:-1], result["strategies"]
+    fig, ax = plt.subplots(figsize=(1.5 + 1.1 * len(strategies), 3.0))
+    width = 0.8 / max(len(tasks), 1)
+    for k, task in enumerate(tasks):
+        xs = [i + (k - (len(tasks) - 1) / 2) * width for i in range(len(strategies))]
+        ax.bar(xs, [s["forgetting"][k] for s in strategies.values()], width, label=task)
+    ax.set_xticks(range(len(strategies)), list(strategies), fontsize=8, rotation=15)
+    ax.axhline(0.0, color="#888", linewidth=0.8)
+    ax.set_ylabel("forgetting (exact match)")
+    ax.legend(fontsize=8, title="task", title_fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def continual_section(result: dict[str, Any] | None) -> str:
+    """The ``continual`` section: heat maps of R, forgetting per strategy, the metrics table."""
+    if not result or not result.get("strategies"):
+        return ""
+    metrics = list(dict.fromkeys(k for row in result["table"].values() for k in row))
+    head = "".join(f"<th>{html.escape(m)}</th>" for m in metrics)
+    body = "".join(
+        f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{_fmt(row.get(m, '-'))}</td>" for m in metrics) + "</tr>"
+        for name, row in result["table"].items()
+    )
+    forgetting = plot_forgetting(result)
+    return f"""<section id="continual"><h2>Continual learning: the accuracy matrix per strategy</h2>
+<p>R[i][j] is the held-out exact match on task j (column) after training task i (row); the first row is the
+starting model. ACC is the mean of the last row, BWT the mean change of each earlier task from just after it was
+learned to the end, FWT the mean change of each task, before it was trained, from the starting model, forgetting
+the best value a task ever had minus its last (docs/continual.md).</p>
+<figure><img alt="accuracy matrices" src="{plot_accuracy_matrices(result)}"><figcaption>R per strategy</figcaption>
+</figure><figure><img alt="forgetting per strategy" src="{forgetting}"><figcaption>forgetting per strategy
+</figcaption></figure><table class="results" data-suite="continual"><tr><th>strategy</th>{head}</tr>{body}</table>
+</section>"""
+
+
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.3em .6em;vertical-align:top}
@@ -230,6 +312,7 @@ def render(summary: dict[str, Any], root: Path, *, sample_limit: int = 6) -> str
 brackets (green: better).</p>{results_tables(table)}</section>
 <section id="curves"><h2>Training curves</h2>{"".join(curves) or "<p>No training stage logged metrics.</p>"}</section>
 <section id="samples"><h2>Sample responses on held-out prompts</h2>{samples_table(samples, models)}</section>
+{continual_section(stages.get("continual"))}
 </body></html>
 """
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from instructkit.config import (
+    ContinualConfig,
     DistillConfig,
     DPOConfig,
     EvalStageConfig,
@@ -65,7 +66,8 @@ class Stage:
     function: str  # "module:function"
     help: str  # one line, for `instructkit --help`
     description: str  # the stage command's --help
-    output: Literal["policy", "reward_model", "evaluation"]  # what later stages of a recipe receive
+    # What later stages of a recipe receive; a "comparison" (continual) hands on no model, only its numbers.
+    output: Literal["policy", "reward_model", "evaluation", "comparison"]
     data_files: Callable[[Any], list[DataFile]]
     command: bool = True  # has an `instructkit NAME --config FILE` command
     missing: Callable[[Any], list[tuple[str, str]]] = lambda cfg: []  # (dotted key, problem) left unset
@@ -115,6 +117,18 @@ def _eval_data(cfg: EvalStageConfig) -> list[DataFile]:
     return out
 
 
+def _continual_data(cfg: ContinualConfig) -> list[DataFile]:
+    out = []
+    for i, task in enumerate(cfg.tasks):
+        out.append(DataFile(f"tasks.{i}.train", task.train, "demonstrations"))
+        out.append(DataFile(f"tasks.{i}.test", task.test, "conversations"))
+        if task.val:
+            out.append(DataFile(f"tasks.{i}.val", task.val, "demonstrations"))
+    if cfg.data.general:
+        out.append(DataFile("data.general", cfg.data.general, "demonstrations", "text"))
+    return out
+
+
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
@@ -160,6 +174,20 @@ STAGES: dict[str, Stage] = {
             "policy",
             _ppo_data,
             missing=_ppo_missing,
+        ),
+        Stage(
+            "continual",
+            ContinualConfig,
+            # In pipeline, not train/: it joins the training leaf (train/continual.py) with eval's
+            # exact match and perplexity, and train/ may not import eval/ (the floors' contract).
+            "instructkit.pipeline:continual",
+            "continual learning: tasks in sequence, strategies against forgetting, the accuracy matrix",
+            "Continual learning: LoRA SFT on a sequence of tasks with naive, replay, ewc, lwf and adapter_per_task "
+            "strategies, each from the same model; every task's held-out exact match before the first task and "
+            "after each (the accuracy matrix R), ACC, BWT, FWT, forgetting and general-text perplexity. "
+            "See docs/continual.md.",
+            "comparison",
+            _continual_data,
         ),
         Stage(
             "distill",
@@ -222,6 +250,7 @@ class RecipeConfig:
     dpo: dict[str, Any] = dataclasses.field(default_factory=dict)  # DPO-family stage (docs/dpo.md)
     ppo: dict[str, Any] = dataclasses.field(default_factory=dict)  # PPO/GRPO stage (docs/ppo.md)
     eval: dict[str, Any] = dataclasses.field(default_factory=dict)  # evaluation stage (docs/run.md)
+    continual: dict[str, Any] = dataclasses.field(default_factory=dict)  # continual stage (docs/continual.md)
     prune: dict[str, Any] = dataclasses.field(default_factory=dict)  # pruning stage (docs/prune.md)
     distill: dict[str, Any] = dataclasses.field(default_factory=dict)  # distillation stage (docs/distill.md)
 

@@ -6,6 +6,8 @@ match scores. Made by ``scripts/make_extract_dataset.py``; see ``docs/dataset.md
 ``extract_prefs`` (preference format: the correct answer chosen, a plausible mistake rejected)
 and ``extract_prompts`` (prompts format: the prompt and its reference ``answer``, for RL with a
 reward function) are derived from it by ``scripts/make_extract_preferences.py``.
+``label`` and ``keysort`` (the same orders, other answer formats) and ``generic_text`` (prose, for
+perplexity) serve the continual recipe; ``scripts/make_continual_datasets.py`` makes them.
 
 Every split is named ``shipped:NAME/SPLIT`` wherever a data path is taken (configs,
 ``instructkit data inspect``, ``label create --prompts``); :func:`resolve_data_path` turns the
@@ -22,6 +24,9 @@ SHIPPED: dict[str, tuple[str, ...]] = {
     "extract": ("train", "val", "test"),
     "extract_prefs": ("train", "val"),  # correct answer chosen, a plausible mistake rejected
     "extract_prompts": ("train", "test"),  # prompt + reference `answer`, for RL with a reward function
+    "label": ("train", "val", "test"),  # the extract orders as shipping labels (the continual recipe)
+    "keysort": ("train", "val", "test"),  # the extract fields, keys in alphabetical order (continual)
+    "generic_text": ("test",),  # plain English prose: general-ability perplexity (continual)
 }
 """Each shipped dataset and its splits."""
 
