@@ -210,3 +210,26 @@ def test_a_stage_cannot_start_from_a_qlora_adapter(base, tmp_path):
 
 def test_the_registry_says_it_does_not_merge():
     assert METHODS["qlora"].adapter and not METHODS["qlora"].merges
+
+
+def test_an_sft_run_resumes_exactly(base, tmp_path):
+    """A rerun after a crash re-quantises the base, rebuilds LoRA, loads the checkpoint's LoRA
+    tensors and reproduces the uninterrupted curve."""
+    from instructkit.train.sft import sft
+    from tests.train.invariants import assert_resumes_exactly, losses
+
+    data = write_jsonl(tmp_path / "train.jsonl", toy_conversations(16))
+
+    def config(out, **train):
+        return {
+            "model": str(base),
+            "out": str(out),
+            "data": {"path": str(data), "val_fraction": 0.0, "max_length": 64},
+            "peft": {"method": "qlora", "r": 4, "alpha": 8},
+            "optim": {"lr": 1e-2, "scheduler": "constant"},
+            "train": {"batch_size": 4, "max_steps": 6, "progress": False, **train},
+        }
+
+    assert_resumes_exactly(sft, config, tmp_path)
+    curve = losses(tmp_path / "full")
+    assert curve[-1] != curve[3]  # the steps after the crash move the weights
