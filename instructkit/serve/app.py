@@ -125,6 +125,8 @@ def create_app(
     app.state.engine = engine
     card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "instructkit"}
     context = context_length(model)
+    if context is not None:  # a prompt-learning adapter's virtual tokens take positions before each prompt
+        context -= engine.virtual_tokens
 
     # 1. Errors, all in OpenAI's shape.
     @app.exception_handler(APIError)

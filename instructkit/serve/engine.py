@@ -16,6 +16,11 @@ What it owns:
   seed and the choice index, so a seeded request gives the same text alone or batched with
   anything (up to the float rounding of a differently shaped matmul, which could only matter
   when two tokens are exactly tied).
+* **peft prompt learning.** A prompt-tuning or p-tuning adapter's virtual-token embeddings go in
+  front of each row's prompt, after its left padding; a prefix-tuning adapter's keys and values
+  go in front of each row's cache, with the prompt's positions offset past them. Each row then
+  sees what ``PeftModelForCausalLM.generate`` gives that prompt alone (:class:`VirtualTokens`).
+  Other prompt-learning methods are refused when the batcher is made.
 * **Text.** The same stopping rules as :func:`instructkit.generation.generate` (eos, end-of-turn,
   ``stop`` strings; its ``decode_response`` makes the final text), so a greedy row gives the text
   ``generate`` gives for that prompt alone. Streamed pieces hold back any tail that could still
@@ -73,6 +78,7 @@ class Choice:
     text: str
     finish_reason: str  # "stop" (eos, end of turn or a stop string) or "length" (max_new_tokens)
     completion_tokens: int  # generated tokens, a final eos / end-of-turn token not counted
+    token_ids: tuple[int, ...] = ()  # the generated ids, a final stop token included
 
 
 def choice_seed(seed: int, index: int) -> int:
@@ -232,8 +238,101 @@ class _Row:
     def _finish(self, reason: str, tokenizer: Any) -> bool:
         text = decode_response(tokenizer, self.ids, self._stop_id_list, self.stop_strings)
         self._send(text)
-        self.sub._put(Choice(self.index, text, reason, self.count))
+        self.sub._put(Choice(self.index, text, reason, self.count, tuple(self.ids)))
         return True
+
+
+class VirtualTokens:
+    """A peft prompt-learning adapter put in front of each row of the batch, as peft 0.21's
+    ``PeftModelForCausalLM.generate`` puts it in front of a prompt alone.
+
+    For one unpadded prompt of T tokens and V virtual tokens, peft's generate calls the base model
+    with (what its ``forward`` and ``prepare_inputs_for_generation`` do):
+
+    * prompt tuning, p-tuning: ``inputs_embeds`` = ``get_prompt(1)`` (V, the trained embeddings;
+      for p-tuning its prompt encoder's output) then the prompt's embeddings; no position ids
+      (dropped with a warning), so the model counts 0..V+T-1; every later token attends to the V
+      virtual tokens and sits at V+T, V+T+1, ...
+    * prefix tuning: the prompt's ids over a cache that ``get_prompt`` fills with V keys and values
+      per layer, position ids offset by V (V..V+T-1), and the same V+T, V+T+1, ... afterwards.
+
+    Here a row's mask counts its V virtual columns, so the batcher's positions (the mask's cumsum
+    in the prefill, its sum in a decode step) are peft's. Prompt tuning's virtual embeddings go
+    after the row's left padding (peft's own batched generate puts them before it, so a padded
+    row would see them further away than its prompt alone does); prefix tuning's columns open
+    each row's cache, padding after them, which the mask hides.
+    """
+
+    SERVED = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+
+    def __init__(self, model: Any) -> None:
+        config = model.active_peft_config
+        self.model = model
+        self.kind = str(getattr(config.peft_type, "value", config.peft_type))
+        self.count = int(config.num_virtual_tokens)
+        self.in_cache = self.kind == "PREFIX_TUNING"
+
+    @classmethod
+    def of(cls, model: Any) -> VirtualTokens | None:
+        """The virtual tokens of ``model``, None when it has none; an :class:`InputError` for a
+        prompt-learning adapter the batch cannot run exactly."""
+        config = getattr(model, "active_peft_config", None)
+        if not getattr(config, "is_prompt_learning", False):
+            return None
+        kind = str(getattr(config.peft_type, "value", config.peft_type))
+        if kind not in cls.SERVED:
+            raise InputError(
+                f"the serving engine cannot serve a peft {kind} adapter: of peft's prompt-learning "
+                "methods it serves prompt tuning, p-tuning and prefix tuning, whose placement it matches "
+                "to peft's generate (the others add task ids or their own cache handling)",
+                field="model",
+            )
+        if type(model).__name__ != "PeftModelForCausalLM":
+            raise InputError(
+                f"the serving engine serves prompt-learning adapters of causal LMs (task_type CAUSAL_LM); "
+                f"this one is a {type(model).__name__} (task_type {config.task_type})",
+                field="model",
+            )
+        tokens = cls(model)
+        if tokens.in_cache:
+            tokens._check_prefix_cache()
+        return tokens
+
+    def _check_prefix_cache(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            cache = self.model.get_prompt(batch_size=1)
+        layers = [type(layer).__name__ for layer in getattr(cache, "layers", [None])]
+        if type(cache).__name__ != "DynamicCache" or set(layers) != {"DynamicLayer"}:
+            raise InputError(
+                f"prefix tuning on {type(self.model.get_base_model()).__name__}: peft builds its prefix as "
+                f"a {type(cache).__name__} ({', '.join(sorted(set(layers)))}), and the batch merges rows only "
+                "in a DynamicCache of plain layers (no sliding window)",
+                field="model",
+            )
+
+    def prefill(self, prompts: list[list[int]], pad_id: int, device: Any) -> tuple[dict[str, Any], Any, Any]:
+        """The base model's prefill inputs for ``prompts``, their (P, V + T) mask and cache."""
+        import torch
+        from transformers import DynamicCache
+
+        v = self.count
+        if self.in_cache:
+            input_ids, prompt_mask = left_pad(prompts, pad_id, device)  # (P, T)
+            cache = self.model.get_prompt(batch_size=len(prompts))  # V columns per row and layer
+            mask = torch.cat([prompt_mask.new_ones((len(prompts), v)), prompt_mask], dim=1)  # (P, V + T)
+            position_ids = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0) + v  # peft's offset past the prefix
+            return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids}, mask, cache
+        # Placeholder ids in the virtual slots, so that left_pad's mask counts them.
+        input_ids, mask = left_pad([[pad_id] * v + p for p in prompts], pad_id, device)  # (P, V + T)
+        embeds = self.model.get_base_model().get_input_embeddings()(input_ids)  # (P, V + T, H)
+        virtual = self.model.get_prompt(batch_size=1)[0].to(embeds.dtype)  # (V, H), the same for every row
+        for b, p in enumerate(prompts):
+            start = input_ids.shape[1] - len(p) - v  # right after the row's padding
+            embeds[b, start : start + v] = virtual
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": position_ids}, mask, DynamicCache()
 
 
 class Batcher:
@@ -242,6 +341,9 @@ class Batcher:
     ``max_queue`` requests may wait while the batch is full; one more gets :class:`QueueFull`.
     The worker thread starts with the first request; :meth:`close` stops it. ``step_sizes``
     counts decode steps by how many rows they ran (what tests and ``/health`` read).
+
+    A peft prompt-learning model runs through its base model with its :class:`VirtualTokens`
+    placed in front of each row; an adapter whose placement is not peft's is refused here.
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = 16) -> None:
@@ -252,7 +354,10 @@ class Batcher:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.device = next(model.parameters()).device
-        self._forward_args = set(inspect.signature(model.forward).parameters)
+        self.virtual = VirtualTokens.of(model)
+        # peft's forward would prepend the virtual tokens (or a fresh prefix) at every decode step.
+        self._net = model.get_base_model() if self.virtual else model
+        self._forward_args = set(inspect.signature(self._net.forward).parameters)
         self._pending: collections.deque[_Row] = collections.deque()  # rows not yet in the batch
         self._waiting: collections.Counter = collections.Counter()  # pending rows per submission
         self._wake = threading.Condition()
@@ -270,6 +375,11 @@ class Batcher:
     def running(self) -> int:
         """Rows generating now."""
         return len(self._rows)
+
+    @property
+    def virtual_tokens(self) -> int:
+        """Positions each row's virtual tokens take before its prompt (0 without prompt learning)."""
+        return self.virtual.count if self.virtual else 0
 
     @property
     def waiting(self) -> int:
@@ -411,23 +521,29 @@ class Batcher:
         next_ids = torch.tensor([tokens[b] for b in keep], device=self.device)[:, None]  # (B, 1)
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(keep), 1))], dim=1)  # (B, W + 1)
         position_ids = self._mask.sum(dim=1, keepdim=True) - 1  # (B, 1): each row's own position
-        self._logits = self._forward(next_ids, self._mask, position_ids, self._cache)
-
-    def _forward(self, input_ids, attention_mask, position_ids, cache):
-        extra = {"logits_to_keep": 1} if "logits_to_keep" in self._forward_args else {}
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-            **extra,
+        self._logits = self._forward(
+            self._cache, input_ids=next_ids, attention_mask=self._mask, position_ids=position_ids
         )
+
+    def _forward(self, cache: Any, **inputs: Any) -> Any:
+        """Next-token logits (B, V) after ``inputs`` (ids or embeddings, mask, positions), growing ``cache``."""
+        extra = {"logits_to_keep": 1} if "logits_to_keep" in self._forward_args else {}
+        out = self._net(**inputs, past_key_values=cache, use_cache=True, **extra)
         return out.logits[:, -1, :].float()  # (B, V)
+
+    def _prefill_inputs(self, prompts: list[list[int]]) -> tuple[dict[str, Any], Any, Any]:
+        """The prefill's model inputs for ``prompts``, left-padded, with their mask and cache."""
+        from transformers import DynamicCache
+
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        if self.virtual:
+            return self.virtual.prefill(prompts, pad_id, self.device)
+        input_ids, mask = left_pad(prompts, pad_id, self.device)  # (P, T), 0 on the left padding
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # as generate() derives them
+        return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids}, mask, DynamicCache()
 
     def _prefill(self, new: list[_Row]) -> None:
         import torch
-        from transformers import DynamicCache
 
         if self.model.training:
             self.model.eval()
@@ -438,11 +554,8 @@ class Batcher:
             if id(row.sub) not in first:
                 first[id(row.sub)] = len(prompts)
                 prompts.append(row.prompt_ids)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids, mask = left_pad(prompts, pad_id, self.device)  # (P, T), 0 on the left padding
-        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # as generate() derives them
-        cache = DynamicCache()
-        logits = self._forward(input_ids, mask, position_ids, cache)  # (P, V)
+        inputs, mask, cache = self._prefill_inputs(prompts)
+        logits = self._forward(cache, **inputs)  # (P, V)
         if len(prompts) < len(new):
             index = torch.tensor([first[id(row.sub)] for row in new], device=self.device)
             logits, mask = logits[index], mask[index]
