@@ -49,8 +49,9 @@ def export(model: str, out: str | os.PathLike, *, fmt: str = "merged", quant: st
     """Export ``model`` (a spec: run folder, HF folder, adapter, embedded name) to ``out``."""
     from instructkit.errors import InputError, did_you_mean
     from instructkit.fileio import atomic_dir
+    from instructkit.models import bottleneck
     from instructkit.models.gguf_export import QUANTS, write_gguf
-    from instructkit.models.loading import load_model, load_tokenizer, resolve
+    from instructkit.models.loading import QUANTIZATION_RECORD, load_model, load_tokenizer, resolve
 
     if fmt not in FORMATS:
         raise InputError(
@@ -63,6 +64,12 @@ def export(model: str, out: str | os.PathLike, *, fmt: str = "merged", quant: st
     out = Path(out)
     if fmt == "gguf" and out.suffix != ".gguf":
         raise InputError(f"a GGUF export is one file; name it *.gguf, not {out}", field="out")
+    if fmt != "hf" and resolve(model).bottleneck:
+        raise InputError(
+            f"{model} holds bottleneck adapters (houlsby, pfeiffer), which cannot merge into the base "
+            "(a nonlinearity sits between their projections); use --format hf",
+            field="format",
+        )
     tokenizer = load_tokenizer(model)
     source = load_model(model, dtype="fp32", device="cpu", merge_adapter=fmt != "hf").eval()
     if fmt == "gguf":
@@ -70,12 +77,17 @@ def export(model: str, out: str | os.PathLike, *, fmt: str = "merged", quant: st
         written = _load_gguf(out)
     else:
         with atomic_dir(out) as tmp:
-            source.save_pretrained(tmp, safe_serialization=True)
+            if bottleneck.spec_of(source) is not None:  # its own layout, naming the base it was loaded on
+                bottleneck.save(source, tmp, base_spec=None)
+            else:
+                source.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             adapter = resolve(model).adapter if fmt == "hf" else None
-            marker = Path(adapter, "instructkit_base.txt") if adapter else None
-            if marker is not None and marker.is_file():  # the base it sits on (an earlier stage's run)
-                (tmp / marker.name).write_text(marker.read_text())
+            # The base it sits on (an earlier stage's run), and how a qlora base was quantised.
+            for name in ("instructkit_base.txt", QUANTIZATION_RECORD):
+                marker = Path(adapter, name) if adapter else None
+                if marker is not None and marker.is_file():
+                    (tmp / marker.name).write_text(marker.read_text())
         written = load_model(str(out), dtype="fp32", device="cpu").eval()
     size = out.stat().st_size if out.is_file() else sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return {"format": fmt, "quant": quant if fmt == "gguf" else None, "out": str(out), "bytes": size} | compare(

@@ -467,3 +467,22 @@ def test_an_sft_run_resumes_exactly_and_checkpointing_changes_nothing(base, tmp_
     assert curve[-1] < curve[0] - 0.05, curve  # the adapters train (a resume that lost them would show)
     sft(_sft_config(base, data, tmp_path / "ckpt", gradient_checkpointing=True))
     assert losses(tmp_path / "ckpt") == pytest.approx(losses(tmp_path / "full"), abs=1e-5)
+
+
+def test_export_keeps_the_layout_and_refuses_to_merge(base, tmp_path):
+    """instructkit export --format hf writes the same two files (logits unchanged, the command's
+    own check); merged and gguf are refused before anything loads."""
+    from instructkit.export import export
+
+    model = _adapted(base, "pfeiffer", reduction_factor=4)
+    _perturb(model)
+    run = _save(model, tmp_path / "run", base)
+    report = export(str(run.path), tmp_path / "hf", fmt="hf")
+    assert (tmp_path / "hf" / bottleneck.WEIGHTS_NAME).is_file() and report["max_abs_logit_diff"] == 0
+    batch = _batch()
+    exported = load_model(tmp_path / "hf", device="cpu", dtype="fp32")
+    torch.testing.assert_close(_logits(exported, batch), _logits(model, batch), rtol=0, atol=1e-6)
+    for fmt, out in (("merged", tmp_path / "merged"), ("gguf", tmp_path / "m.gguf")):
+        with pytest.raises(InputError) as err:
+            export(str(run.path), out, fmt=fmt)
+        assert err.value.field == "format" and "cannot merge" in str(err.value) and not out.exists()

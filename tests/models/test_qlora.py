@@ -233,3 +233,29 @@ def test_an_sft_run_resumes_exactly(base, tmp_path):
     assert_resumes_exactly(sft, config, tmp_path)
     curve = losses(tmp_path / "full")
     assert curve[-1] != curve[3]  # the steps after the crash move the weights
+
+
+def test_export_hf_keeps_the_quantisation_record(base, tmp_path):
+    """instructkit export --format hf copies the adapter with instructkit_quantization.json, so
+    the export loads onto the 4-bit base again (same logits); merged is refused."""
+    from instructkit.export import export
+
+    model = _qlora(base)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05)
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    save_final(model, real_tokenizer(), run, base_spec=str(base), merged=False)
+    export(str(run.path), tmp_path / "hf", fmt="hf")
+    assert (tmp_path / "hf" / qlora.RECORD_NAME).is_file()
+    batch = _batch()
+    torch.testing.assert_close(
+        _logits(load_model(tmp_path / "hf", device="cpu", dtype="fp32"), batch),
+        _logits(model, batch),
+        rtol=0,
+        atol=1e-6,
+    )
+    with pytest.raises(InputError):
+        export(str(run.path), tmp_path / "merged", fmt="merged")
