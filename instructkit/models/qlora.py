@@ -70,6 +70,11 @@ def quantize_nf4(model: nn.Module) -> nn.Module:
         )
         if layer.bias is not None:
             quantized.bias = nn.Parameter(layer.bias.data, requires_grad=False)
+        # On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks the weight in place at the first
+        # no-grad eval forward and from then on runs a kernel (gemv_4bit) with no autograd: later
+        # training passes would send no gradient through the base layers, and sampling and
+        # training log-probs would differ (PPO). The plain dequantise-and-matmul path always.
+        quantized.support_avx512bf16_for_cpu = False
         setattr(parent, name, quantized.to(device))  # Params4bit quantises when moved to a device
     model.requires_grad_(False)
     model.quantization_record = dict(RECORD)

@@ -259,3 +259,57 @@ def test_export_hf_keeps_the_quantisation_record(base, tmp_path):
     )
     with pytest.raises(InputError):
         export(str(run.path), tmp_path / "merged", fmt="merged")
+
+
+def test_dpo_reference_from_the_disabled_adapter_equals_precomputed(base, tmp_path):
+    """DPO's reference: adapter (the 4-bit base with LoRA switched off, per batch) gives the
+    curve of reference: precompute (log-probs of the starting model, once)."""
+    from instructkit.train.dpo import dpo
+    from tests.tiny import toy_preferences
+    from tests.train.invariants import losses
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", toy_preferences(16))
+    for mode in ("precompute", "adapter"):
+        dpo(
+            {
+                "model": str(base),
+                "out": str(tmp_path / mode),
+                "data": {"path": str(pairs), "val_fraction": 0.0, "max_length": 64},
+                "peft": {"method": "qlora", "r": 4, "alpha": 8},
+                "optim": {"lr": 1e-2, "scheduler": "constant"},
+                "train": {"batch_size": 8, "max_steps": 4, "progress": False},
+                "reference": mode,
+            }
+        )
+    assert losses(tmp_path / "precompute") == pytest.approx(losses(tmp_path / "adapter"), abs=1e-5)
+    assert losses(tmp_path / "adapter")[-1] < losses(tmp_path / "adapter")[0]
+
+
+def test_an_eval_pass_leaves_training_and_its_gradients_unchanged(base):
+    """bitsandbytes' CPU backend would repack the weights at the first no-grad eval forward and
+    then train through a kernel without a backward (no gradient reaches earlier layers) and give
+    other logits than training does; quantize_nf4 keeps one path. Gradients before and after an
+    eval pass agree, and eval logits equal training-mode logits."""
+    model = _qlora(base)
+    batch = _batch()
+
+    def grads():
+        model.train()
+        model.zero_grad()
+        total, count = CausalLMLoss(model)(**batch)
+        (total / count).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05)  # B = 0 would leave the A gradients 0 whatever the base path does
+    before = grads()
+    model.train()
+    with torch.no_grad():
+        training = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    evaluated = _logits(model, batch)  # eval mode, no grad
+    torch.testing.assert_close(evaluated, training, rtol=0, atol=1e-6)
+    after = grads()
+    assert all(torch.allclose(after[n], before[n], rtol=0, atol=1e-6) for n in before)
+    assert all(g.abs().sum() > 0 for g in after.values())
