@@ -48,7 +48,8 @@ LORA_FAMILY = ("lora", "dora", "rslora")  # the methods peft.init applies to
 WITH_DROPOUT = (*LORA_FAMILY, "qlora", "vera", "loha", "lokr")  # the methods peft.dropout applies to
 BOTTLENECK_METHODS = ("houlsby", "pfeiffer")  # bottleneck adapters (models/bottleneck.py)
 AdapterAct = Literal["relu", "gelu", "silu"]  # the bottleneck's nonlinearity (models/bottleneck.ACTIVATIONS)
-NOT_MERGING = (*BOTTLENECK_METHODS, "qlora")  # trained methods with no merged/ (save_merged refused)
+PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning", "p_tuning")  # virtual tokens: nothing to fold into weights
+NOT_MERGING = (*BOTTLENECK_METHODS, "qlora", *PROMPT_LEARNING)  # trained methods with no merged/ (save_merged refused)
 PreferenceLoss = Literal["sigmoid", "ipo", "hinge", "simpo", "orpo", "kto"]
 Advantage = Literal["gae", "grpo", "rloo"]
 GROUP_RELATIVE = ("grpo", "rloo")  # advantages compare the responses within a prompt's group
@@ -63,7 +64,9 @@ Suite = Literal[
 ContinualStrategy = Literal["naive", "replay", "ewc", "lwf", "adapter_per_task"]  # train/continual.STRATEGIES
 ReplayBy = Literal["examples", "tokens"]  # what replay.fraction is a share of
 NAMED_TEMPLATES = ("tokenizer", "chatml", "llama-3", "alpaca")
-PEFT_ADAPTERS = ("lora", "dora", "ia3", "qlora")  # methods that leave the base weights untouched
+# peft methods: the base weights stay untouched and peft's disable_adapter() gives them back
+# (DPO's reference: adapter, PPO's reference). Bottleneck adapters are ours and have no switch.
+PEFT_ADAPTERS = (*LORA_FAMILY, "qlora", "vera", "loha", "lokr", "ia3", "ln_tuning", *PROMPT_LEARNING)
 
 
 class FieldError(ValueError):

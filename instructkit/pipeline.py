@@ -15,11 +15,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from instructkit.config import dump_yaml
+from instructkit.config import PROMPT_LEARNING, dump_yaml
 from instructkit.errors import InputError, did_you_mean
 from instructkit.fileio import atomic_write_json, atomic_write_text
 from instructkit.runs import RunDir, remove_run, remove_stale_temporaries, rerun_state
 from instructkit.stages import RECIPES_DIR, STAGES, LoadedRecipe, Stage, load_recipe, shipped_recipes
+
+# A later stage merges the earlier stage's adapter into the model it trains: these do not merge
+# (virtual tokens; LoRA trained over a 4-bit base).
+CANNOT_START_FROM = (*PROMPT_LEARNING, "qlora")
 
 __all__ = ["RECIPES_DIR", "load_recipe", "run", "list_recipes", "plan_stages", "continual"]
 
@@ -116,16 +120,26 @@ def plan_stages(loaded: LoadedRecipe, root: Path) -> list[PlannedStage]:
     previous policy stage's output unless its section names a model; PPO scores with the recipe's
     reward model unless its section names a reward."""
     current, reward_model = loaded.config.model, None
+    unmergeable: tuple[str, str] | None = None  # (stage, method) of a policy no stage can start from
     plan = []
     for name in loaded.config.stages:
         entry, cfg, path = STAGES[name], loaded.stage_config(name), root / name
         section = loaded.sections[name]
+        if entry.output not in ("evaluation", "comparison") and unmergeable and "model" not in section:
+            raise loaded.origin.error(
+                f"starts from the {unmergeable[0]} stage, whose {unmergeable[1]} adapter cannot be merged into the "
+                f"model this stage trains (docs/sft.md); train {unmergeable[0]} with lora, or name this stage's model",
+                f"{name}.model",
+                section=True,
+            )
         if entry.output != "evaluation":
             cfg = dataclasses.replace(cfg, out=str(path), model=section.get("model", current))
         if hasattr(cfg, "reward") and reward_model is not None and not section.get("reward"):
             cfg = dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, model=reward_model))
         if entry.output == "policy":
             current = str(path)
+            method = getattr(getattr(cfg, "peft", None), "method", None)
+            unmergeable = (name, method) if method in CANNOT_START_FROM else None
         elif entry.output == "reward_model":
             reward_model = str(path)
         plan.append(PlannedStage(entry, cfg, path))

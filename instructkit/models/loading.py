@@ -152,10 +152,26 @@ def _base_under(base: str, path: Path) -> ResolvedModel:
     """The model an adapter folder sits on; it may itself be an adapter run (DPO over LoRA SFT),
     but not one whose adapters cannot merge (a 4-bit or a bottleneck-adapter stage)."""
     under = resolve(base)
-    if under.bottleneck or under.quantized:
-        kind = "bottleneck adapters" if under.bottleneck else "a qlora adapter over a 4-bit base"
+    if under.bottleneck or under.quantized or (under.adapter and prompt_learning_type(under.adapter)):
+        kind = (
+            "bottleneck adapters"
+            if under.bottleneck
+            else "a qlora adapter over a 4-bit base"
+            if under.quantized
+            else f"a {prompt_learning_type(under.adapter)} adapter (virtual tokens)"
+        )
         raise InputError(f"the base {base} holds {kind}, which cannot merge under another adapter", file=str(path))
     return under
+
+
+PROMPT_LEARNING_TYPES = {"PROMPT_TUNING": "prompt_tuning", "PREFIX_TUNING": "prefix_tuning", "P_TUNING": "p_tuning"}
+
+
+def prompt_learning_type(adapter: str | os.PathLike) -> str | None:
+    """The instructkit method name of a peft prompt-learning adapter folder, else None."""
+    config = Path(adapter, "adapter_config.json")
+    peft_type = json.loads(config.read_text()).get("peft_type") if config.is_file() else None
+    return PROMPT_LEARNING_TYPES.get(peft_type)
 
 
 def _hub_kwargs(resolved: ResolvedModel) -> dict[str, Any]:
@@ -240,6 +256,13 @@ def load_model(
     if resolved.adapter:
         from peft import PeftModel
 
+        virtual = prompt_learning_type(resolved.adapter)
+        if virtual and merge_adapter:
+            raise InputError(
+                f"a {virtual} adapter (virtual tokens) does not merge into the model, so a stage cannot start "
+                "from it; train the earlier stage with lora, or run this one from the base",
+                file=resolved.adapter,
+            )
         model = PeftModel.from_pretrained(model, resolved.adapter)
         if merge_adapter:
             model = model.merge_and_unload()

@@ -202,7 +202,8 @@ def rm_summary(held_out: dict[str, dict[str, float] | None], bias: float, enc) -
 
 def _refuse_unmergeable_adapter(method: str) -> None:
     """final/ is a plain classifier with the adapter merged (save_reward_model): prompt learning's
-    virtual tokens do not merge and could not be saved, so they are refused up front."""
+    virtual tokens and a LoRA over a 4-bit base do not merge and could not be saved, so they are
+    refused up front."""
     from instructkit.models.peft_methods import METHODS
 
     spec = METHODS.get(method)
@@ -210,6 +211,12 @@ def _refuse_unmergeable_adapter(method: str) -> None:
         raise InputError(
             f"{method} cannot train a reward model here: final/ is a plain sequence classifier with the "
             f"adapter merged, and {method}'s virtual tokens do not merge into weights; use lora or full",
+            field="peft.method",
+        )
+    if method == "qlora":
+        raise InputError(
+            "qlora cannot train a reward model here: final/ is a plain sequence classifier with the adapter "
+            "merged, and a LoRA trained over the 4-bit base does not merge into it; use lora or full",
             field="peft.method",
         )
 
