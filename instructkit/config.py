@@ -361,6 +361,26 @@ class DistillConfig:
 
 
 @dataclasses.dataclass
+class QuantizeConfig:
+    """Quantisation: `instructkit quantize --config FILE` (docs/quantize.md)."""
+
+    model: str = "smollm2-135m-instruct"  # the model to quantise (adapters are merged first)
+    out: str = "runs/quantize"
+    scheme: Literal["int8_weight_only", "int8_dynamic", "int4_weight_only", "nf4"] = "int8_weight_only"
+    group_size: int = 32  # int4_weight_only: weights sharing one scale
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)  # device only
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        require(self.group_size in (32, 64, 128, 256), "group_size", "must be 32, 64, 128 or 256")
+        require(
+            self.group_size == 32 or self.scheme == "int4_weight_only",
+            "group_size",
+            f"group_size applies to int4_weight_only, not {self.scheme}",
+        )
+
+
+@dataclasses.dataclass
 class RewardConfig:
     """Reward model on ranked comparisons: `instructkit rm --config FILE`."""
 

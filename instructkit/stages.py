@@ -27,6 +27,7 @@ from instructkit.config import (
     Origin,
     PPOConfig,
     PruneConfig,
+    QuantizeConfig,
     RewardConfig,
     SFTConfig,
     from_dict,
@@ -137,8 +138,9 @@ STAGES: dict[str, Stage] = {
             SFTConfig,
             "instructkit.train.sft:sft",
             "supervised fine-tuning on demonstrations",
-            "Supervised fine-tuning: full, frozen layers, or LoRA/DoRA/IA3, on demonstrations (assistant "
-            "turns trained) or plain text. See docs/sft.md.",
+            "Supervised fine-tuning: full, frozen layers, bias terms, or a parameter-efficient method (the LoRA "
+            "family, QLoRA, VeRA, LoHa/LoKr, IA3, LN-tuning, bottleneck adapters, prompt/prefix/P-tuning), on "
+            "demonstrations (assistant turns trained) or plain text. See docs/sft.md and docs/peft.md.",
             "policy",
             _training_data("demonstrations"),
         ),
@@ -214,6 +216,17 @@ STAGES: dict[str, Stage] = {
             lambda cfg: [DataFile("data.path", cfg.data.path, "any", cfg.data.format, cfg.data.columns)],
         ),
         Stage(
+            "quantize",
+            QuantizeConfig,
+            "instructkit.train.quantize:quantize",
+            "quantise a model's weights (int8, int4 with torchao on CPU; nf4 with bitsandbytes on a GPU)",
+            "Quantisation: int8 weight-only, int8 dynamic (int8 activations too) or int4 weight-only through "
+            "torchao, or nf4 through bitsandbytes on a GPU; saved with its quantisation config, so transformers "
+            "and every instructkit command load it quantised. See docs/quantize.md.",
+            "policy",
+            lambda cfg: [],
+        ),
+        Stage(
             "eval",
             EvalStageConfig,
             "instructkit.eval.stage:eval_stage",
@@ -253,6 +266,7 @@ class RecipeConfig:
     continual: dict[str, Any] = dataclasses.field(default_factory=dict)  # continual stage (docs/continual.md)
     prune: dict[str, Any] = dataclasses.field(default_factory=dict)  # pruning stage (docs/prune.md)
     distill: dict[str, Any] = dataclasses.field(default_factory=dict)  # distillation stage (docs/distill.md)
+    quantize: dict[str, Any] = dataclasses.field(default_factory=dict)  # quantisation stage (docs/quantize.md)
 
 
 @dataclasses.dataclass
