@@ -20,7 +20,12 @@ OVERRIDES_HELP = "config overrides as dotted key=value, e.g. optim.lr=1e-4 peft.
 
 
 def _quiet_libraries() -> None:
+    import logging
     import warnings
+
+    # torchao announces its CUDA-only kernels and torch.compile deprecations on import: not the user's concern.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
