@@ -63,6 +63,7 @@ Suite = Literal[
 ]
 ContinualStrategy = Literal["naive", "replay", "ewc", "lwf", "adapter_per_task"]  # train/continual.STRATEGIES
 ReplayBy = Literal["examples", "tokens"]  # what replay.fraction is a share of
+PretrainObjective = Literal["clm", "mlm", "nsp", "plm"]  # losses/pretrain.OBJECTIVES
 NAMED_TEMPLATES = ("tokenizer", "chatml", "llama-3", "alpaca")
 # peft methods: the base weights stay untouched and peft's disable_adapter() gives them back
 # (DPO's reference: adapter, PPO's reference). Bottleneck adapters are ours and have no switch.
