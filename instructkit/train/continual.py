@@ -309,6 +309,8 @@ class EWC(Strategy):
         return PenalisedLoss(lm_loss, lambda: ewc_penalty_of(model, anchors, run.cfg.ewc.lambda_))
 
     def after_task(self, run: Run, i: int, model: nn.Module) -> dict[str, torch.Tensor]:
+        if i == len(run.tasks) - 1:
+            return {}  # no later task to penalise: the last task's Fisher would never be read
         fisher = task_fisher(model, run.tasks[i].train[: run.cfg.ewc.fisher_examples], run.tokenizer.pad_token_id)
         params = trainable(model)
         return {
@@ -317,9 +319,12 @@ class EWC(Strategy):
         }
 
 
-def task_fisher(model: nn.Module, examples: Sequence[Any], pad_id: int, batch_size: int = 8) -> dict[str, torch.Tensor]:
+def task_fisher(model: nn.Module, examples: Sequence[Any], pad_id: int, batch_size: int = 1) -> dict[str, torch.Tensor]:
     """Diagonal empirical Fisher of the trainable weights at their current values, in eval mode:
-    per-example gradients of each example's summed response NLL (sequence-level), squared, averaged."""
+    per-example gradients of each example's summed response NLL (sequence-level), squared, averaged.
+
+    Each per-example backward runs through its whole micro-batch's graph, so micro-batches of one
+    example (the default) cost the least: B examples a batch cost B backward passes of B rows."""
     from instructkit.data.collate import lm_collate
     from instructkit.models.lm import sequence_log_probs
     from instructkit.models.passes import module_device, to_device

@@ -97,7 +97,8 @@ def test_every_strategy_fills_an_accuracy_matrix_of_the_tasks_shape(finished):
             assert (folder / "summary.json").is_file() and (folder / "final" / "adapter_model.safetensors").is_file()
             assert len((folder / "heldout" / "rev.samples.jsonl").read_text().splitlines()) == 4
     assert json.loads((out / "summary.json").read_text()) == summary
-    assert (out / "ewc" / "0-rev" / "ewc.safetensors").is_file()
+    assert (out / "ewc" / "0-rev" / "ewc.safetensors").is_file()  # the Fisher task 1 is penalised with
+    assert not (out / "ewc" / "1-up" / "ewc.safetensors").exists()  # no task after the last: none taken
 
 
 def test_the_metrics_are_the_losses_functions_of_R(finished):
@@ -398,9 +399,10 @@ def test_the_shipped_recipe_loads_and_lists_all_five_strategies():
 
 
 def test_from_dict_builds_a_continual_config_with_defaults():
-    cfg = from_dict(ContinualConfig, {"tasks": [{"name": "a", "train": "x", "test": "y"}] * 1 + [
-        {"name": "b", "train": "x", "test": "y"}
-    ]})
+    cfg = from_dict(
+        ContinualConfig,
+        {"tasks": [{"name": "a", "train": "x", "test": "y"}] * 1 + [{"name": "b", "train": "x", "test": "y"}]},
+    )
     assert cfg.strategies == ["naive"] and cfg.ewc.lambda_ == 100.0
 
 
