@@ -69,6 +69,9 @@ def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     return base.score(picked).squeeze(-1).float()
 
 
+PROMPT_ADAPTER = "prompt_adapter"  # a prompt-learning reward model's virtual tokens, beside its classifier
+
+
 def load_reward_model(spec: str | os.PathLike, device: str | None = None):
     """(model, tokenizer, bias) from a reward-model folder or run folder."""
     from pathlib import Path
@@ -84,6 +87,10 @@ def load_reward_model(spec: str | os.PathLike, device: str | None = None):
         from instructkit.models import bottleneck
 
         bottleneck.load(model, Path(resolved.bottleneck))
+    if (path / PROMPT_ADAPTER / "adapter_config.json").is_file():  # virtual tokens saved beside (train.reward)
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, path / PROMPT_ADAPTER)
     model.to(device or default_device()).eval()
     tokenizer = load_tokenizer(path)
     return model, tokenizer, float(getattr(model.config, BIAS_KEY, 0.0) or 0.0)

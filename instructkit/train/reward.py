@@ -201,18 +201,10 @@ def rm_summary(held_out: dict[str, dict[str, float] | None], bias: float, enc) -
 
 
 def _refuse_unmergeable_adapter(method: str) -> None:
-    """final/ is a plain classifier with the adapter merged (save_reward_model): prompt learning's
-    virtual tokens and a LoRA over a 4-bit base do not merge and could not be saved, so they are
-    refused up front."""
-    from instructkit.models.peft_methods import METHODS
+    """final/ is a plain classifier with the adapter merged (save_reward_model): a LoRA over a 4-bit
+    base does not merge, so it is refused up front. (Prompt learning's virtual tokens do not merge
+    either; they are saved beside the classifier.)"""
 
-    spec = METHODS.get(method)
-    if spec is not None and spec.virtual_tokens:
-        raise InputError(
-            f"{method} cannot train a reward model here: final/ is a plain sequence classifier with the "
-            f"adapter merged, and {method}'s virtual tokens do not merge into weights; use lora or full",
-            field="peft.method",
-        )
     if method == "qlora":
         raise InputError(
             "qlora cannot train a reward model here: final/ is a plain sequence classifier with the adapter "
@@ -221,15 +213,30 @@ def _refuse_unmergeable_adapter(method: str) -> None:
         )
 
 
+def _classifier_with_trained_head(model: nn.Module) -> nn.Module:
+    """The classifier under a peft prompt-learning model, its score head the trained copy
+    (peft trains a copy of the head, ``modules_to_save``, and leaves the original)."""
+    base = model.get_base_model()
+    wrapped = base.score
+    if hasattr(wrapped, "modules_to_save"):
+        base.score = wrapped.modules_to_save[model.active_adapter]
+    return base
+
+
 def save_reward_model(model: nn.Module, tokenizer, path: Path, *, bias: float) -> None:
     from instructkit.fileio import atomic_dir
     from instructkit.models import bottleneck
     from instructkit.models.peft_methods import is_peft
-    from instructkit.models.reward_model import BIAS_KEY
+    from instructkit.models.reward_model import BIAS_KEY, PROMPT_ADAPTER
 
-    plain = model.merge_and_unload() if is_peft(model) else model
-    setattr(plain.config, BIAS_KEY, bias)
+    virtual = is_peft(model) and model.active_peft_config.is_prompt_learning
     with atomic_dir(path) as tmp:
+        if virtual:  # virtual tokens do not merge: the adapter goes beside the classifier
+            model.save_pretrained(tmp / PROMPT_ADAPTER, safe_serialization=True)
+            plain = _classifier_with_trained_head(model)
+        else:
+            plain = model.merge_and_unload() if is_peft(model) else model
+        setattr(plain.config, BIAS_KEY, bias)
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if bottleneck.spec_of(plain) is not None:  # they do not merge: saved beside, loaded back by load_reward_model

@@ -16,12 +16,7 @@ from instructkit.pipeline import run
 from tests.tiny import tiny_model_dir, toy_conversations, toy_preferences, write_jsonl
 
 # What the stages refuse, by design (docs/sft.md says why).
-REFUSED = {
-    ("prompt_tuning", "rm"): "cannot train a reward model here",
-    ("prefix_tuning", "rm"): "cannot train a reward model here",
-    ("p_tuning", "rm"): "cannot train a reward model here",
-    ("qlora", "rm"): "cannot train a reward model here",
-}
+REFUSED = {("qlora", "rm"): "cannot train a reward model here"}
 CHAINS_REFUSED = ("prompt_tuning", "prefix_tuning", "p_tuning", "qlora")  # DPO cannot start from their SFT run
 
 
@@ -130,3 +125,33 @@ def test_a_recipe_chaining_from_an_unmergeable_adapter_is_refused_before_anythin
     ):
         run(recipe, out=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning", "p_tuning"])
+def test_a_prompt_learning_reward_model_scores_the_same_after_reload(world, method):
+    """Its virtual tokens are saved beside the classifier (they do not merge) and put back on load:
+    the reloaded model gives the reference demonstrations the mean score the stage centred to 0
+    (with the trained model in memory), and without the virtual tokens it would not."""
+    from transformers import AutoModelForSequenceClassification
+
+    from instructkit.config import RewardConfig, from_dict
+    from instructkit.models.reward_model import load_reward_model
+    from instructkit.train.reward import mean_score, reference_sequences, rm
+
+    cfg = {
+        "model": str(world["plain"]),
+        "out": str(world["root"] / f"{method}-rm-ref"),
+        "peft": _peft(method),
+        "data": {"path": str(world["pairs"]), "val_fraction": 0.0, "max_length": 64},
+        "train": {"batch_size": 4, "max_steps": 2, "progress": False},
+        "reference_data": str(world["conv"]),
+    }
+    summary = rm(cfg)
+    final = world["root"] / f"{method}-rm-ref" / "final"
+    assert (final / "prompt_adapter" / "adapter_config.json").is_file()
+    model, tokenizer, bias = load_reward_model(str(final), device="cpu")
+    assert bias == summary["bias"] and abs(bias) > 1e-6
+    seqs = reference_sequences(from_dict(RewardConfig, cfg), tokenizer, [])
+    assert mean_score(model, seqs, tokenizer.pad_token_id, 4) + bias == pytest.approx(0.0, abs=1e-5)
+    plain = AutoModelForSequenceClassification.from_pretrained(final).eval()
+    assert abs(mean_score(plain, seqs, tokenizer.pad_token_id, 4) + bias) > 1e-4
