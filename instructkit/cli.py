@@ -170,12 +170,28 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _named_adapters(specs: list[str]) -> dict[str, str]:
+    """``--adapter NAME=PATH`` values as name -> path; an InputError for a malformed or repeated one."""
+    adapters: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise InputError(f"expected NAME=PATH, got '{spec}'", field="--adapter")
+        if name in adapters:
+            raise InputError(f"the name '{name}' is given twice", field="--adapter")
+        adapters[name] = path
+    return adapters
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from instructkit.models.loading import load_model_and_tokenizer
     from instructkit.serve import create_app
+    from instructkit.serve.app import check_adapters
 
+    adapters = _named_adapters(args.adapter)
+    check_adapters(adapters, args.model, args.max_loras)  # from config files, before the model loads
     api_key = args.api_key or os.environ.get("INSTRUCTKIT_API_KEY") or None
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host} with no API key; anyone who can reach it can use it", file=sys.stderr)
@@ -183,7 +199,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from instructkit.serve.labels import LabelStore
 
         LabelStore(args.label_store)  # a missing or foreign file fails now, before the model loads
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    # Under named adapters a LoRA base is merged: the adapters go on its merged weights.
+    model, tokenizer = load_model_and_tokenizer(args.model, merge_adapter=bool(adapters))
     app = create_app(
         model,
         tokenizer,
@@ -193,6 +210,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         label_store=args.label_store,
         runs_dir=args.runs,
+        adapters=adapters,
+        max_loras=args.max_loras,
     )
     uvicorn.run(app, host=args.host, port=args.port)
     return 0
@@ -448,6 +467,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=16,
         help="requests that may wait while the batch is full; more get 503 (default 16)",
+    )
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="also serve the LoRA adapter (or run folder) PATH, trained on --model, as model NAME; "
+        "repeat for more. Requests for different adapters share the batch",
+    )
+    p.add_argument(
+        "--max-loras",
+        type=int,
+        default=None,
+        metavar="N",
+        help="most LoRA adapters loaded at once, --adapter ones and those from POST /v1/load_lora_adapter "
+        "(default 4, or the number of --adapter when more; 0: none)",
     )
     p.add_argument(
         "--label-store",

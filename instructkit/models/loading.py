@@ -276,3 +276,84 @@ def load_model(
 def load_model_and_tokenizer(spec: str | os.PathLike, **kwargs: Any):
     trust = kwargs.get("trust_remote_code", False)
     return load_model(spec, **kwargs), load_tokenizer(spec, trust_remote_code=trust)
+
+
+def _same_place(spec: str) -> str:
+    """A path or Hub id spelled one way, so that two specs of one model compare equal."""
+    return os.path.realpath(spec) if os.path.exists(spec) else spec
+
+
+def mergeable_base(spec: str | os.PathLike, field: str = "model") -> tuple[str, ...]:
+    """What the model ``spec`` is, as the chain (base, adapters merged into it in order) that a
+    LoRA adapter trained on it records; an InputError when LoRA adapters cannot sit on it (a
+    4-bit base, bottleneck adapters, or a prompt-learning adapter, none of which merge)."""
+    resolved = resolve(spec)
+    if resolved.bottleneck or resolved.quantized or (resolved.adapter and prompt_learning_type(resolved.adapter)):
+        kind = (
+            "bottleneck adapters"
+            if resolved.bottleneck
+            else "a qlora adapter over a 4-bit base"
+            if resolved.quantized
+            else f"a {prompt_learning_type(resolved.adapter)} adapter (virtual tokens)"
+        )
+        raise InputError(
+            f"{spec} holds {kind}, which does not merge, so LoRA adapters cannot be served over it", field=field
+        )
+    chain = (*resolved.merged_first, resolved.adapter) if resolved.adapter else resolved.merged_first
+    return tuple(_same_place(p) for p in (resolved.base, *chain))
+
+
+def lora_adapter_folder(spec: str | os.PathLike, base: str | os.PathLike) -> str:
+    """The folder of the LoRA adapter ``spec`` (a run folder gives its final/), checked to sit on
+    the model ``base`` names; from its config files alone, so nothing loads when it is refused.
+
+    An InputError (file = the spec) when it is not a peft adapter, is not LoRA (rslora and other
+    plain-LoRA options are; DoRA and aLoRA are not: peft 0.21's mixed-adapter batches refuse DoRA,
+    and aLoRA needs per-request offsets), has no safetensors weights, or was trained on another base.
+    """
+    spec = str(spec)
+    try:
+        resolved = resolve(spec)
+    except InputError:
+        raise
+    except (OSError, ValueError) as exc:  # e.g. a path with a NUL byte
+        raise InputError(f"not a usable path ({exc})", file=spec) from exc
+    folder = resolved.adapter
+    if folder is None:
+        raise InputError(
+            "not a peft adapter folder (no adapter_config.json, nor a run folder whose final/ has one)", file=spec
+        )
+    try:
+        config = json.loads(Path(folder, "adapter_config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"cannot read adapter_config.json ({exc})", file=folder) from exc
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise InputError(
+            f"a peft {peft_type} adapter: only LoRA adapters (lora, rslora, ...) are served by name over a base",
+            file=folder,
+        )
+    if config.get("use_dora"):
+        raise InputError(
+            "a DoRA adapter: peft 0.21 does not run DoRA in mixed-adapter batches; merge it "
+            "(instructkit export --format merged) and serve the merged model on its own",
+            file=folder,
+        )
+    if config.get("alora_invocation_tokens"):
+        raise InputError(
+            "an aLoRA adapter (activated by invocation tokens), which the batch does not serve", file=folder
+        )
+    if resolved.quantized:
+        raise InputError(
+            "a qlora adapter, trained over the 4-bit base; it is not served over a full-precision base", file=folder
+        )
+    if not Path(folder, "adapter_model.safetensors").is_file():
+        raise InputError("no adapter_model.safetensors (adapters load from safetensors only)", file=folder)
+    parent = tuple(_same_place(p) for p in (resolved.base, *resolved.merged_first))
+    served = mergeable_base(base)
+    if parent != served:
+        raise InputError(
+            f"this adapter sits on {' + '.join(parent)}, not on the served base {base} ({' + '.join(served)})",
+            file=folder,
+        )
+    return folder

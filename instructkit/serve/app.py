@@ -7,6 +7,11 @@ body has OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``; wh
 (another model, a path no endpoint has) is a 404 with the body OpenAI's API sends for it: type
 ``invalid_request_error``, code ``model_not_found`` for a model, no code for a path. Concurrent requests
 are generated together in one batch (see :class:`instructkit.serve.engine.Batcher`).
+
+Named LoRA adapters over the base are served as models of their own (``/v1/models`` lists them with
+``parent`` = the base's id, as vLLM does); a request's ``model`` picks one, and requests for
+different adapters share the batch. ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``
+(vLLM's endpoints and bodies) change them while the server runs.
 """
 
 from __future__ import annotations
@@ -22,13 +27,23 @@ from typing import Any
 import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from instructkit.data.templates import encode_prompt
 from instructkit.errors import InputError
-from instructkit.serve.engine import DEFAULT_MAX_BATCH, Batcher, Choice, EngineError, QueueFull, Sampling, Submission
+from instructkit.serve.engine import (
+    DEFAULT_MAX_BATCH,
+    Batcher,
+    Choice,
+    EngineError,
+    LoraAdapters,
+    QueueFull,
+    Sampling,
+    Submission,
+    UnknownAdapter,
+)
 from instructkit.serve.schema import (
     STREAM_DESCRIPTION,
     ChatCompletion,
@@ -37,14 +52,17 @@ from instructkit.serve.schema import (
     CompletionRequest,
     ErrorResponse,
     Health,
+    LoadLoraAdapterRequest,
     ModelCard,
     ModelList,
     NotFoundResponse,
+    UnloadLoraAdapterRequest,
     _Sampling,
 )
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_MAX_QUEUE = 16
+DEFAULT_MAX_LORAS = 4  # adapters loaded at once when not told (or as many as given at the start)
 ERROR_STATUSES = {
     400: "malformed body, unknown field, value out of range, or prompt + max_tokens past the context",
     401: "an API key is set and the request lacks it or has another",
@@ -88,6 +106,28 @@ def context_length(model: Any) -> int | None:
     return None
 
 
+def check_adapter_name(name: str, model_name: str, field: str) -> None:
+    """An InputError when ``name`` cannot name an adapter (empty, the base's id, peft's ``__base__``)."""
+    if not name or name in (model_name, LoraAdapters.BASE):
+        taken = "is empty" if not name else f"is the {'base' if name == model_name else 'name peft keeps for the base'}"
+        raise InputError(f"an adapter name that {taken}: '{name}'", field=field)
+
+
+def check_adapters(adapters: dict[str, str], model_name: str, max_loras: int | None) -> tuple[dict[str, str], int]:
+    """The adapter folders of ``adapters`` (name -> spec) and the resolved ``max_loras``, checked
+    from their config files against the base ``model_name`` before any model loads."""
+    for name in adapters:
+        check_adapter_name(name, model_name, field="adapter")
+    limit = max(DEFAULT_MAX_LORAS, len(adapters)) if max_loras is None else max_loras
+    if limit < 0:
+        raise InputError(f"max_loras must be at least 0, got {limit}", field="max_loras")
+    if len(adapters) > limit:
+        raise InputError(f"{len(adapters)} adapters given, but max_loras is {limit}", field="max_loras")
+    from instructkit.models.loading import lora_adapter_folder
+
+    return {name: lora_adapter_folder(spec, model_name) for name, spec in adapters.items()}, limit
+
+
 def create_app(
     model: Any,
     tokenizer: Any,
@@ -98,6 +138,8 @@ def create_app(
     max_batch: int = DEFAULT_MAX_BATCH,
     label_store: str | None = None,
     runs_dir: str | None = None,
+    adapters: dict[str, str] | None = None,
+    max_loras: int | None = None,
 ) -> FastAPI:
     """An app serving ``model``; with ``api_key``, ``/v1/*`` needs ``Authorization: Bearer <key>``.
 
@@ -106,8 +148,15 @@ def create_app(
 
     Up to ``max_batch`` choices generate together; ``max_queue`` requests may wait while the
     batch is full, and more get a 503.
+
+    ``adapters`` (name -> LoRA adapter folder or run folder) are served over ``model`` under
+    those names, and up to ``max_loras`` (default: 4, or as many as given) may be loaded at once
+    through ``/v1/load_lora_adapter``; each must sit on the model spec ``model_name``.
     """
-    engine = Batcher(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+    folders, max_loras = check_adapters(dict(adapters or {}), model_name, max_loras)
+    engine = Batcher(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_loras=max_loras)
+    for name, folder in folders.items():
+        engine.load(name, folder)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -124,6 +173,15 @@ def create_app(
     )
     app.state.engine = engine
     card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "instructkit"}
+
+    def cards() -> dict[str, dict]:
+        """The base's card and each served adapter's, by id."""
+        adapter_cards = {
+            name: {**card, "id": name, "root": folder, "parent": model_name}
+            for name, folder in engine.served_adapters.items()
+        }
+        return {model_name: card, **adapter_cards}
+
     context = context_length(model)
     if context is not None:  # a prompt-learning adapter's virtual tokens take positions before each prompt
         context -= engine.virtual_tokens
@@ -175,9 +233,8 @@ def create_app(
         )
 
     def unknown_model(name: str) -> APIError:
-        return APIError(
-            404, f"The model `{name}` does not exist: this server serves '{model_name}'", code="model_not_found"
-        )
+        served = ", ".join(f"'{n}'" for n in cards())
+        return APIError(404, f"The model `{name}` does not exist: this server serves {served}", code="model_not_found")
 
     # 2. Authentication: a constant-time comparison against the one key.
     def authorized(request: Request) -> None:
@@ -217,24 +274,79 @@ def create_app(
             "waiting": engine.waiting,
         }
 
-    @app.get("/v1/models", dependencies=[Depends(authorized)], response_model=ModelList, responses=errors(401))
+    # exclude_none: the base's card has OpenAI's four fields; an adapter's adds root and parent.
+    @app.get(
+        "/v1/models",
+        dependencies=[Depends(authorized)],
+        response_model=ModelList,
+        response_model_exclude_none=True,
+        responses=errors(401),
+    )
     async def models() -> dict:
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": list(cards().values())}
 
     # `:path`: a model's id is its --model spec, which may hold slashes (runs/quickstart/sft)
     @app.get(
         "/v1/models/{model:path}",
         dependencies=[Depends(authorized)],
         response_model=ModelCard,
+        response_model_exclude_none=True,
         responses={
             **errors(401),
             404: {"model": NotFoundResponse, "description": "no model with this id is served here"},
         },
     )
     async def model_card(model: str) -> dict:
-        if model != model_name:
+        found = cards().get(model)
+        if found is None:
             raise unknown_model(model)
-        return card
+        return found
+
+    @app.post(
+        "/v1/load_lora_adapter",
+        dependencies=[Depends(authorized)],
+        response_model=None,
+        responses={
+            200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "loaded"},
+            400: {
+                "model": ErrorResponse,
+                "description": "the name is taken or invalid, max_loras adapters are loaded, or the folder is not "
+                "a LoRA adapter (safetensors) on the served base",
+            },
+            **errors(401),
+        },
+    )
+    async def load_lora_adapter(body: LoadLoraAdapterRequest) -> PlainTextResponse:
+        from instructkit.models.loading import lora_adapter_folder
+
+        check_adapter_name(body.lora_name, model_name, field="lora_name")
+        folder = await anyio.to_thread.run_sync(lora_adapter_folder, body.lora_path, model_name)
+        await anyio.to_thread.run_sync(engine.load, body.lora_name, folder)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post(
+        "/v1/unload_lora_adapter",
+        dependencies=[Depends(authorized)],
+        response_model=None,
+        responses={
+            200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "removed"},
+            400: {"model": ErrorResponse, "description": "malformed body or unknown field"},
+            404: {"model": ErrorResponse, "description": "no adapter of this name is served (code model_not_found)"},
+            **errors(401),
+        },
+    )
+    async def unload_lora_adapter(body: UnloadLoraAdapterRequest) -> PlainTextResponse:
+        # Answers once the adapter is gone: its requests in flight finish first.
+        try:
+            await anyio.to_thread.run_sync(engine.unload, body.lora_name)
+        except UnknownAdapter:
+            raise APIError(
+                404,
+                f"The LoRA adapter `{body.lora_name}` is not loaded (or is being unloaded)",
+                param="lora_name",
+                code="model_not_found",
+            ) from None
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.post(
         "/v1/chat/completions",
@@ -253,7 +365,8 @@ def create_app(
         return await _answer(body, [{"role": "user", "content": body.prompt}], chat=False)
 
     async def _answer(body: _Sampling, messages: list[dict], *, chat: bool):
-        if body.model is not None and body.model != model_name:
+        adapter = None if body.model in (None, model_name) else body.model
+        if adapter is not None and adapter not in engine.served_adapters:
             raise unknown_model(body.model)
         prompt_ids = encode_prompt(tokenizer, messages)
         sampling = Sampling(
@@ -264,13 +377,15 @@ def create_app(
             stop=tuple(body.stop_list()),
         )
         try:
-            sub = engine.submit(prompt_ids, sampling, n=body.n)
+            sub = engine.submit(prompt_ids, sampling, n=body.n, adapter=adapter)
         except QueueFull as exc:
             raise APIError(503, str(exc), type="server_error", code="server_busy") from None
+        except UnknownAdapter:  # unloaded since the check above
+            raise unknown_model(body.model) from None
         meta = {
             "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
             "created": int(time.time()),
-            "model": model_name,
+            "model": adapter or model_name,
         }
         if body.stream:
             usage = len(prompt_ids) if body.stream_options and body.stream_options.include_usage else None
@@ -349,6 +464,7 @@ def create_app(
             sub.cancel()  # the client went away, or the stream ended: either way the rows may go
 
     # FastAPI documents a 422 for every body; this app answers invalid bodies with 400 instead.
+    # It also documents a JSON 200 beside the plain text the adapter endpoints answer.
     default_openapi = app.openapi
 
     def openapi() -> dict:
@@ -357,6 +473,9 @@ def create_app(
             for operations in schema.get("paths", {}).values():
                 for operation in operations.values():
                     operation.get("responses", {}).pop("422", None)
+                    ok = operation.get("responses", {}).get("200", {}).get("content", {})
+                    if "text/plain" in ok:
+                        ok.pop("application/json", None)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -21,6 +21,11 @@ What it owns:
   go in front of each row's cache, with the prompt's positions offset past them. Each row then
   sees what ``PeftModelForCausalLM.generate`` gives that prompt alone (:class:`VirtualTokens`).
   Other prompt-learning methods are refused when the batcher is made.
+* **Named LoRA adapters.** With :class:`LoraAdapters`, each request names an adapter (or the
+  base) and its rows run with it inside the same batch: the base layers see every row, each LoRA
+  only its own rows (peft's mixed-adapter batches, ``adapter_names=[...]``, ``"__base__"`` for the
+  base). Adapters load and unload between steps; one being unloaded takes no new requests and is
+  removed once its rows have finished.
 * **Text.** The same stopping rules as :func:`instructkit.generation.generate` (eos, end-of-turn,
   ``stop`` strings; its ``decode_response`` makes the final text), so a greedy row gives the text
   ``generate`` gives for that prompt alone. Streamed pieces hold back any tail that could still
@@ -201,10 +206,12 @@ class _Row:
         stop_ids: list[int],
         stop_strings: list[str],
         device: Any,
+        adapter: str | None = None,
     ) -> None:
         import torch
 
         self.sub, self.index, self.prompt_ids, self.sampling = sub, index, prompt_ids, sampling
+        self.adapter = adapter  # a LoRA adapter's name, None for the base
         self.stop_ids, self.stop_strings = set(stop_ids), stop_strings
         self._stop_id_list = stop_ids
         self.generator = None
@@ -240,6 +247,65 @@ class _Row:
         self._send(text)
         self.sub._put(Choice(self.index, text, reason, self.count, tuple(self.ids)))
         return True
+
+
+class UnknownAdapter(KeyError):
+    """A request or an unload names an adapter that is not served (not loaded, or being unloaded)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+class LoraAdapters:
+    """Named LoRA adapters over one base model, each applied to its own rows of a batch.
+
+    The first adapter wraps the base in a ``PeftModel`` (which puts LoRA layers into it in
+    place); later ones are added to it. A forward runs the transformers model inside peft's own
+    ``_enable_peft_forward_hooks(adapter_names=...)``, what ``PeftModel.forward`` does with
+    ``adapter_names``: every LoRA layer computes ``base(x)`` for the whole batch and adds
+    ``B_a(A_a(x[rows of a])) * scaling_a`` on the rows of each adapter ``a`` (peft 0.21's
+    ``lora.Linear._mixed_batch_forward``), so a row gets what its adapter alone gives it. Going
+    round ``PeftModel.forward`` keeps working when every adapter has been deleted (it would look
+    for an active adapter's config). Inside peft each adapter has a name of ours (``served1``,
+    ``served2``, ...): a served name may hold what peft's names may not (a ``.`` would break its
+    module dicts; a part of ``lora_`` its state-dict keys). Not thread-safe: the :class:`Batcher`
+    calls it under its model lock.
+    """
+
+    BASE = "__base__"  # peft's name for "no adapter" in adapter_names
+
+    def __init__(self, base: Any) -> None:
+        self.base = base
+        self.peft: Any = None
+        self.folders: dict[str, str] = {}  # served name -> folder
+        self._in_peft: dict[str, str] = {}  # served name -> peft's adapter name
+        self._loaded = 0
+
+    def load(self, name: str, folder: str) -> None:
+        from peft import PeftModel
+
+        self._loaded += 1
+        inner = f"served{self._loaded}"
+        if self.peft is None:
+            self.peft = PeftModel.from_pretrained(self.base, folder, adapter_name=inner, is_trainable=False)
+        else:
+            self.peft.load_adapter(folder, adapter_name=inner, is_trainable=False)
+        self.peft.eval()
+        self.folders[name], self._in_peft[name] = folder, inner
+
+    def unload(self, name: str) -> None:
+        self.peft.delete_adapter(self._in_peft.pop(name))
+        del self.folders[name]
+
+    def forward(self, adapters: Sequence[str | None], **inputs: Any) -> Any:
+        """The model's output for ``inputs``; row b runs with ``adapters[b]`` (None: the base)."""
+        if self.peft is None:
+            return self.base(**inputs)
+        lora = self.peft.base_model
+        names = [self._in_peft[a] if a is not None else self.BASE for a in adapters]
+        with lora._enable_peft_forward_hooks(adapter_names=names):
+            return lora.model(**inputs)
 
 
 class VirtualTokens:
@@ -344,17 +410,37 @@ class Batcher:
 
     A peft prompt-learning model runs through its base model with its :class:`VirtualTokens`
     placed in front of each row; an adapter whose placement is not peft's is refused here.
+
+    Over a plain model, up to ``max_loras`` named LoRA adapters may be loaded (:meth:`load`,
+    :meth:`unload`); a request's rows run with the adapter it names (:class:`LoraAdapters`).
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = 16) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_queue: int = 16,
+        max_loras: int = 0,
+    ) -> None:
         if max_batch < 1:
             raise InputError(f"max_batch must be at least 1, got {max_batch}", field="max_batch")
         if max_queue < 0:
             raise InputError(f"max_queue must be at least 0, got {max_queue}", field="max_queue")
+        if max_loras < 0:
+            raise InputError(f"max_loras must be at least 0, got {max_loras}", field="max_loras")
         self.model, self.tokenizer = model, tokenizer
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_queue, self.max_loras = max_batch, max_queue, max_loras
         self.device = next(model.parameters()).device
         self.virtual = VirtualTokens.of(model)
+        # Named adapters go over a plain model only: a peft model served as the base already
+        # runs its own adapter in every layer (merge it first, as `instructkit serve` does).
+        is_peft = hasattr(model, "peft_config")
+        self.adapters = LoraAdapters(model) if max_loras > 0 and not is_peft else None
+        self._adapter_state: dict[str, str] = {}  # name -> "loading" | "ready" | "draining"
+        self._model_lock = threading.Lock()  # held by a step, a load and an unload
+        self._admitted: list[_Row] = []  # rows taken from the queue by the step now running
         # peft's forward would prepend the virtual tokens (or a fresh prefix) at every decode step.
         self._net = model.get_base_model() if self.virtual else model
         self._forward_args = set(inspect.signature(self._net.forward).parameters)
@@ -386,12 +472,25 @@ class Batcher:
         """Requests with rows that have not started."""
         return len(self._waiting)
 
-    def submit(self, prompt_ids: list[int], sampling: Sampling, n: int = 1) -> Submission:
-        """Queue ``n`` choices of one prompt; raises :class:`QueueFull` when there is no room."""
+    @property
+    def served_adapters(self) -> dict[str, str]:
+        """The adapters requests may name now, and their folders (not those loading or unloading)."""
+        with self._wake:
+            ready = [name for name, state in self._adapter_state.items() if state == "ready"]
+        return {name: self.adapters.folders[name] for name in ready}
+
+    def submit(self, prompt_ids: list[int], sampling: Sampling, n: int = 1, adapter: str | None = None) -> Submission:
+        """Queue ``n`` choices of one prompt, to run with the LoRA ``adapter`` (None: the base);
+        raises :class:`QueueFull` when there is no room, :class:`UnknownAdapter` when the adapter
+        is not served."""
         stop_ids, stop_strings = stop_tokens(self.model, self.tokenizer, list(sampling.stop), None)
         sub = Submission(n, asyncio.get_running_loop(), self._forget)
-        rows = [_Row(sub, i, list(prompt_ids), sampling, stop_ids, stop_strings, self.device) for i in range(n)]
+        rows = [
+            _Row(sub, i, list(prompt_ids), sampling, stop_ids, stop_strings, self.device, adapter) for i in range(n)
+        ]
         with self._wake:
+            if adapter is not None and self._adapter_state.get(adapter) != "ready":
+                raise UnknownAdapter(adapter)
             if self._closed:
                 raise QueueFull("the server is shutting down")
             free, queued = self._room()
@@ -405,8 +504,58 @@ class Batcher:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._work, name="instructkit-batcher", daemon=True)
                 self._thread.start()
-            self._wake.notify()
+            self._wake.notify_all()
         return sub
+
+    def load(self, name: str, folder: str) -> None:
+        """Load the LoRA adapter in ``folder`` (checked to sit on this base) as ``name``, between
+        two steps; an :class:`InputError` when adapters cannot be served here, the name is taken,
+        or ``max_loras`` are already loaded. Blocks: call it from a worker thread."""
+        with self._wake:
+            if self.adapters is None:
+                why = (
+                    "the server was started with max_loras 0"
+                    if self.max_loras == 0
+                    else "the served model is itself a peft model (serve its merged weights, or start "
+                    "`instructkit serve` with --adapter, which merges it)"
+                )
+                raise InputError(f"this server does not load LoRA adapters: {why}", field="lora_name")
+            if name in self._adapter_state:
+                raise InputError(
+                    f"an adapter named '{name}' is already {self._adapter_state[name]}; unload it first",
+                    field="lora_name",
+                )
+            if len(self._adapter_state) >= self.max_loras:
+                raise InputError(
+                    f"{len(self._adapter_state)} adapters are loaded ({', '.join(self._adapter_state)}) and this "
+                    f"server holds at most max_loras={self.max_loras}; unload one first",
+                    field="lora_name",
+                )
+            self._adapter_state[name] = "loading"
+        try:
+            with self._model_lock:
+                self.adapters.load(name, folder)
+        except BaseException:
+            with self._wake:
+                del self._adapter_state[name]
+            raise
+        with self._wake:
+            self._adapter_state[name] = "ready"
+
+    def unload(self, name: str) -> None:
+        """Stop serving the adapter ``name`` at once (new requests get :class:`UnknownAdapter`),
+        wait for its queued and running rows to finish, then remove it from the model.
+        Blocks: call it from a worker thread."""
+        with self._wake:
+            if self._adapter_state.get(name) != "ready":
+                raise UnknownAdapter(name)
+            self._adapter_state[name] = "draining"
+            while any(row.adapter == name for row in [*self._rows, *self._admitted, *self._pending]):
+                self._wake.wait()  # the worker notifies after every step
+        with self._model_lock:
+            self.adapters.unload(name)
+        with self._wake:
+            del self._adapter_state[name]
 
     def _forget(self, sub: Submission) -> None:
         """Drop the rows of a cancelled request that have not started (running ones leave the
@@ -434,14 +583,14 @@ class Batcher:
     def resume(self) -> None:
         with self._wake:
             self._paused = False
-            self._wake.notify()
+            self._wake.notify_all()
 
     def close(self) -> None:
         """Stop the worker after its current step; requests not finished get an :class:`EngineError`.
         A later :meth:`submit` starts a new worker (an app's lifespan may run more than once)."""
         with self._wake:
             self._closed = True
-            self._wake.notify()
+            self._wake.notify_all()
             thread = self._thread
         if thread is not None:
             thread.join()
@@ -450,7 +599,8 @@ class Batcher:
                 sub._put(EngineError("the server shut down before this request finished"))
             self._rows, self._pending, self._waiting = [], collections.deque(), collections.Counter()
             self._mask = self._cache = self._logits = None
-            self._thread, self._closed = None, False
+            self._thread, self._closed, self._admitted = None, False, []
+            self._wake.notify_all()  # an unload waiting for rows: there are none now
 
     # -- the worker's side -------------------------------------------------------------------
 
@@ -459,13 +609,15 @@ class Batcher:
 
         while True:
             with self._wake:
+                self._admitted = []
+                self._wake.notify_all()  # the step changed the rows: an unload may be waiting for that
                 while not self._closed and (self._paused or not (self._rows or self._pending)):
                     self._wake.wait()
                 if self._closed:
                     return
-                new = self._admit()
+                new = self._admitted = self._admit()
             try:
-                with torch.inference_mode():
+                with self._model_lock, torch.inference_mode():
                     self._step(new)
             except Exception as exc:  # answered to every request in the batch; the server keeps serving
                 error = EngineError(f"generation failed: {type(exc).__name__}: {exc}")
@@ -522,13 +674,19 @@ class Batcher:
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(keep), 1))], dim=1)  # (B, W + 1)
         position_ids = self._mask.sum(dim=1, keepdim=True) - 1  # (B, 1): each row's own position
         self._logits = self._forward(
-            self._cache, input_ids=next_ids, attention_mask=self._mask, position_ids=position_ids
+            self._cache,
+            [row.adapter for row in self._rows],
+            input_ids=next_ids,
+            attention_mask=self._mask,
+            position_ids=position_ids,
         )
 
-    def _forward(self, cache: Any, **inputs: Any) -> Any:
-        """Next-token logits (B, V) after ``inputs`` (ids or embeddings, mask, positions), growing ``cache``."""
+    def _forward(self, cache: Any, adapters: list[str | None], **inputs: Any) -> Any:
+        """Next-token logits (B, V) after ``inputs`` (ids or embeddings, mask, positions), growing
+        ``cache``; row b runs with the LoRA ``adapters[b]`` (None: the base)."""
         extra = {"logits_to_keep": 1} if "logits_to_keep" in self._forward_args else {}
-        out = self._net(**inputs, past_key_values=cache, use_cache=True, **extra)
+        inputs = {**inputs, "past_key_values": cache, "use_cache": True, **extra}
+        out = self.adapters.forward(adapters, **inputs) if self.adapters else self._net(**inputs)
         return out.logits[:, -1, :].float()  # (B, V)
 
     def _prefill_inputs(self, prompts: list[list[int]]) -> tuple[dict[str, Any], Any, Any]:
@@ -550,12 +708,14 @@ class Batcher:
         # The choices of one request share a prompt: prefill it once, then repeat its rows.
         first: dict[int, int] = {}
         prompts: list[list[int]] = []
+        adapters: list[str | None] = []
         for row in new:
             if id(row.sub) not in first:
                 first[id(row.sub)] = len(prompts)
                 prompts.append(row.prompt_ids)
+                adapters.append(row.adapter)
         inputs, mask, cache = self._prefill_inputs(prompts)
-        logits = self._forward(cache, **inputs)  # (P, V)
+        logits = self._forward(cache, adapters, **inputs)  # (P, V)
         if len(prompts) < len(new):
             index = torch.tensor([first[id(row.sub)] for row in new], device=self.device)
             logits, mask = logits[index], mask[index]

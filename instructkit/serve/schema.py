@@ -33,7 +33,9 @@ class _Sampling(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    model: str | None = Field(None, description="must be the served model's name when given")
+    model: str | None = Field(
+        None, description="the served base's id or a served LoRA adapter's name (`/v1/models`); default: the base"
+    )
     max_tokens: int | None = Field(None, ge=1, description="default: min(256, what the context has left)")
     temperature: float = Field(1.0, ge=0, le=2, description="0 is greedy decoding")
     top_p: float = Field(1.0, gt=0, le=1)
@@ -117,11 +119,32 @@ class ModelCard(BaseModel):
     object: Literal["model"]
     created: int
     owned_by: str
+    root: str | None = Field(None, description="a LoRA adapter's folder (absent for the base)")
+    parent: str | None = Field(None, description="a LoRA adapter's base: the base model's id (absent for the base)")
 
 
 class ModelList(BaseModel):
     object: Literal["list"]
     data: list[ModelCard]
+
+
+class LoadLoraAdapterRequest(BaseModel):
+    """vLLM's body for ``POST /v1/load_lora_adapter``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    lora_name: str = Field(..., min_length=1, description="the `model` requests will name it by")
+    lora_path: str = Field(
+        ..., min_length=1, description="a LoRA adapter folder (or run folder) on the server's disk, on the served base"
+    )
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    """vLLM's body for ``POST /v1/unload_lora_adapter``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    lora_name: str = Field(..., min_length=1)
 
 
 class Health(BaseModel):
