@@ -362,6 +362,43 @@ class DistillConfig:
 
 
 @dataclasses.dataclass
+class PretrainConfig:
+    """Pre-training on plain text: `instructkit pretrain --config FILE` (docs/pretrain.md). One
+    objective per run: clm (decoders, packed blocks), mlm and nsp (BERT-style encoders), plm (XLNet)."""
+
+    model: str = "smollm2-135m-instruct"  # the model to train: a decoder for clm, BERT-like for mlm/nsp, XLNet for plm
+    out: str = "runs/pretrain"
+    objective: PretrainObjective = "clm"  # losses/pretrain.OBJECTIVES
+    data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(format="text"))  # max_length: block size
+    peft: PeftConfig = dataclasses.field(default_factory=lambda: PeftConfig(method="full"))  # clm may use any method
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=1e-4))
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    mlm_probability: float = 0.15  # mlm: share of maskable tokens chosen (then 80% [MASK], 10% random, 10% kept)
+    whole_word: bool = False  # mlm: choose whole words (the tokenizer's word_ids()) instead of single tokens
+    plm_probability: float = 1 / 6  # plm: share of each sequence predicted (the end of the factorisation order)
+    nsp_random_probability: float = 0.5  # nsp: share of pairs whose second segment is from another document
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        require(0.0 < self.mlm_probability < 1.0, "mlm_probability", "must be in (0, 1)")
+        require(0.0 < self.plm_probability <= 1.0, "plm_probability", "must be in (0, 1]")
+        require(0.0 < self.nsp_random_probability < 1.0, "nsp_random_probability", "must be in (0, 1)")
+        require(
+            not self.whole_word or self.objective == "mlm",
+            "whole_word",
+            f"applies to objective mlm, not {self.objective}",
+        )
+        require(
+            self.objective == "clm" or self.peft.method == "full",
+            "peft.method",
+            f"objective {self.objective} trains the whole model (method: full); adapters are for clm",
+        )
+        require(self.data.format in (None, "text"), "data.format", "pre-training reads plain text (format: text)")
+        require(not self.data.packing, "data.packing", "clm always packs text into blocks of data.max_length")
+        require(self.data.template is None, "data.template", "pre-training text has no chat template")
+
+
+@dataclasses.dataclass
 class QuantizeConfig:
     """Quantisation: `instructkit quantize --config FILE` (docs/quantize.md)."""
 

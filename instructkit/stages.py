@@ -26,6 +26,7 @@ from instructkit.config import (
     EvalStageConfig,
     Origin,
     PPOConfig,
+    PretrainConfig,
     PruneConfig,
     QuantizeConfig,
     RewardConfig,
@@ -216,6 +217,25 @@ STAGES: dict[str, Stage] = {
             lambda cfg: [DataFile("data.path", cfg.data.path, "any", cfg.data.format, cfg.data.columns)],
         ),
         Stage(
+            "pretrain",
+            PretrainConfig,
+            "instructkit.train.pretrain:pretrain",
+            "pre-train on plain text: causal LM (packed blocks), masked LM, next-sentence prediction, permutation LM",
+            'Pre-training objectives on plain text (.txt lines, {"text": ...} records such as LLaMA-Factory\'s '
+            "c4_demo.jsonl): clm packs text into blocks for a decoder; mlm (BERT's 15% with 80/10/10, whole words "
+            "on request) and nsp train BERT-style encoders; plm trains XLNet over random factorisation orders. "
+            "See docs/pretrain.md.",
+            "policy",
+            lambda cfg: (
+                [DataFile("data.path", cfg.data.path, "any", "text", cfg.data.columns, cfg.data.dataset_info)]
+                + (
+                    [DataFile("data.val_path", cfg.data.val_path, "any", "text", cfg.data.columns)]
+                    if cfg.data.val_path
+                    else []
+                )
+            ),
+        ),
+        Stage(
             "quantize",
             QuantizeConfig,
             "instructkit.train.quantize:quantize",
@@ -267,6 +287,7 @@ class RecipeConfig:
     prune: dict[str, Any] = dataclasses.field(default_factory=dict)  # pruning stage (docs/prune.md)
     distill: dict[str, Any] = dataclasses.field(default_factory=dict)  # distillation stage (docs/distill.md)
     quantize: dict[str, Any] = dataclasses.field(default_factory=dict)  # quantisation stage (docs/quantize.md)
+    pretrain: dict[str, Any] = dataclasses.field(default_factory=dict)  # pre-training stage (docs/pretrain.md)
 
 
 @dataclasses.dataclass
