@@ -590,9 +590,8 @@ def continual(
                 results[name].append(train_task(run, STRATEGIES[name], i))
                 mark_progress(stage.run.path, next(units), f"{name}/{run.tasks[i].name}")
     # 5. The accuracy matrices and their metrics: summary.json, and the table.
-    summary = stage_results(cfg, baseline, results)
-    stage.print(format_results(summary))
-    return stage.finish(summary, lambda: None)
+    # (instructkit run prints them with format_results at the end of the recipe.)
+    return stage.finish(stage_results(cfg, baseline, results), lambda: None)
 
 
 def mark_progress(root: Path, units: int, what: str) -> None:
@@ -671,11 +670,9 @@ def format_results(summary: dict[str, Any]) -> str:
         rows = [("start", summary["baseline"]["exact_match"])] + list(zip(tasks, s["R"]))
         lines += [label.ljust(width) + "".join(f"{x:.3f}".rjust(width) for x in row) for label, row in rows]
     metrics = list(dict.fromkeys(k for row in summary["table"].values() for k in row))
-    cell = max(10, *(len(m) + 2 for m in metrics))
-    lines.append("\n" + "strategy".ljust(18) + "".join(m.rjust(cell) for m in metrics))
+    cells = [max(10, len(m) + 2) for m in metrics]
+    lines.append("\n" + "strategy".ljust(18) + "".join(m.rjust(w) for m, w in zip(metrics, cells)))
     for name, row in summary["table"].items():
-        values = "".join(
-            (f"{row[m]:.3f}" if isinstance(row.get(m), float) else str(row.get(m, "-"))).rjust(cell) for m in metrics
-        )
-        lines.append(name.ljust(18) + values)
+        values = (f"{row[m]:.3f}" if isinstance(row.get(m), float) else str(row.get(m, "-")) for m in metrics)
+        lines.append(name.ljust(18) + "".join(v.rjust(w) for v, w in zip(values, cells)))
     return "\n".join(lines)
