@@ -475,9 +475,8 @@ class Batcher:
     @property
     def served_adapters(self) -> dict[str, str]:
         """The adapters requests may name now, and their folders (not those loading or unloading)."""
-        with self._wake:
-            ready = [name for name, state in self._adapter_state.items() if state == "ready"]
-        return {name: self.adapters.folders[name] for name in ready}
+        with self._wake:  # a ready adapter's folder is set before it is ready and kept until it has drained
+            return {name: self.adapters.folders[name] for name, s in self._adapter_state.items() if s == "ready"}
 
     def submit(self, prompt_ids: list[int], sampling: Sampling, n: int = 1, adapter: str | None = None) -> Submission:
         """Queue ``n`` choices of one prompt, to run with the LoRA ``adapter`` (None: the base);
