@@ -194,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
             results.append(run_worker(__file__, method, shared))
         except SystemExit as exc:  # one method's crash is a row of the table, not the end of the run
             results.append({"method": method, "skipped": f"worker failed ({exc})"})
-        save_results(args.out, "peft_methods", settings=vars(args) | {"out": str(args.out)}, machine=machine, results=results)
+        save_results(
+            args.out, "peft_methods", settings=vars(args) | {"out": str(args.out)}, machine=machine, results=results
+        )
         r = results[-1]
         print(
             f"   {json.dumps({k: r[k] for k in ('exact_match', 'tokens_per_s', 'skipped') if k in r})}", file=sys.stderr

@@ -298,7 +298,9 @@ class PruneConfig:
     drop_layers: int = 0  # remove this many consecutive decoder layers (least angular change)
     ffn_keep: float = 1.0  # fraction of each layer's FFN channels kept (1: all)
     scores: Literal["magnitude", "wanda"] = "magnitude"  # weight importance: |W|, or |W| x input norm
-    pattern: Literal["unstructured", "semi_structured"] = "unstructured"  # semi_structured: 2:4, two of every four weights along a row
+    pattern: Literal["unstructured", "semi_structured"] = (
+        "unstructured"  # semi_structured: 2:4, two of every four weights along a row
+    )
     sparsity: float = 0.0  # unstructured: fraction of weights zeroed per row (wanda) or per matrix (magnitude)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)  # device and seed only
     trust_remote_code: bool = False
@@ -328,8 +330,12 @@ class DistillConfig:
     model: str = "smollm2-135m-instruct"  # the student (e.g. a pruned run folder)
     teacher: str = ""  # the teacher: any model spec or run folder (adapters merged)
     out: str = "runs/distill"
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)  # demonstrations (their prompts, for on_policy/sequence)
-    peft: PeftConfig = dataclasses.field(default_factory=lambda: PeftConfig(method="full"))  # what of the student trains
+    data: DataConfig = dataclasses.field(
+        default_factory=DataConfig
+    )  # demonstrations (their prompts, for on_policy/sequence)
+    peft: PeftConfig = dataclasses.field(
+        default_factory=lambda: PeftConfig(method="full")
+    )  # what of the student trains
     optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=1e-4))
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     mode: Literal["offline", "on_policy", "sequence"] = "offline"  # whose tokens the loss reads (docs/distill.md)

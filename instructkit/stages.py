@@ -203,7 +203,9 @@ STAGES: dict[str, Stage] = {
             "teacher with another tokenizer). See docs/distill.md.",
             "policy",
             _training_data("demonstrations"),
-            missing=lambda cfg: [] if cfg.teacher else [("teacher", "name the teacher model (a model spec or run folder)")],
+            missing=lambda cfg: (
+                [] if cfg.teacher else [("teacher", "name the teacher model (a model spec or run folder)")]
+            ),
         ),
         Stage(
             "prune",
