@@ -129,3 +129,67 @@ def test_derived_preferences_and_prompts_are_reproducible_and_well_formed(tmp_pa
     assert [r["answer"] for r in rows] == [t["messages"][-1]["content"] for t in test]
     assert exact_match("p", "  " + rows[0]["answer"].upper() + "\n", answer=rows[0]["answer"]) == 1.0
     assert exact_match("p", rows[0]["answer"] + ".", answer=rows[0]["answer"]) == 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# The continual recipe's data: label, keysort (the extract orders, other formats), generic_text
+
+CONTINUAL_SCRIPT = REPO / "scripts" / "make_continual_datasets.py"
+CONTINUAL_SIZES = {"train": 400, "val": 50, "test": 100}
+
+
+def _rows(name: str, split: str) -> list[dict]:
+    with open(shipped_path(name, split), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_the_continual_script_regenerates_its_shipped_files_byte_for_byte(tmp_path):
+    subprocess.run([sys.executable, str(CONTINUAL_SCRIPT), "--out", str(tmp_path)], check=True, capture_output=True)
+    for name in ("label", "keysort", "generic_text"):
+        for split in SHIPPED[name]:
+            made = tmp_path / f"{name}_{split}.jsonl"
+            assert made.read_bytes() == shipped_path(name, split).read_bytes(), made.name
+
+
+def test_label_and_keysort_answers_follow_from_the_sentence_in_their_format():
+    """The extract answer read off the sentence (``solve``), rewritten by hand in each format."""
+    script = _script()
+    for split, n in CONTINUAL_SIZES.items():
+        for name in ("label", "keysort"):
+            rows = _rows(name, split)
+            assert len(rows) == n
+            for row in rows:
+                system, user, answer = row["messages"]
+                fields = dict(part.split(": ", 1) for part in solve(user["content"], script).split("; "))
+                if name == "label":
+                    expected = f"{fields['city']} / {fields['name']} / {fields['count']} x {fields['item']}"
+                    assert user["content"].startswith("Reply as CITY / NAME / N x ITEM")
+                else:
+                    expected = "; ".join(f"{k}: {fields[k]}" for k in ("city", "count", "item", "name"))
+                    assert user["content"].startswith("Reply as city: CITY; count: N; item: ITEM; name: NAME")
+                assert answer["content"] == expected
+
+
+def test_label_and_keysort_hold_out_combinations_and_some_names():
+    names = set(_script().NAMES)
+    for name in ("label", "keysort"):
+        train = [r["messages"] for r in _rows(name, "train")]
+        seen = {m[2]["content"] for m in train}
+        train_names = {w for m in train for w in re.findall(r"[A-Z][a-z]+", m[1]["content"]) if w in names}
+        for split in ("val", "test"):
+            rows = [r["messages"] for r in _rows(name, split)]
+            answers = [m[2]["content"] for m in rows]
+            assert not seen & set(answers) and len(set(answers)) == len(answers)
+            unseen = [
+                m
+                for m in rows
+                if not {w for w in re.findall(r"[A-Z][a-z]+", m[1]["content"]) if w in names} <= train_names
+            ]
+            assert len(unseen) >= 3  # names train never shows: copying, not memorising
+
+
+def test_generic_text_is_prose_not_the_tasks_format():
+    rows = _rows("generic_text", "test")
+    assert len(rows) == 40 and all(set(r) == {"text"} for r in rows)
+    for r in rows:
+        assert len(r["text"].split()) >= 30 and ": " not in r["text"] and " / " not in r["text"]
