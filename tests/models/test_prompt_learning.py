@@ -288,14 +288,8 @@ def test_reward_model_ranking_loss_falls(method):
     assert curve[-1] < curve[0] - 0.05, curve
 
 
-def test_reward_recipe_refuses_prompt_learning_before_the_model_loads(tmp_path):
-    """The reward recipe saves a plain classifier with its adapter merged; virtual tokens do not merge."""
-    from instructkit.train.reward import rm
-
-    data = write_jsonl(tmp_path / "pairs.jsonl", toy_preferences(8))
-    with pytest.raises(InputError) as err:
-        rm(_stage_config(tmp_path / "no-model-here", data, tmp_path / "run", "prompt_tuning"))
-    assert err.value.field == "peft.method" and "merge" in str(err.value)
+# Reward models with virtual tokens: tests/train/test_methods_in_stages.py
+# (test_a_prompt_learning_reward_model_scores_the_same_after_reload; they used to be refused).
 
 
 # ----------------------------------------------------------------------------------------------
