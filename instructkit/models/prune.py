@@ -148,6 +148,20 @@ def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
     }
 
 
+def _run_calibration(
+    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], hooks: list[Any], keep: dict
+) -> None:
+    """Run ``model`` over ``batches`` with ``hooks`` (registered handles) in place, ``keep["mask"]``
+    the flat boolean mask of each batch's real tokens; the hooks are removed whatever happens."""
+    try:
+        for batch in batches:
+            keep["mask"] = batch["attention_mask"].reshape(-1).bool()
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 @torch.no_grad()
 def input_norms(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """L2 norm of every input feature of every prunable linear layer over the real (unpadded)
@@ -164,13 +178,7 @@ def input_norms(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) ->
         return record
 
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in linears.items()]
-    try:
-        for batch in batches:
-            keep["mask"] = batch["attention_mask"].reshape(-1).bool()
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_calibration(model, batches, handles, keep)
     return {name: s.sqrt() for name, s in sums.items()}
 
 
@@ -195,13 +203,7 @@ def layer_inputs(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -
 
     handles = [layer.register_forward_pre_hook(pre(i), with_kwargs=True) for i, layer in enumerate(layers)]
     handles.append(layers[-1].register_forward_hook(post))
-    try:
-        for batch in batches:
-            keep["mask"] = batch["attention_mask"].reshape(-1).bool()
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_calibration(model, batches, handles, keep)
     return [torch.cat(parts) for parts in collected]
 
 
@@ -290,13 +292,7 @@ def ffn_activation_norms(model: nn.Module, batches: Iterable[dict[str, torch.Ten
         return record
 
     handles = [layer.mlp.down_proj.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
-    try:
-        for batch in batches:
-            keep["mask"] = batch["attention_mask"].reshape(-1).bool()
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_calibration(model, batches, handles, keep)
     return {i: s.sqrt() for i, s in sums.items()}
 
 
