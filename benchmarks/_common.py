@@ -194,6 +194,15 @@ def machine_info(packages: tuple[str, ...]) -> dict[str, Any]:
     }
 
 
+def machine_line(machine: dict[str, Any]) -> str:
+    """The line under a table that says where it was measured (:func:`machine_info`'s facts)."""
+    versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items())
+    return (
+        f"machine: {machine['cpu']}, {machine['usable_cpus']} usable CPUs, "
+        f"load {machine['load_avg_1m']} before the run; {versions}"
+    )
+
+
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     """A GitHub markdown table; numbers right-aligned, text left-aligned."""
     cells = [[str(c) for c in row] for row in rows]

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import MemoryProbe, machine_info, markdown_table, run_worker, save_results  # noqa: E402
+from _common import MemoryProbe, machine_info, machine_line, markdown_table, run_worker, save_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m-instruct"
@@ -148,8 +148,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, machine: dic
         "",
         f"{args.steps} steps of batch {args.batch_size} on shipped:extract/train (max_length 128, seed {args.seed}); "
         f"exact match on {args.eval_limit} held-out test conversations, greedy, 32 new tokens.",
-        f"machine: {machine['cpu']}, {machine['usable_cpus']} usable CPUs, load {machine['load_avg_1m']} before the run; "
-        + ", ".join(f"{k} {v}" for k, v in machine["versions"].items()),
+        machine_line(machine),
     ]
     return "\n".join(lines)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, markdown_table, run_worker, save_results  # noqa: E402
+from _common import machine_info, machine_line, markdown_table, run_worker, save_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMES = ("fp32", "int8_weight_only", "int8_dynamic", "int4_weight_only")
@@ -115,8 +115,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, machine: dic
             "",
             f"model {args.model}; greedy decoding at batch 1, {args.decode_tokens} new tokens after a warm-up; "
             f"exact match on {args.eval_limit} held-out test conversations (shipped:extract/test).",
-            f"machine: {machine['cpu']}, {machine['usable_cpus']} usable CPUs, load {machine['load_avg_1m']} before the run; "
-            + ", ".join(f"{k} {v}" for k, v in machine["versions"].items()),
+            machine_line(machine),
         ]
     )
 
