@@ -86,3 +86,28 @@ def toy_preferences(n: int = 32) -> list[dict]:
         wrong = words + " wrong"
         rows.append({"prompt": [prompt], "chosen": [answer], "rejected": [{"role": "assistant", "content": wrong}]})
     return rows
+
+
+def hf_greedy_alone(model, tokenizer, prompts, max_new_tokens: int) -> list[str]:
+    """Each prompt (a list of messages) answered alone by the model's own HF ``generate``,
+    greedy, cut at instructkit's stop tokens and strings: the reference batched paths must equal."""
+    import torch
+
+    from instructkit.data.templates import encode_prompt
+    from instructkit.generation import decode_response, stop_tokens
+
+    stop_ids, stop_strings = stop_tokens(model, tokenizer, None, None)
+    out = []
+    for prompt in prompts:
+        ids = torch.tensor([encode_prompt(tokenizer, prompt, None)])
+        with torch.no_grad():
+            new = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=stop_ids,
+                pad_token_id=tokenizer.pad_token_id,
+            )[0, ids.shape[1] :]
+        out.append(decode_response(tokenizer, new.tolist(), stop_ids, stop_strings))
+    return out

@@ -15,7 +15,7 @@ from instructkit.config import PeftConfig, SFTConfig, load_config
 from instructkit.data.collate import pad_batch
 from instructkit.data.schema import Message
 from instructkit.errors import InputError
-from instructkit.generation import decode_response, generate, stop_tokens
+from instructkit.generation import generate
 from instructkit.models import bottleneck
 from instructkit.models.lm import CausalLMLoss
 from instructkit.models.loading import load_model, resolve
@@ -23,7 +23,15 @@ from instructkit.models.peft_methods import METHODS, apply_method
 from instructkit.models.reward_model import reward_model_from_causal_lm, sequence_scores
 from instructkit.runs import RunDir
 from instructkit.train.setup import save_final
-from tests.tiny import real_tokenizer, tiny_llama, tiny_model_dir, toy_conversations, toy_preferences, write_jsonl
+from tests.tiny import (
+    hf_greedy_alone,
+    real_tokenizer,
+    tiny_llama,
+    tiny_model_dir,
+    toy_conversations,
+    toy_preferences,
+    write_jsonl,
+)
 
 METHODS_HERE = ["houlsby", "pfeiffer"]
 LAYERS = 2  # tests/tiny.py's Llama: 2 layers, hidden 32
@@ -208,7 +216,6 @@ PROMPTS = [[Message("user", " ".join(WORDS[: 1 + i]))] for i in range(6)]
 def test_generate_through_the_kv_cache_equals_hf_generate(tmp_path, method):
     """instructkit.generation.generate (batched, left-padded, KV cache) on the reloaded adapted
     model gives HF generate's greedy text, prompt by prompt; the adapters change the text."""
-    from instructkit.data.templates import encode_prompt
 
     tokenizer = real_tokenizer()
     sharp = tiny_model_dir(tmp_path / "base", initializer_range=0.5)  # greedy text differs by prompt
@@ -217,21 +224,7 @@ def test_generate_through_the_kv_cache_equals_hf_generate(tmp_path, method):
     model = load_model(_save(model, tmp_path / "run", sharp).path, device="cpu", dtype="fp32").eval()
 
     ours = generate(model, tokenizer, PROMPTS, max_new_tokens=8)
-    stop_ids, stop_strings = stop_tokens(model, tokenizer, None, None)
-    alone = []
-    for prompt in PROMPTS:
-        ids = torch.tensor([encode_prompt(tokenizer, prompt, None)])
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=8,
-                do_sample=False,
-                eos_token_id=stop_ids,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        alone.append(decode_response(tokenizer, out[0, ids.shape[1] :].tolist(), stop_ids, stop_strings))
-    assert ours == alone
+    assert ours == hf_greedy_alone(model, tokenizer, PROMPTS, max_new_tokens=8)
     plain = generate(load_model(sharp, device="cpu", dtype="fp32"), tokenizer, PROMPTS, max_new_tokens=8)
     assert ours != plain
 

@@ -16,15 +16,14 @@ from instructkit import config as config_module
 from instructkit.config import PeftConfig, SFTConfig, load_config
 from instructkit.data.collate import pad_batch
 from instructkit.data.schema import Message
-from instructkit.data.templates import encode_prompt
 from instructkit.errors import InputError
-from instructkit.generation import decode_response, generate, prepends_virtual_tokens, stop_tokens
+from instructkit.generation import generate, prepends_virtual_tokens
 from instructkit.losses.token_ce import token_cross_entropy
 from instructkit.models.lm import CausalLMLoss
 from instructkit.models.loading import load_model
 from instructkit.models.peft_methods import INITS, METHODS, apply_method, is_peft
 from instructkit.models.reward_model import reward_model_from_causal_lm, sequence_scores
-from tests.tiny import real_tokenizer, tiny_llama, tiny_model_dir
+from tests.tiny import hf_greedy_alone, real_tokenizer, tiny_llama, tiny_model_dir
 
 # Every method, and LoRA's inits on the variants that take them ("method+init").
 # Tested in their own files: qlora needs a 64-wide base (4-bit blocks), bottleneck adapters save
@@ -213,21 +212,7 @@ def test_batched_generation_equals_peft_alone(tmp_path, method):
     assert prepends_virtual_tokens(model) == (method != "prefix_tuning")
 
     ours = generate(model, tokenizer, GENERATION_PROMPTS, max_new_tokens=8)
-    stop_ids, stop_strings = stop_tokens(model, tokenizer, None, None)
-    alone = []
-    for prompt in GENERATION_PROMPTS:
-        ids = torch.tensor([encode_prompt(tokenizer, prompt, None)])
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=8,
-                do_sample=False,
-                eos_token_id=stop_ids,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        alone.append(decode_response(tokenizer, out[0, ids.shape[1] :].tolist(), stop_ids, stop_strings))
-    assert ours == alone
+    assert ours == hf_greedy_alone(model, tokenizer, GENERATION_PROMPTS, max_new_tokens=8)
     plain = generate(load_model(base, device="cpu", dtype="fp32"), tokenizer, GENERATION_PROMPTS, max_new_tokens=8)
     assert ours != plain and len(set(ours)) > 1  # the virtual tokens matter, and the prompts do
 
