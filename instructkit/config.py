@@ -425,6 +425,21 @@ class QuantizeConfig:
 
 
 @dataclasses.dataclass
+class ExportStageConfig:
+    """A recipe's `export` stage: the previous model (or the stage its `model` names) written as one
+    GGUF file, or a merged HF folder, and checked against its source (docs/export.md). On its own
+    the command is `instructkit export MODEL OUT`."""
+
+    model: str = "smollm2-135m-instruct"  # the model to export: a spec, a run folder or an earlier stage's name
+    out: str = "runs/export"
+    format: Literal["gguf", "merged"] = "gguf"
+    quant: Literal["f16", "q8_0", "q4_0"] = "f16"  # gguf: the tensor type of the weight matrices
+
+    def __post_init__(self) -> None:
+        require(self.quant == "f16" or self.format == "gguf", "quant", f"applies to format gguf, not {self.format}")
+
+
+@dataclasses.dataclass
 class RewardConfig:
     """Reward model on ranked comparisons: `instructkit rm --config FILE`."""
 
@@ -611,9 +626,14 @@ class EvalStageConfig:
     # Held-out preference pairs for the `preference` suite (does each model itself prefer the
     # chosen response?); used when `preference` is among the suites.
     preference_data: str = "shipped:extract_prefs/val"
+    # Also measure each model's footprint: parameters, weights on disk, and batch-1 greedy decode
+    # tokens/s over the first `footprint_prompts` held-out prompts (eval/footprint.py).
+    footprint: bool = False
+    footprint_prompts: int = 4
 
     def __post_init__(self) -> None:
         require(bool(self.suites), "suites", "name at least one suite")
+        require(self.footprint_prompts >= 1, "footprint_prompts", "must be at least 1")
         require(self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1")
         require(self.batch_size >= 1, "batch_size", "must be at least 1")
         require(self.k_shot >= 0, "k_shot", "must be >= 0")

@@ -117,14 +117,27 @@ def continual(config: Any = None, overrides: list[str] | None = None, *, overwri
 
 def plan_stages(loaded: LoadedRecipe, root: Path) -> list[PlannedStage]:
     """Each stage's config with its run folder (``root/<stage>``) and the model it starts from: the
-    previous policy stage's output unless its section names a model; PPO scores with the recipe's
-    reward model unless its section names a reward."""
+    previous policy stage's output unless its section names a model (an earlier stage's name, as in
+    ``model: sft`` or distillation's ``teacher: sft``, stands for that stage's output); PPO scores
+    with the recipe's reward model unless its section names a reward."""
     current, reward_model = loaded.config.model, None
     unmergeable: tuple[str, str] | None = None  # (stage, method) of a policy no stage can start from
+    earlier: dict[str, str] = {}  # policy stages so far -> their run folders, for `model: sft`, `teacher: sft`
     plan = []
     for name in loaded.config.stages:
         entry, cfg, path = STAGES[name], loaded.stage_config(name), root / name
-        section = loaded.sections[name]
+        section = dict(loaded.sections[name])
+        for key in ("model", "teacher"):  # an earlier stage's name stands for its output
+            later = section.get(key) in loaded.config.stages and section.get(key) not in earlier
+            if later:
+                raise loaded.origin.error(
+                    f"names the {section[key]} stage, which is not a policy stage that runs before this one",
+                    f"{name}.{key}",
+                )
+            if isinstance(section.get(key), str) and section[key] in earlier:
+                section[key] = earlier[section[key]]
+                if key == "teacher":
+                    cfg = dataclasses.replace(cfg, teacher=section[key])
         if entry.output not in ("evaluation", "comparison") and unmergeable and "model" not in section:
             raise loaded.origin.error(
                 f"starts from the {unmergeable[0]} stage, whose {unmergeable[1]} adapter cannot be merged into the "
@@ -137,7 +150,7 @@ def plan_stages(loaded: LoadedRecipe, root: Path) -> list[PlannedStage]:
         if hasattr(cfg, "reward") and reward_model is not None and not section.get("reward"):
             cfg = dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, model=reward_model))
         if entry.output == "policy":
-            current = str(path)
+            current = earlier[name] = str(path)
             method = getattr(getattr(cfg, "peft", None), "method", None)
             unmergeable = (name, method) if method in CANNOT_START_FROM else None
         elif entry.output == "reward_model":

@@ -10,6 +10,8 @@ the evaluation stage's per-example files), so it can be rebuilt at any time with
   from the starting model;
 - ``curves``: loss, reward and KL curves per training stage (matplotlib PNGs, inlined);
 - ``samples``: responses of every model to the same held-out prompts, side by side;
+- ``footprint`` (an eval stage with ``footprint: true``): every model's weights on disk against its
+  held-out exact match, each point labelled with its batch-1 decode tokens/s;
 - ``continual`` (a recipe with a continual stage): per strategy its accuracy matrix R as a heat
   map, forgetting per earlier task, and the metrics of R (ACC, BWT, FWT, forgetting, perplexity).
 """
@@ -51,9 +53,12 @@ SUITE_OF_METRIC: tuple[tuple[str, str], ...] = (
     ("win", "winrate"),
     ("tie", "winrate"),
     ("loss_rate", "winrate"),
+    ("weights_mb", "footprint"),
+    ("parameters_m", "footprint"),
+    ("decode_tokens_per_s", "footprint"),
 )
 HIDDEN_METRICS = {"k_shot", "n", "pref_pairs", "seed", "temperature", "max_new_tokens"}
-LOWER_IS_BETTER = ("loss", "perplexity")
+LOWER_IS_BETTER = ("loss", "perplexity", "weights_mb", "parameters_m")
 
 
 def suite_of(metric: str) -> str:
@@ -244,6 +249,44 @@ def plot_forgetting(result: dict[str, Any]) -> str:
     return _png(fig)
 
 
+def plot_footprint(table: dict[str, dict[str, Any]]) -> str | None:
+    """Size against quality: one point per model (weights MiB, exact match), labelled with its name
+    and decode tokens/s; None unless the models have both numbers."""
+    points = [
+        (name, row["weights_mb"], row["exact_match"], row.get("decode_tokens_per_s"))
+        for name, row in table.items()
+        if isinstance(row.get("weights_mb"), (int, float)) and isinstance(row.get("exact_match"), (int, float))
+    ]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    for name, size, quality, speed in points:
+        ax.scatter([size], [quality], s=40)
+        label = name if speed is None else f"{name}\n{speed:.1f} tok/s"
+        ax.annotate(label, (size, quality), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xlabel("weights on disk (MiB)")
+    ax.set_ylabel("held-out exact match")
+    ax.set_ylim(-0.05, 1.1)
+    ax.set_xlim(0, max(p[1] for p in points) * 1.3)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def footprint_section(table: dict[str, dict[str, Any]]) -> str:
+    image = plot_footprint(table)
+    if image is None:
+        return ""
+    return f"""<section id="footprint"><h2>Size, speed and quality of every model</h2>
+<p>Weights on disk (what loading the model reads, base and adapters together) against held-out exact match;
+each point carries the model's greedy decode speed at batch 1 (eval/footprint.py).</p>
+<figure><img alt="size against exact match" src="{image}"><figcaption>footprint</figcaption></figure></section>"""
+
+
 def continual_section(result: dict[str, Any] | None) -> str:
     """The ``continual`` section: heat maps of R, forgetting per strategy, the metrics table."""
     if not result or not result.get("strategies"):
@@ -312,6 +355,7 @@ def render(summary: dict[str, Any], root: Path, *, sample_limit: int = 6) -> str
 brackets (green: better).</p>{results_tables(table)}</section>
 <section id="curves"><h2>Training curves</h2>{"".join(curves) or "<p>No training stage logged metrics.</p>"}</section>
 <section id="samples"><h2>Sample responses on held-out prompts</h2>{samples_table(samples, models)}</section>
+{footprint_section(table)}
 {continual_section(stages.get("continual"))}
 </body></html>
 """

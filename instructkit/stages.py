@@ -24,6 +24,7 @@ from instructkit.config import (
     DistillConfig,
     DPOConfig,
     EvalStageConfig,
+    ExportStageConfig,
     Origin,
     PPOConfig,
     PretrainConfig,
@@ -249,6 +250,18 @@ STAGES: dict[str, Stage] = {
             lambda cfg: [],
         ),
         Stage(
+            "export",
+            ExportStageConfig,
+            "instructkit.train.export:export_stage",
+            "write a model of the recipe as one GGUF file (f16, q8_0, q4_0) or merged weights, checked",
+            "Export inside a recipe: the previous model (or the stage its model names) as one GGUF file or a merged "
+            "HF folder in final/, loaded back and compared with its source; later stages load it. On its own: "
+            "instructkit export MODEL OUT. See docs/export.md.",
+            "policy",
+            lambda cfg: [],
+            command=False,  # `instructkit export MODEL OUT` is the command (cli.py)
+        ),
+        Stage(
             "eval",
             EvalStageConfig,
             "instructkit.eval.stage:eval_stage",
@@ -290,6 +303,7 @@ class RecipeConfig:
     distill: dict[str, Any] = dataclasses.field(default_factory=dict)  # distillation stage (docs/distill.md)
     quantize: dict[str, Any] = dataclasses.field(default_factory=dict)  # quantisation stage (docs/quantize.md)
     pretrain: dict[str, Any] = dataclasses.field(default_factory=dict)  # pre-training stage (docs/pretrain.md)
+    export: dict[str, Any] = dataclasses.field(default_factory=dict)  # export stage (docs/export.md)
 
 
 @dataclasses.dataclass

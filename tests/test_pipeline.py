@@ -16,9 +16,10 @@ from tests.tiny import tiny_model_dir, toy_conversations, write_jsonl
 def test_every_shipped_recipe_loads_and_validates(recipe):
     loaded = load_recipe(RECIPES_DIR / recipe)
     assert loaded.config.stages
-    for stage in loaded.config.stages:  # every stage it runs has a validated, typed config
+    for i, stage in enumerate(loaded.config.stages):  # every stage it runs has a validated, typed config
         stage_cfg = loaded.stage_config(stage)
-        assert stage == "eval" or stage_cfg.model == loaded.config.model
+        # It starts from the recipe's model, or names an earlier stage (`model: distill`).
+        assert stage == "eval" or stage_cfg.model in (loaded.config.model, *loaded.config.stages[:i])
 
 
 def test_unknown_stage_and_key_are_input_errors(tmp_path):
@@ -126,6 +127,74 @@ def test_instructgpt_chain_feeds_each_stage_the_previous_output(tmp_path):
     assert f"model: {out / 'ppo'}" in config("dpo")
     assert set(summary["table"]) == {"base", "sft", "ppo", "dpo"}
     assert summary["final_model"] == str(out / "dpo")
+
+
+def test_compression_chain_names_earlier_stages_and_eval_measures_every_models_footprint(tmp_path):
+    """sft -> prune -> distill (teacher: sft) -> export (model: sft, GGUF) -> eval with footprint:
+    stage names stand for their outputs, and each model's weights on disk are the files it loads."""
+    from instructkit.report import write_report
+
+    model = tiny_model_dir(tmp_path / "tiny", num_hidden_layers=3)
+    convs = write_jsonl(tmp_path / "sft.jsonl", toy_conversations(16))
+    data = {"path": str(convs), "val_fraction": 0.0, "max_length": 64}
+    train = {"batch_size": 4, "max_steps": 2, "progress": False}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        json.dumps(
+            {
+                "name": "compress",
+                "model": str(model),
+                "stages": ["sft", "prune", "distill", "export", "eval"],
+                "sft": {"data": data, "peft": {"method": "lora", "r": 2}, "train": train},
+                "prune": {"data": {"path": str(convs), "max_length": 64}, "calibration_examples": 4, "drop_layers": 1},
+                "distill": {"teacher": "sft", "data": data, "alpha": 0.5, "train": train},
+                "export": {"model": "sft", "format": "gguf", "quant": "f16"},
+                "eval": {
+                    "suites": ["exact_match"],
+                    "data": str(convs),
+                    "limit": 2,
+                    "max_new_tokens": 3,
+                    "footprint": True,
+                    "footprint_prompts": 2,
+                },
+            }
+        )
+    )
+    out = tmp_path / "run"
+    summary = run(recipe, out=out)
+    distill_config = (out / "distill" / "config.yaml").read_text()
+    assert f"teacher: {out / 'sft'}" in distill_config and f"model: {out / 'prune'}" in distill_config
+    assert f"model: {out / 'sft'}" in (out / "export" / "config.yaml").read_text()
+    table = summary["table"]
+    assert list(table) == ["base", "sft", "prune", "distill", "export"]
+
+    def mib(*files):
+        return round(sum(f.stat().st_size for f in files) / 2**20, 2)
+
+    gguf = out / "export" / "final" / "model.gguf"
+    assert gguf.is_file()
+    assert table["export"]["weights_mb"] == mib(gguf)
+    assert table["base"]["weights_mb"] == mib(*model.glob("*.safetensors"))
+    # A LoRA run costs its base and its adapter.
+    assert table["sft"]["weights_mb"] == mib(
+        *model.glob("*.safetensors"), *(out / "sft" / "final").glob("*.safetensors")
+    )
+    assert table["distill"]["weights_mb"] == mib(*(out / "distill" / "final").glob("*.safetensors"))
+    assert table["prune"]["parameters_m"] < table["sft"]["parameters_m"]
+    assert all(row["decode_tokens_per_s"] > 0 for row in table.values())
+    assert json.loads((out / "export" / "summary.json").read_text())["max_abs_logit_diff"] < 1e-2
+    assert 'id="footprint"' in write_report(out).read_text()
+
+
+def test_a_stage_named_as_model_must_run_before(tmp_path):
+    recipe = _tiny_recipe(tmp_path)
+    spec = json.loads(recipe.read_text())
+    spec["stages"] = ["sft", "quantize", "eval"]
+    spec["sft"]["model"] = "quantize"
+    recipe.write_text(json.dumps(spec))
+    with pytest.raises(InputError, match="field 'sft.model'.*quantize stage, which is not a policy stage that runs"):
+        run(recipe, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 KILLER = """

@@ -7,7 +7,8 @@ suite that reads a format of its own runs alone (``<name>.<suite>.json`` and its
 the stage config's ``<suite>_data`` when it has one (``preference_data``), else on ``data``.
 With ``k_shot`` > 0 the starting model is also evaluated with that many demonstrations, by the
 suites the demonstrations apply to. ``summary.json`` holds ``table``: per model, its numeric
-metrics. The folder is written atomically: it appears whole or not at all.
+metrics (with ``footprint: true``, also ``weights_mb``, ``parameters_m`` and
+``decode_tokens_per_s``). The folder is written atomically: it appears whole or not at all.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ def eval_stage(
     with a format of their own (``preference_data``). ``reward_model`` judges the ``reward``
     and ``winrate`` suites. Returns the summary written to ``out/summary.json``.
     """
+    from instructkit.eval.conversations import read_conversations
+    from instructkit.eval.footprint import footprint
     from instructkit.eval.run import HEADER_KEYS, SUITES, evaluate, resolve_suites
     from instructkit.fileio import atomic_dir, atomic_write_json
     from instructkit.models.loading import load_model_and_tokenizer
@@ -42,6 +45,7 @@ def eval_stage(
         (f".{n}", [n], getattr(cfg, f"{n}_data", cfg.data)) for n in names if SUITES[n].reads.alone
     ]
 
+    prompts = read_conversations(cfg.data, cfg.footprint_prompts).prompts if cfg.footprint else []
     table: dict[str, dict[str, Any]] = {}
     with atomic_dir(out) as tmp:
         for name, spec, k in runs:
@@ -68,6 +72,8 @@ def eval_stage(
                 )
                 # The header (n, k_shot, ...) is the run's first call's; each call adds its suites' numbers.
                 metrics.update({m: v for m, v in result["metrics"].items() if m not in HEADER_KEYS or m not in metrics})
+            if cfg.footprint:  # size on disk, parameters, batch-1 decode speed (eval/footprint.py)
+                metrics.update(footprint(spec, *loaded, prompts, cfg.max_new_tokens))
             table[name] = {m: v for m, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         # 4. The table of every model's numbers.
         summary = {"stage": "eval", "data": cfg.data, "table": table}

@@ -129,7 +129,12 @@ def resolve(spec: str | os.PathLike) -> ResolvedModel:
             return ResolvedModel(under.base, local=under.local, merged_first=earlier, bottleneck=str(path))
         if (path / "config.json").is_file():
             return ResolvedModel(str(path))
-        raise InputError("folder holds no model (no config.json, adapter_config.json or final/)", file=spec)
+        gguf = sorted(path.glob("*.gguf"))
+        if len(gguf) == 1:  # an export stage's final/: the one file is the model
+            return ResolvedModel(str(gguf_model_dir(gguf[0])))
+        raise InputError(
+            "folder holds no model (no config.json, adapter_config.json, final/ or one .gguf file)", file=spec
+        )
     if path.exists():
         raise InputError("not a model: expected a folder, a .gguf file or a model name", file=spec)
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
