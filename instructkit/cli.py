@@ -220,7 +220,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from instructkit.export import export
 
-    result = export(args.model, args.out, fmt=args.format, quant=args.quant)
+    result = export(
+        args.model,
+        args.out,
+        fmt=args.format,
+        quant=args.quant,
+        check_data=args.check_data,
+        check_prompts=args.check_prompts,
+    )
     size = result["bytes"] / 2**20
     print(
         f"wrote {result['out']} ({result['format']}{', ' + result['quant'] if result['quant'] else ''}, {size:.1f} MiB)"
@@ -229,6 +236,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"checked: loaded back, max |logit difference| {result['max_abs_logit_diff']:.3g} over "
         f"{result['positions']} positions, greedy next token agrees at {100 * result['argmax_agreement']:.0f}%"
     )
+    if "greedy_same" in result:
+        print(
+            f"checked: greedy answers to {result['greedy_prompts']} held-out prompts of {args.check_data}: "
+            f"{result['greedy_same']} the same text"
+        )
+        for d in result["greedy_differ"]:
+            print(f"  prompt {d['index']}: source {d['source']!r}, written {d['written']!r}")
     return 0
 
 
@@ -507,6 +521,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="merged", choices=["hf", "merged", "gguf"], help="default: %(default)s")
     p.add_argument("--quant", default="f16", choices=["f16", "q8_0", "q4_0"], help="GGUF weights (default: f16)")
     p.add_argument("--out", required=True, help="output folder (hf, merged) or file ending in .gguf")
+    p.add_argument(
+        "--check-data",
+        default="shipped:extract/test",
+        help="held-out conversations for the check (default: %(default)s)",
+    )
+    p.add_argument(
+        "--check-prompts",
+        type=int,
+        default=20,
+        help="prompts both models answer greedily in the check; 0 skips it (default: %(default)s)",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(

@@ -7,7 +7,9 @@
 
 Every export is checked after writing: the written model is loaded back and its next-token logits
 on a probe text are compared with the source's (the largest absolute difference is reported,
-with whether the greedy next tokens agree). Outputs appear whole or not at all.
+with whether the greedy next tokens agree), and both models answer the first ``check_prompts``
+held-out prompts of ``check_data`` greedily: how many answers are the same text. Outputs appear
+whole or not at all.
 """
 
 from __future__ import annotations
@@ -39,14 +41,40 @@ def compare(source: Any, written: Any, tokenizer: Any) -> dict[str, Any]:
     }
 
 
+def compare_greedy(
+    source: Any, written: Any, tokenizer: Any, data: str, prompts: int, max_new_tokens: int = 32
+) -> dict[str, Any]:
+    """Greedy answers of both models to the first ``prompts`` held-out prompts of ``data``: how many
+    are the same text, and the prompts where they differ (index, source answer, written answer)."""
+    from instructkit.data.formats import load_records
+    from instructkit.datasets import resolve_data_path
+    from instructkit.generation import generate
+
+    records = load_records(resolve_data_path(data)).records[:prompts]
+    asked = [r.messages[:-1] if r.messages[-1].role == "assistant" else r.messages for r in records]
+    a = generate(source, tokenizer, asked, max_new_tokens=max_new_tokens, batch_size=len(asked))
+    b = generate(written, tokenizer, asked, max_new_tokens=max_new_tokens, batch_size=len(asked))
+    differ = [{"index": i, "source": x, "written": y} for i, (x, y) in enumerate(zip(a, b)) if x != y]
+    return {"greedy_same": len(asked) - len(differ), "greedy_prompts": len(asked), "greedy_differ": differ}
+
+
 def _load_gguf(path: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype="float32").eval()
 
 
-def export(model: str, out: str | os.PathLike, *, fmt: str = "merged", quant: str = "f16") -> dict[str, Any]:
-    """Export ``model`` (a spec: run folder, HF folder, adapter, embedded name) to ``out``."""
+def export(
+    model: str,
+    out: str | os.PathLike,
+    *,
+    fmt: str = "merged",
+    quant: str = "f16",
+    check_data: str = "shipped:extract/test",
+    check_prompts: int = 20,
+) -> dict[str, Any]:
+    """Export ``model`` (a spec: run folder, HF folder, adapter, embedded name) to ``out``; the
+    check compares greedy answers on ``check_prompts`` prompts of ``check_data`` (0: none)."""
     from instructkit.errors import InputError, did_you_mean
     from instructkit.fileio import atomic_dir
     from instructkit.models import bottleneck
@@ -70,6 +98,12 @@ def export(model: str, out: str | os.PathLike, *, fmt: str = "merged", quant: st
             "(a nonlinearity sits between their projections); use --format hf",
             field="format",
         )
+    if check_prompts < 0:
+        raise InputError(f"--check-prompts must be >= 0, got {check_prompts}", field="check_prompts")
+    if check_prompts:
+        from instructkit.data.check import check_data_file
+
+        check_data_file(check_data, "conversations")
     tokenizer = load_tokenizer(model)
     source = load_model(model, dtype="fp32", device="cpu", merge_adapter=fmt != "hf").eval()
     if fmt == "gguf":
@@ -90,6 +124,8 @@ def export(model: str, out: str | os.PathLike, *, fmt: str = "merged", quant: st
                     (tmp / marker.name).write_text(marker.read_text())
         written = load_model(str(out), dtype="fp32", device="cpu").eval()
     size = out.stat().st_size if out.is_file() else sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    return {"format": fmt, "quant": quant if fmt == "gguf" else None, "out": str(out), "bytes": size} | compare(
-        source, written, tokenizer
-    )
+    result = {"format": fmt, "quant": quant if fmt == "gguf" else None, "out": str(out), "bytes": size}
+    result |= compare(source, written, tokenizer)
+    if check_prompts:
+        result |= compare_greedy(source, written, tokenizer, check_data, check_prompts)
+    return result

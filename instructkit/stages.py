@@ -258,7 +258,7 @@ STAGES: dict[str, Stage] = {
             "HF folder in final/, loaded back and compared with its source; later stages load it. On its own: "
             "instructkit export MODEL OUT. See docs/export.md.",
             "policy",
-            lambda cfg: [],
+            lambda cfg: [DataFile("check_data", cfg.check_data, "conversations")] if cfg.check_prompts else [],
             command=False,  # `instructkit export MODEL OUT` is the command (cli.py)
         ),
         Stage(

@@ -48,6 +48,31 @@ def test_merged_equals_the_adapter_and_differs_from_the_base(tmp_path, adapter_r
     assert result["max_abs_logit_diff"] < 1e-4
 
 
+def test_greedy_check_counts_the_held_out_prompts_whose_answers_are_the_same_text(tmp_path, adapter_run):
+    from instructkit.data.formats import load_records
+    from instructkit.datasets import resolve_data_path
+    from instructkit.export import compare_greedy
+    from instructkit.generation import generate
+
+    run, base = adapter_run
+    result = export(str(run), tmp_path / "merged", fmt="merged", check_prompts=6)
+    assert (result["greedy_same"], result["greedy_prompts"], result["greedy_differ"]) == (6, 6, [])
+    # Against the base (the adapter moved it), the differing prompts are exactly those whose
+    # answers, generated one prompt at a time, differ.
+    tokenizer = load_tokenizer(str(base))
+    a, b = (load_model(str(m), dtype="fp32", device="cpu").eval() for m in (run, base))
+    check = compare_greedy(a, b, tokenizer, "shipped:extract/test", 6, max_new_tokens=8)
+    prompts = [r.messages[:-1] for r in load_records(resolve_data_path("shipped:extract/test")).records[:6]]
+    alone = [
+        (generate(a, tokenizer, [p], max_new_tokens=8)[0], generate(b, tokenizer, [p], max_new_tokens=8)[0])
+        for p in prompts
+    ]
+    assert check["greedy_differ"] == [
+        {"index": i, "source": x, "written": y} for i, (x, y) in enumerate(alone) if x != y
+    ]
+    assert check["greedy_same"] == sum(x == y for x, y in alone) < 6
+
+
 def test_hf_keeps_the_adapter_on_its_base(tmp_path, adapter_run):
     run, _ = adapter_run
     export(str(run), tmp_path / "hf", fmt="hf")
@@ -69,6 +94,7 @@ def test_gguf_through_the_command(tmp_path, adapter_run, capsys):
     [
         (["--format", "gguf", "--out", "x.bin"], "name it *.gguf"),
         (["--format", "merged", "--quant", "q8_0", "--out", "x"], "applies to --format gguf only"),
+        (["--check-prompts", "-1", "--out", "x"], "--check-prompts must be >= 0"),
     ],
 )
 def test_bad_requests_exit_2_before_loading(tmp_path, adapter_run, capsys, argv, message):

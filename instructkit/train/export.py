@@ -38,7 +38,14 @@ def export_stage(
     def save() -> None:
         with atomic_dir(stage.run.final) as tmp:
             target = tmp / "model.gguf" if cfg.format == "gguf" else tmp / "model"
-            result = export(cfg.model, target, fmt=cfg.format, quant=cfg.quant)
+            result = export(
+                cfg.model,
+                target,
+                fmt=cfg.format,
+                quant=cfg.quant,
+                check_data=cfg.check_data,
+                check_prompts=cfg.check_prompts,
+            )
             if cfg.format == "merged":  # the folder's files, not a folder inside final/
                 for f in target.iterdir():
                     f.rename(tmp / f.name)
