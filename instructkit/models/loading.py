@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from instructkit.errors import InputError
+from instructkit.errors import InputError, did_you_mean
 from instructkit.models.embedded import EMBEDDED, embedded_model_dir, gguf_model_dir
 
 BOTTLENECK_CONFIG = "bottleneck_config.json"  # models.bottleneck.CONFIG_NAME (that module imports torch)
@@ -140,7 +140,10 @@ def resolve(spec: str | os.PathLike) -> ResolvedModel:
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         return ResolvedModel(spec, local=False)
     names = ", ".join(EMBEDDED)
-    raise InputError(f"no such model file or folder, and not a Hub id or embedded model ({names})", file=spec)
+    raise InputError(
+        f"no such model file or folder, and not a Hub id or embedded model ({names}){did_you_mean(spec, EMBEDDED)}",
+        file=spec,
+    )
 
 
 def _bottleneck_base(path: Path) -> str:
