@@ -8,6 +8,10 @@ and ``extract_prompts`` (prompts format: the prompt and its reference ``answer``
 reward function) are derived from it by ``scripts/make_extract_preferences.py``.
 ``label`` and ``keysort`` (the same orders, other answer formats) and ``generic_text`` (prose, for
 perplexity) serve the continual recipe; ``scripts/make_continual_datasets.py`` makes them.
+``classify`` (support tickets under two instructions: topic and mood, ``instruction`` + ``text`` +
+``label``) and ``ner`` (``tokens`` + BIO ``tags`` over PER, ORG, LOC, PRODUCT; its test split also
+as a CoNLL-2003 file, ``shipped:ner/test.conll``) are the encoder tasks' data, made by
+``scripts/make_task_datasets.py``.
 
 Every split is named ``shipped:NAME/SPLIT`` wherever a data path is taken (configs,
 ``instructkit data inspect``, ``label create --prompts``); :func:`resolve_data_path` turns the
@@ -27,25 +31,34 @@ SHIPPED: dict[str, tuple[str, ...]] = {
     "label": ("train", "val", "test"),  # the extract orders as shipping labels (the continual recipe)
     "keysort": ("train", "val", "test"),  # the extract fields, keys in alphabetical order (continual)
     "generic_text": ("test",),  # plain English prose: general-ability perplexity (continual)
+    "classify": ("train", "val", "test"),  # support tickets: topic or mood, by instruction (encoders)
 }
-"""Each shipped dataset and its splits."""
+"""Each shipped dataset and its splits, in formats the instruction-data loader reads."""
+
+SHIPPED_TAGGING: dict[str, tuple[str, ...]] = {
+    "ner": ("train", "val", "test", "test.conll"),  # tokens + BIO tags; test also as a CoNLL-2003 file
+}
+"""Token-tagging datasets (``tokens`` + ``tags`` records, not an instruction format) and their
+splits. A split that ends in ``.conll`` is a CoNLL file, ``NAME_SPLIT`` (no ``.jsonl``)."""
 
 _HERE = Path(__file__).resolve().parent
 
 
 def shipped_path(name: str, split: str) -> Path:
-    """Path of a shipped dataset's split, e.g. ``shipped_path("extract", "train")``."""
-    if name not in SHIPPED:
+    """Path of a shipped dataset's split, e.g. ``shipped_path("extract", "train")`` or
+    ``shipped_path("ner", "test.conll")``."""
+    datasets = {**SHIPPED, **SHIPPED_TAGGING}
+    if name not in datasets:
         raise InputError(
-            f"no shipped dataset '{name}'{did_you_mean(name, SHIPPED)}; expected one of "
-            + ", ".join(repr(n) for n in SHIPPED)
+            f"no shipped dataset '{name}'{did_you_mean(name, datasets)}; expected one of "
+            + ", ".join(repr(n) for n in datasets)
         )
-    if split not in SHIPPED[name]:
+    if split not in datasets[name]:
         raise InputError(
-            f"dataset '{name}' has no split '{split}'{did_you_mean(split, SHIPPED[name])}; "
-            "expected one of " + ", ".join(repr(s) for s in SHIPPED[name])
+            f"dataset '{name}' has no split '{split}'{did_you_mean(split, datasets[name])}; "
+            "expected one of " + ", ".join(repr(s) for s in datasets[name])
         )
-    return _HERE / f"{name}_{split}.jsonl"
+    return _HERE / (f"{name}_{split}" if split.endswith(".conll") else f"{name}_{split}.jsonl")
 
 
 def resolve_data_path(path: str | Path) -> str:
