@@ -21,8 +21,8 @@ chunk, NER tag; POS and chunk are not computed and hold the placeholders ``X`` a
 Held out, so that test measures generalisation rather than memory: explicit lists of names,
 product brands, organisations, places and ticket phrasings that never occur in train (see the
 ``*_HELD_OUT`` constants). Train draws only from the seen lists; val from all of them; test
-draws every customer name and product brand of a ticket, 40% of its phrasings and about 60% of
-its entities from the held-out lists. No text (ticket or sentence) occurs in two splits.
+draws every customer name and product brand of a ticket, 40% of its phrasings and about half
+of its entities from the held-out lists. No text (ticket or sentence) occurs in two splits.
 
 Pure Python and seeded: the same arguments always write byte-identical files.
 
@@ -136,11 +136,12 @@ ISSUES_HELD_OUT = {
 # Another topic, dismissed: "{dismissal}: {issue}." or "{issue}; {fine}."
 DISMISSALS = [
     "This is not a {noun} problem",
-    "It is not about {noun}",
+    "It is not a {noun} matter",
     "I first thought it was a {noun} issue, but no",
-    "Before you ask, {noun} is not the issue",
+    "Before you ask, this has nothing to do with {thing}",
 ]
 NOUNS = {"billing": "billing", "shipping": "delivery", "account": "login", "technical": "technical"}
+THINGS = {"billing": "billing", "shipping": "the delivery", "account": "my login", "technical": "the hardware"}
 FINE = {
     "billing": ["the payment itself went through fine", "I was charged the right amount"],
     "shipping": ["the parcel arrived on time", "the delivery was quick"],
@@ -232,7 +233,7 @@ def ticket(rng: random.Random, topic: str, mood: str, split: str) -> str:
     other = rng.choice([t for t in TOPICS if t != topic])
     shape = rng.random()
     if shape < 0.4:
-        body = f"{rng.choice(DISMISSALS).format(noun=NOUNS[other])}: {issue}."
+        body = f"{rng.choice(DISMISSALS).format(noun=NOUNS[other], thing=THINGS[other])}: {issue}."
     elif shape < 0.75:
         # ", but" only where the issue has no "but" of its own
         link = rng.choice(["; the problem is that", ". However,"] + ([] if " but " in issue else [", but"]))
