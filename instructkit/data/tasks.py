@@ -358,7 +358,7 @@ def render_input(
     token_type_ids 0 then 1). Without an instruction, the text alone. ``max_length`` truncates
     the text (the pair form never cuts the instruction)."""
     render = _template(template)
-    if instruction is None:
+    if instruction is None or not instruction.strip():
         encoded = tokenizer(text, truncation=max_length is not None, max_length=max_length)
     else:
         encoded = render(tokenizer, instruction, text, max_length)
@@ -435,6 +435,8 @@ def encode_tagged(
         raise InputError(f"{len(tags)} tags for {len(tokens)} tokens (one tag per token)", field="tags")
     tag_ids = [label_set.id(tag, field=f"tags[{i}]") for i, tag in enumerate(tags)]
     continuation = _continuation_ids(label_set)
+    if instruction is not None and not instruction.split():
+        instruction = None  # blank: none, as the readers take it
     encoded = _word_encoding(tokenizer, tokens, instruction, max_length)
     text_segment = 0 if instruction is None else 1
     labels, previous = [], None

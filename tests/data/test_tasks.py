@@ -259,6 +259,7 @@ def test_render_input_templates_on_the_encoders_tokenizer():
     assert pair["token_type_ids"] == [0, 0, 0, 0, 1, 1, 1, 1, 1]
     alone = render_input(tok, None, "The match ended.", "pair")
     assert tokens_of(tok, alone) == ["[CLS]", "the", "match", "ended", ".", "[SEP]"]
+    assert render_input(tok, "  ", "The match ended.", "joined") == alone  # blank: no instruction
     # max_length cuts the text, never the instruction.
     cut = render_input(tok, "Topic?", "The match ended.", "pair", max_length=7)
     assert tokens_of(tok, cut) == ["[CLS]", "topic", "?", "[SEP]", "the", "match", "[SEP]"]
@@ -319,6 +320,8 @@ def test_alignment_with_an_instruction_ignores_its_tokens():
     assert tokens_of(tok, encoded)[:8] == ["[CLS]", "find", "people", "and", "places", ".", "[SEP]", "wolfgang"]
     assert encoded["token_type_ids"] == [0] * 7 + [1] * 10  # 10: the six pieces of the place name
     assert encoded["labels"] == [X] * 7 + [B_PER, OUT, B_LOC, X, X, X, X, X, OUT, X]
+    blank = encode_tagged(tok, WORDS, TAGS, NER, instruction=" ")
+    assert blank == encode_tagged(tok, WORDS, TAGS, NER)
 
 
 def test_alignment_truncated_by_max_length():
