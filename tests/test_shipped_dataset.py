@@ -460,3 +460,18 @@ def test_the_task_data_reader_reads_the_shipped_task_data():
     conll = read_tagged(resolve_data_path("shipped:ner/test.conll"))
     assert [(r.tokens, r.tags) for r in conll] == [(r.tokens, r.tags) for r in jsonl]
     assert len(read_tagged(resolve_data_path("shipped:ner/train"))) == 1000
+
+
+def test_task_data_fits_a_short_encoder_window():
+    """Under the embedded encoder's WordPiece tokenizer an instruction + ticket pair stays under
+    96 tokens and a tagged sentence under 32, so a 128-token window never truncates either."""
+    from transformers import AutoTokenizer
+
+    from instructkit.models.loading import resolve
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve("minilm-l6").base)
+    for split in CLASSIFY_SIZES:
+        for r in _rows("classify", split):
+            assert len(tokenizer(r["instruction"], r["text"])["input_ids"]) < 96, r["text"]
+        for r in _rows("ner", split):
+            assert len(tokenizer(r["tokens"], is_split_into_words=True)["input_ids"]) < 32, r["tokens"]
