@@ -265,10 +265,11 @@ def plot_footprint(table: dict[str, dict[str, Any]]) -> str | None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.0, 3.6))
-    for name, size, quality, speed in points:
+    for i, (name, size, quality, speed) in enumerate(points):
         ax.scatter([size], [quality], s=40)
         label = name if speed is None else f"{name}\n{speed:.1f} tok/s"
-        ax.annotate(label, (size, quality), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        # Alternate above and below the point, so neighbours' labels do not overlap.
+        ax.annotate(label, (size, quality), textcoords="offset points", xytext=(6, 4 if i % 2 else -22), fontsize=8)
     ax.set_xlabel("weights on disk (MiB)")
     ax.set_ylabel("held-out exact match")
     ax.set_ylim(-0.05, 1.1)
