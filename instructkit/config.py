@@ -64,6 +64,10 @@ Suite = Literal[
 ContinualStrategy = Literal["naive", "replay", "ewc", "lwf", "adapter_per_task"]  # train/continual.STRATEGIES
 ReplayBy = Literal["examples", "tokens"]  # what replay.fraction is a share of
 PretrainObjective = Literal["clm", "mlm", "nsp", "plm"]  # losses/pretrain.OBJECTIVES
+ClassifyTask = Literal["seq_classification", "token_classification"]  # models/heads.HEADS
+EncoderTemplate = Literal["joined", "pair"]  # data/tasks.TEMPLATES: how an instruction joins the text
+TagAlignment = Literal["first", "all"]  # data/tasks: which sub-tokens of a word carry its tag
+CLASSIFY_METHODS = ("full", "lora", "dora", "rslora")  # what a classify stage trains (train/classify.py)
 NAMED_TEMPLATES = ("tokenizer", "chatml", "llama-3", "alpaca")
 # peft methods: the base weights stay untouched and peft's disable_adapter() gives them back
 # (DPO's reference: adapter, PPO's reference). Bottleneck adapters are ours and have no switch.
@@ -343,6 +347,9 @@ class DistillConfig:
     beta: float = 0.5  # jsd: the mixture weight (0 -> forward KL, 1 -> reverse KL)
     temperature: float = 1.0  # both distributions at softmax(logits / T)
     alpha: float = 1.0  # weight of the divergence; 1 - alpha goes to the SFT cross-entropy
+    # offline: where the divergence is read: the trained (answer) tokens, or every real token's next
+    # token, prompt included (the loss is still divided by the trained tokens; docs/distill.md)
+    positions: Literal["answers", "all"] = "answers"
     max_new_tokens: int = 64  # on_policy and sequence: longest answer sampled or written
     sample_temperature: float = 1.0  # on_policy: the student's sampling temperature
     generation_batch_size: int = 16  # sequence: prompts the teacher answers at once
@@ -357,6 +364,11 @@ class DistillConfig:
             self.mode != "sequence" or (self.alpha == 1.0 and self.loss == "forward_kl" and self.temperature == 1.0),
             "mode",
             "sequence mode fine-tunes on the teacher's answers with cross-entropy; loss, temperature and alpha do not apply",
+        )
+        require(
+            self.positions == "answers" or self.mode == "offline",
+            "positions",
+            f"positions: all applies to mode offline, not {self.mode}",
         )
         require(self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1")
         require(self.sample_temperature > 0, "sample_temperature", "must be positive")
@@ -402,6 +414,56 @@ class PretrainConfig:
         require(self.data.format in (None, "text"), "data.format", "pre-training reads plain text (format: text)")
         require(not self.data.packing, "data.packing", "clm always packs text into blocks of data.max_length")
         require(self.data.template is None, "data.template", "pre-training text has no chat template")
+
+
+@dataclasses.dataclass
+class ClassifyDataConfig:
+    """The data of a classify stage: classification records (text, label, optional instruction) for
+    seq_classification; tokens + tags records or CoNLL files for token_classification (docs/classify.md)."""
+
+    path: str = ""  # training file (.jsonl, .json, .csv, .parquet; CoNLL for tagging) or shipped:NAME/SPLIT
+    val_path: str | None = None  # a separate validation file; else val_fraction of path
+    val_fraction: float = 0.1
+    test_path: str | None = None  # held-out split scored from the head before and after training
+    seed: int = 0  # seed of the train/validation split
+    template: EncoderTemplate = "pair"  # instruction + text: pair ([CLS] instr [SEP] text [SEP]) or joined
+    align: TagAlignment = "first"  # token_classification: the tag on a word's first sub-token, or on all
+    max_length: int = 128  # tokens per example (the text is cut, never the instruction)
+    limit: int | None = None  # use only the first N training records (quick trials)
+
+    def __post_init__(self) -> None:
+        require(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
+        require(self.max_length >= 8, "max_length", "must be at least 8")
+        require(self.limit is None or self.limit >= 1, "limit", "must be at least 1 (or null for all records)")
+
+
+@dataclasses.dataclass
+class ClassifyConfig:
+    """A classifier or tagger on an encoder: `instructkit classify --config FILE` (docs/classify.md).
+    The head's labels are those of the training data; val and test data are checked against them."""
+
+    model: str = "minilm-l6"  # an encoder: embedded name, HF folder or id, or a classify run folder
+    out: str = "runs/classify"
+    task: ClassifyTask | None = None  # null: from the model config's architectures (...ForSequenceClassification)
+    data: ClassifyDataConfig = dataclasses.field(default_factory=ClassifyDataConfig)
+    peft: PeftConfig = dataclasses.field(default_factory=lambda: PeftConfig(method="full"))  # full or the LoRA family
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=5e-5, scheduler="linear"))
+    train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(batch_size=16))
+    eval_batch_size: int = 64  # held-out predictions per forward pass
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        require(
+            self.peft.method in CLASSIFY_METHODS,
+            "peft.method",
+            f"a classify stage trains {', '.join(CLASSIFY_METHODS)}, not {self.peft.method}",
+        )
+        require(
+            self.data.align == "first" or self.task != "seq_classification",
+            "data.align",
+            "applies to task token_classification (sub-word tags), not seq_classification",
+        )
+        require(self.eval_batch_size >= 1, "eval_batch_size", "must be at least 1")
 
 
 @dataclasses.dataclass

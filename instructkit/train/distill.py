@@ -4,7 +4,9 @@ Reads top to bottom: config -> data -> student and teacher -> (sequence mode: th
 the targets) -> encode -> train -> save. Three modes:
 
 - ``offline``: both models read the demonstrations; the student matches the teacher's token
-  distributions on the trained (assistant) positions;
+  distributions on the trained (assistant) positions, or with ``positions: all`` on every token
+  of the demonstration, prompt included (more of the teacher's knowledge per example: what heals a
+  pruned student), the loss still divided by the trained tokens;
 - ``on_policy``: the student samples its own answers to the demonstrations' prompts every step
   and the teacher scores them token by token (GKD, Agarwal et al. 2024; MiniLLM);
 - ``sequence``: sequence-level KD (Kim and Rush 2016): the teacher answers every prompt once,
@@ -51,11 +53,15 @@ class DistillLoss(nn.Module):
         if self.sampler is not None:
             input_ids, attention_mask, labels = self.sampler(self.model, input_ids, attention_mask, prompt_length)
         positions, targets = next_token_positions(labels)
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        student = outputs_at(self.model, positions, **inputs)
-        with torch.no_grad():
-            teacher = outputs_at(self._teacher[0], positions, **inputs)
         c = self.cfg
+        # Where the divergence is read: the trained positions, or (positions: all) every position
+        # whose next token is a real one; `trained` picks the trained ones out of those.
+        read = positions if c.positions == "answers" else real_next_token_positions(attention_mask)
+        trained = positions[read]
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        student = outputs_at(self.model, read, **inputs)
+        with torch.no_grad():
+            teacher = outputs_at(self._teacher[0], read, **inputs)
         if self.sampler is not None:
             return self._per_answer(student, teacher, positions, targets)
         count = positions.sum()
@@ -71,7 +77,10 @@ class DistillLoss(nn.Module):
             )
         else:
             div = _divergence(_logits(student), _logits(teacher), c).sum()
-        sft = (student.cross_entropy(targets, c.train.loss_chunk_size), count) if c.alpha < 1.0 else None
+        sft = None
+        if c.alpha < 1.0:
+            at_answers = student if c.positions == "answers" else _select(student, trained)
+            sft = (at_answers.cross_entropy(targets, c.train.loss_chunk_size), count)
         return distillation_loss((div, count), sft, alpha=c.alpha)
 
     def _per_answer(self, student, teacher, positions, targets):
@@ -87,6 +96,23 @@ class DistillLoss(nn.Module):
         rows = torch.arange(positions.size(0), device=positions.device)[:, None].expand_as(positions)[positions]
         sums = per_token.new_zeros(positions.size(0)).index_add(0, rows, per_token)
         return (sums / positions.sum(-1).clamp(min=1)).sum(), torch.tensor(positions.size(0))
+
+
+def real_next_token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) mask of the positions whose next token is real (not padding): position t reads t + 1."""
+    import torch.nn.functional as F
+
+    real = attention_mask.bool()
+    return F.pad(real[:, :-1] & real[:, 1:], (0, 1), value=False)
+
+
+def _select(out, keep: torch.Tensor):
+    """The outputs at the positions ``keep`` (an (N,) mask over ``out``'s positions) picks."""
+    from instructkit.models.lm import PositionOutputs
+
+    if out.logits is not None:
+        return PositionOutputs(None, None, out.logits[keep])
+    return PositionOutputs(out.hidden[keep], out.weight, None)
 
 
 def _logits(out) -> torch.Tensor:

@@ -90,6 +90,31 @@ def test_loss_equals_the_definition_on_full_logits(models, data, loss, beta, tem
     assert abs(same.item()) < 1e-4  # a model is its own perfect student
 
 
+def test_positions_all_reads_the_divergence_at_every_real_token_and_the_cross_entropy_at_the_answers(models, data):
+    """positions: all: alpha * sum of KL(p || q) over every position whose next token is real
+    (prompt included, padding not) + (1 - alpha) * CE over the answer tokens; count = answer tokens."""
+    student_dir, teacher_dir = models
+    student = load_model(str(student_dir), dtype="fp32", device="cpu").eval()
+    teacher = load_model(str(teacher_dir), dtype="fp32", device="cpu").eval()
+    alpha, temperature = 0.7, 2.0
+    c = from_dict(DistillConfig, {"teacher": "x", "alpha": alpha, "temperature": temperature, "positions": "all"})
+    batch = _batch(student_dir, data)
+    got, count = DistillLoss(student, teacher, c)(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    with torch.no_grad():
+        s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].double()
+        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].double()
+    mask = batch["attention_mask"].bool()
+    real = mask[:, :-1] & mask[:, 1:]  # position i reads token i + 1, both real
+    assert int(real.sum()) > int((batch["labels"] != -100).sum())  # the prompts count here
+    log_p, log_q = torch.log_softmax(t[real] / temperature, -1), torch.log_softmax(s[real] / temperature, -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum()
+    targets = batch["labels"][:, 1:]
+    answers = targets != -100
+    ce = torch.nn.functional.cross_entropy(s[answers], targets[answers], reduction="sum")
+    assert int(count) == int(answers.sum())
+    assert got.item() == pytest.approx((alpha * kl + (1 - alpha) * ce).item(), rel=1e-4)
+
+
 def test_offline_distillation_moves_the_student_toward_the_teacher(tmp_path, models, data):
     student_dir, teacher_dir = models
     summary = distill(cfg(student_dir, teacher_dir, data, tmp_path / "run", loss="forward_kl"))
@@ -141,6 +166,7 @@ def test_sequence_mode_takes_a_teacher_with_another_tokenizer(tmp_path, models, 
         ("alpha=1.5", "must be in [0, 1]"),
         ("mode=sequence alpha=0.5", "sequence mode fine-tunes"),
         ("loss=jsdd", "did you mean 'jsd'"),
+        ("mode=on_policy positions=all", "positions: all applies to mode offline"),
     ],
 )
 def test_bad_settings_exit_2(tmp_path, models, data, capsys, extra, message):
