@@ -41,6 +41,8 @@ SUITE_OF_METRIC: tuple[tuple[str, str], ...] = (
     ("bleu", "bleu"),
     ("chrf", "bleu"),
     ("rouge", "rouge"),
+    ("entity_", "entities"),
+    ("token_accuracy", "entities"),
     ("accuracy", "accuracy"),
     ("f1", "accuracy"),
     ("macro_", "accuracy"),
@@ -310,6 +312,73 @@ the best value a task ever had minus its last (docs/continual.md).</p>
 </section>"""
 
 
+def plot_confusion(held: dict[str, Any]) -> str | None:
+    """Heat maps of a classifier's confusion matrices on the held-out split, untrained head and
+    trained one side by side: rows the reference label, columns the predicted one, the share of
+    each row's inputs in the colour and the count written in each cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(t, held[k]["confusion"]) for t, k in (("untrained head", "before"), ("trained", "after"))]
+    panels = [(t, c) for t, c in panels if c]
+    if not panels:
+        return None
+    labels = panels[0][1]["labels"]
+    size = 1.2 + 0.55 * len(labels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(size * len(panels) + 1.0, size), squeeze=False)
+    for ax, (title, confusion) in zip(axes[0], panels):
+        counts = confusion["matrix"]
+        shares = [[x / max(sum(row), 1) for x in row] for row in counts]
+        image = ax.imshow(shares, vmin=0.0, vmax=1.0, cmap="viridis")
+        for i, row in enumerate(counts):
+            for j, x in enumerate(row):
+                color = "white" if shares[i][j] < 0.6 else "black"
+                ax.text(j, i, str(x), ha="center", va="center", fontsize=8, color=color)
+        ax.set_xticks(range(len(labels)), labels, fontsize=8, rotation=45, ha="right")
+        ax.set_yticks(range(len(labels)), labels if ax is axes[0][0] else [""] * len(labels), fontsize=8)
+        ax.set_xlabel("predicted", fontsize=8)
+        ax.set_title(title, fontsize=10)
+    axes[0][0].set_ylabel("reference", fontsize=8)
+    fig.colorbar(image, ax=list(axes[0]), fraction=0.03, label="share of the row")
+    return _png(fig)
+
+
+def heads_section(stages: dict[str, Any]) -> str:
+    """Per classify stage: the per-label (or per entity type) report on the held-out split, untrained
+    head and trained, and the confusion matrices of a sequence classifier."""
+    parts = []
+    for stage, info in stages.items():
+        held = info.get("heldout") if isinstance(info, dict) else None
+        if not held or not held.get("after"):
+            continue
+        before, after = held.get("before") or {}, held["after"]
+        cols = ("precision", "recall", "f1", "support")
+        head = "".join(f"<th>{c}</th>" for c in cols) + "<th>f1 untrained</th>"
+        body = "".join(
+            f"<tr><td>{html.escape(label)}</td>"
+            + "".join(f"<td>{_fmt(row[c])}</td>" for c in cols)
+            + f"<td>{_fmt(before.get('per_label', {}).get(label, {}).get('f1', '-'))}</td></tr>"
+            for label, row in after["per_label"].items()
+        )
+        kind = "entity type" if "entity_f1" in after else "label"
+        image = plot_confusion(held) if "confusion" in after else None
+        figure = f'<figure><img alt="confusion matrices" src="{image}"><figcaption>confusion</figcaption></figure>'
+        parts.append(
+            f"<h3>{html.escape(stage)}: {html.escape(held['task'])} on {html.escape(str(held['split']))}</h3>"
+            f'<table class="results" data-suite="per_label"><tr><th>{kind}</th>{head}</tr>{body}</table>'
+            + (figure if image else "")
+        )
+    if not parts:
+        return ""
+    return (
+        '<section id="heads"><h2>Classifier heads: per-label report and confusion matrix</h2><p>Scored from the '
+        "head on the held-out split (no generation); the untrained head is the same encoder with a freshly "
+        f"initialised head (docs/classify.md).</p>{''.join(parts)}</section>"
+    )
+
+
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.3em .6em;vertical-align:top}
@@ -358,6 +427,7 @@ brackets (green: better).</p>{results_tables(table)}</section>
 <section id="samples"><h2>Sample responses on held-out prompts</h2>{samples_table(samples, models)}</section>
 {footprint_section(table)}
 {continual_section(stages.get("continual"))}
+{heads_section(stages)}
 </body></html>
 """
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from instructkit.config import (
+    ClassifyConfig,
     ContinualConfig,
     DistillConfig,
     DPOConfig,
@@ -54,7 +55,7 @@ class DataFile:
 
     key: str
     path: str | None
-    kind: Literal["demonstrations", "comparisons", "pairs", "unpaired", "prompts", "conversations", "any"]
+    kind: Literal["demonstrations", "comparisons", "pairs", "unpaired", "prompts", "conversations", "any", "task"]
     format: str | None = None
     columns: dict[str, str] | None = None
     dataset_info: str | None = None
@@ -130,6 +131,14 @@ def _continual_data(cfg: ContinualConfig) -> list[DataFile]:
     if cfg.data.general:
         out.append(DataFile("data.general", cfg.data.general, "demonstrations", "text"))
     return out
+
+
+def _classify_data(cfg: ClassifyConfig) -> list[DataFile]:
+    """Encoder task records: classification records or tagged sentences, as ``task`` says (the
+    data check reads them by their shape when the task is left to the model's config)."""
+    d = cfg.data
+    keys = [("data.path", d.path), ("data.val_path", d.val_path), ("data.test_path", d.test_path)]
+    return [DataFile(key, path, "task", cfg.task) for key, path in keys if path]
 
 
 STAGES: dict[str, Stage] = {
@@ -239,6 +248,19 @@ STAGES: dict[str, Stage] = {
             ),
         ),
         Stage(
+            "classify",
+            ClassifyConfig,
+            "instructkit.train.classify:classify",
+            "train an encoder's classification or tagging head (instructed; seq or token classification)",
+            "Sequence classification (instruction + text -> label) or token classification (words -> BIO tags) "
+            "on an encoder such as minilm-l6, full or LoRA; labels come from the training data and are saved "
+            "in final/; held-out accuracy, macro/micro F1, the per-label report and confusion matrix (seq), "
+            "entity-level F1 with seqeval (token), before and after training. See docs/classify.md.",
+            "policy",
+            _classify_data,
+            missing=lambda cfg: [] if cfg.data.path else [("data.path", "name the training data")],
+        ),
+        Stage(
             "quantize",
             QuantizeConfig,
             "instructkit.train.quantize:quantize",
@@ -304,6 +326,7 @@ class RecipeConfig:
     quantize: dict[str, Any] = dataclasses.field(default_factory=dict)  # quantisation stage (docs/quantize.md)
     pretrain: dict[str, Any] = dataclasses.field(default_factory=dict)  # pre-training stage (docs/pretrain.md)
     export: dict[str, Any] = dataclasses.field(default_factory=dict)  # export stage (docs/export.md)
+    classify: dict[str, Any] = dataclasses.field(default_factory=dict)  # classifier/tagger stage (docs/classify.md)
 
 
 @dataclasses.dataclass

@@ -12,7 +12,7 @@ from typing import Any
 
 from instructkit.errors import InputError, closest
 
-KINDS = ("demonstrations", "comparisons", "pairs", "unpaired", "prompts", "conversations", "any")
+KINDS = ("demonstrations", "comparisons", "pairs", "unpaired", "prompts", "conversations", "any", "task")
 
 
 def missing_file_problem(path: str) -> str | None:
@@ -53,6 +53,8 @@ def check_data_file(
         from instructkit.data.prompts import read_prompts
 
         return len(read_prompts(resolve_data_path(path)))
+    if kind == "task":  # encoder task records (a classify stage); format is its task, when set
+        return len(_read_task_records(resolve_data_path(path), format))
     if kind == "any":
         from instructkit.data.readers import read_rows
 
@@ -81,3 +83,16 @@ def check_data_file(
                 )
         converted = records
     return len(converted)
+
+
+def _read_task_records(path: str, task: str | None) -> list[Any]:
+    """Classification records or tagged sentences (data/tasks), as ``task`` says; without a task,
+    CoNLL files and records with ``tokens`` are tagged sentences."""
+    from instructkit.data.readers import read_rows
+    from instructkit.data.tasks import CONLL_SUFFIXES, read_classification, read_tagged
+
+    tagged = task == "token_classification" or Path(path).suffix.lower() in CONLL_SUFFIXES
+    if task is None and not tagged:
+        rows = read_rows(path)
+        tagged = bool(rows) and "tokens" in rows[0].data
+    return read_tagged(path) if tagged else read_classification(path)
