@@ -314,3 +314,57 @@ def test_cli_exits_2_on_tags_of_another_length_and_on_unknown_labels(bert, data,
     (tmp_path / "label.yaml").write_text(yaml.safe_dump(cfg))
     done = _cli(tmp_path / "label.yaml")
     assert done.returncode == 2 and "unknown label 'purple'" in done.stderr and str(test) in done.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# In a recipe
+
+
+def test_recipe_classify_then_eval_reports_the_heads(bert, data, tmp_path):
+    """`instructkit run` over classify -> eval: the table is the untrained head, then the trained
+    one (the classify stage's own held-out numbers), and report.html has the per-label section."""
+    import yaml
+
+    from instructkit.pipeline import run
+
+    recipe = {
+        "name": "cls",
+        "model": str(bert),
+        "stages": ["classify", "eval"],
+        "classify": {
+            k: v
+            for k, v in config(bert, data["seq8"], tmp_path, "seq_classification", data["seq_test"]).items()
+            if k not in ("model", "out")
+        },
+        "eval": {},
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    summary = run(tmp_path / "recipe.yaml", out=tmp_path / "runs")
+    held = json.loads((tmp_path / "runs" / "classify" / "heldout.json").read_text())
+    assert list(summary["table"]) == ["untrained head", "classify"]
+    assert summary["table"]["classify"]["f1_macro"] == held["after"]["f1_macro"]
+    assert summary["table"]["untrained head"]["accuracy"] == held["before"]["accuracy"]
+    page = (tmp_path / "runs" / "report.html").read_text()
+    assert '<section id="heads">' in page and "confusion matrices" in page
+
+
+def test_recipe_check_finds_a_bad_test_file_before_anything_runs(bert, data, tmp_path):
+    """The recipe's up-front data check reads classify's files as the stage will: a tags list of
+    another length in data.test_path fails with its line before the first stage starts."""
+    import yaml
+
+    from instructkit.pipeline import run
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", sentences(2) + [{"tokens": ["Ada", "sang"], "tags": ["O"]}])
+    section = config(bert, data["tok"], tmp_path, "token_classification", bad)
+    recipe = {
+        "name": "tok",
+        "model": str(bert),
+        "stages": ["classify"],
+        "classify": {"data": section["data"], "task": "token_classification"},
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(InputError, match="1 tags for 2 tokens") as err:
+        run(tmp_path / "recipe.yaml", out=tmp_path / "runs")
+    assert str(bad) in err.value.format() and ":3" in err.value.format()
+    assert not (tmp_path / "runs").exists()
