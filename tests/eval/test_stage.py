@@ -27,6 +27,8 @@ class StageConfig:
     batch_size: int = 2
     k_shot: int = 1
     limit: int | None = 3
+    footprint: bool = False
+    footprint_prompts: int = 4
 
 
 @pytest.fixture(scope="module")
