@@ -1,5 +1,6 @@
-"""Wanda against magnitude pruning on the tuned model, in one run: held-out exact match at 50%
-unstructured sparsity and at 2:4, with the sparsity measured on every pruned matrix.
+"""Wanda against magnitude pruning on the tuned model, in one run: held-out exact match and the
+reference answers' loss at each unstructured sparsity (20-50%) and at 2:4, with the sparsity
+measured on every pruned matrix.
 
 Each variant is pruned by the prune stage (`instructkit.train.prune.prune`) from the same model on the
 same calibration records, loaded back as every instructkit command loads it, checked (the share of
@@ -21,13 +22,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, machine_line, markdown_table, save_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = {
-    "dense": {},
-    "magnitude 50%": {"scores": "magnitude", "sparsity": 0.5},
-    "wanda 50%": {"scores": "wanda", "sparsity": 0.5},
-    "magnitude 2:4": {"scores": "magnitude", "pattern": "semi_structured"},
-    "wanda 2:4": {"scores": "wanda", "pattern": "semi_structured"},
-}
+
+
+def variants(sparsities: list[float]) -> dict[str, dict[str, Any]]:
+    """dense, then magnitude and Wanda at each unstructured sparsity, then both at 2:4."""
+    out: dict[str, dict[str, Any]] = {"dense": {}}
+    for s in sparsities:
+        for scores in ("magnitude", "wanda"):
+            out[f"{scores} {100 * s:.0f}%"] = {"scores": scores, "sparsity": s}
+    for scores in ("magnitude", "wanda"):
+        out[f"{scores} 2:4"] = {"scores": scores, "pattern": "semi_structured"}
+    return out
 
 
 def check_matrices(model: Any, semi_structured: bool) -> dict[str, Any]:
@@ -61,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--model", default="runs/compress/dpo", help="the tuned model (default: %(default)s)")
     parser.add_argument("--calibration-examples", type=int, default=64, help="default: %(default)s")
+    parser.add_argument(
+        "--sparsities", type=float, nargs="+", default=[0.2, 0.3, 0.4, 0.5], help="default: %(default)s"
+    )
     parser.add_argument("--eval-limit", type=int, default=100, help="default: %(default)s")
     parser.add_argument("--eval-batch-size", type=int, default=50, help="default: %(default)s")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "prune_scores.json")
@@ -73,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info(("torch", "transformers"))
     results = []
     with tempfile.TemporaryDirectory(prefix="prune-scores-") as tmp:
-        for name, settings in VARIANTS.items():
+        for name, settings in variants(args.sparsities).items():
             print(f"-- {name}", file=sys.stderr, flush=True)
             spec, row = args.model, {"variant": name, **settings}
             if settings:
@@ -89,18 +97,19 @@ def main(argv: list[str] | None = None) -> int:
             model, tokenizer = load_model_and_tokenizer(spec, dtype="fp32", device="cpu", merge_adapter=True)
             if settings:
                 row |= check_matrices(model, settings.get("pattern") == "semi_structured")
-            row["exact_match"] = evaluate(
+            metrics = evaluate(
                 model=spec,
-                suites=["exact_match"],
+                suites=["exact_match", "perplexity"],
                 data="shipped:extract/test",
                 limit=args.eval_limit,
                 batch_size=args.eval_batch_size,
                 max_new_tokens=32,
                 loaded=(model, tokenizer),
-            )["metrics"]["exact_match"]
+            )["metrics"]
+            row["exact_match"], row["loss"] = metrics["exact_match"], metrics["loss"]
             results.append(row)
 
-    headers = ["variant", "zeros (pruned layers)", "zeros per matrix", "2:4 matrices", "exact match"]
+    headers = ["variant", "zeros (pruned layers)", "zeros per matrix", "2:4 matrices", "exact match", "answer loss"]
     rows = [
         [
             r["variant"],
@@ -108,13 +117,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['min_zero_share']:.3f}-{r['max_zero_share']:.3f}" if "matrices" in r else "-",
             f"{r['two_of_four_matrices']}/{r['matrices']}" if r.get("two_of_four_matrices") is not None else "-",
             f"{r['exact_match']:.3f}",
+            f"{r['loss']:.3f}",
         ]
         for r in results
     ]
     print(markdown_table(headers, rows))
     print(
         f"\nmodel {args.model}; calibration: the first {args.calibration_examples} records of shipped:extract/train; "
-        f"exact match on {args.eval_limit} held-out test conversations (shipped:extract/test), greedy."
+        f"exact match on {args.eval_limit} held-out test conversations (shipped:extract/test), greedy; answer "
+        "loss: the mean cross-entropy of their reference answers."
     )
     print(machine_line(machine))
     save_results(

@@ -63,7 +63,9 @@ class ClassifiedText:
     text: str
     label: str
     instruction: str | None = None
-    place: Place = field(default_factory=Place, compare=False)
+    # Not in repr: the split orders records by a hash of their repr, which must not depend on
+    # where the file happens to live (a fresh clone split differently).
+    place: Place = field(default_factory=Place, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,9 @@ class TaggedTokens:
     tokens: tuple[str, ...]
     tags: tuple[str, ...]
     instruction: str | None = None
-    place: Place = field(default_factory=Place, compare=False)
+    # Not in repr: the split orders records by a hash of their repr, which must not depend on
+    # where the file happens to live (a fresh clone split differently).
+    place: Place = field(default_factory=Place, compare=False, repr=False)
 
 
 def _place(row: Row) -> Place:

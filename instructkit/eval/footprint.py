@@ -54,23 +54,19 @@ def decode_tokens_per_s(model: Any, tokenizer: Any, prompts: Sequence[Sequence[A
 
     from instructkit.data.templates import encode_prompt
     from instructkit.generation import generate_new
+    from instructkit.models.passes import eval_mode, module_device
 
-    device = next(model.parameters()).device
+    device = module_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     kwargs = {"max_new_tokens": tokens, "min_new_tokens": tokens, "do_sample": False, "pad_token_id": pad}
     rows = [torch.tensor([encode_prompt(tokenizer, list(p))], device=device) for p in prompts]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            generate_new(model, rows[0], torch.ones_like(rows[0]), **kwargs)  # warm-up
-            new, started = 0, time.perf_counter()
-            for ids in rows:
-                out, width = generate_new(model, ids, torch.ones_like(ids), **kwargs)
-                new += out.shape[1] - width
-            elapsed = time.perf_counter() - started
-    finally:
-        model.train(was_training)
+    with eval_mode(model):
+        generate_new(model, rows[0], torch.ones_like(rows[0]), **kwargs)  # warm-up
+        new, started = 0, time.perf_counter()
+        for ids in rows:
+            out, width = generate_new(model, ids, torch.ones_like(ids), **kwargs)
+            new += out.shape[1] - width
+        elapsed = time.perf_counter() - started
     return new / elapsed
 
 
