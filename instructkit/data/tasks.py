@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from instructkit.data.formats import _type_name as _json_type  # one wording of JSON types
 from instructkit.data.readers import Row, _read_text, read_rows
 from instructkit.errors import InputError, did_you_mean
 from instructkit.fileio import atomic_write_json
@@ -466,12 +467,3 @@ def encode_tagged_record(
     """:func:`encode_tagged` of a record, its unknown tags reported at the record's place."""
     label_set.check([record], record.place.file or "tagged data")
     return encode_tagged(tokenizer, record.tokens, record.tags, label_set, align, max_length, record.instruction)
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    names = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number"}
-    return names.get(type(value), type(value).__name__)
