@@ -8,6 +8,13 @@ LLaMA-Factory's ``dataset_info.json`` (``prompt``, ``query``, ``response``, ``me
 ``kto_tag``, ...), so its ``columns`` and ``tags`` work unchanged; :func:`load_from_dataset_info`
 reads such a file directly.
 
+The newer peers' shapes read through the same formats: a message's ``content`` may be a list of
+blocks, LLaMA-Factory v1's ``{type, value}`` or OpenAI's ``{type: "text", text}`` parts, in every
+message format; a per-message ``loss_weight`` (v1) of 0 leaves an assistant turn untrained;
+v1 preference records (``chosen_messages`` / ``rejected_messages``, whole conversations) are
+preference data whose prompt is the turns the two share; Dolly's ``instruction`` / ``context``
+/ ``response`` records are alpaca data.
+
 Every problem is an :class:`~instructkit.errors.InputError` naming the file, line or record and
 the field path, e.g. ``chat.jsonl:4, field 'messages[3].role': unknown role 'bot' (expected one
 of system, user, assistant, tool)``. Pure Python: importing this module imports no ML library.
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +33,7 @@ from typing import Any
 from instructkit.data.prompts import PromptRecord
 from instructkit.data.readers import Row, read_rows
 from instructkit.data.schema import (
+    IMAGE_PLACEHOLDER,
     Classification,
     Conversation,
     Message,
@@ -109,6 +118,7 @@ class _Fields:
     columns: Mapping[str, str]  # the user's mapping, key -> column
     tags: Tags | None  # the user's tags; None: each message list shows its own style
     style: Tags  # the style of a message list that shows none
+    images: bool = False  # image blocks are read (a vision stage); else each is a located error
 
     def column(self, key: str) -> str:
         if key in self.columns:
@@ -194,22 +204,153 @@ def _message(item: Any, path: str, f: _Fields, tags: Tags) -> Message | None:
         expected = ", ".join(roles)
         raise f.error(f"unknown role {name!r} (expected one of {expected})", f"{path}.{tags.role_tag}")
     role = roles[name]
-    content = _message_content(item, role, path, f, tags)
+    content, images = _message_content(item, role, path, f, tags)
     if role == "system" and not content.strip():
         return None
-    return Message(role, content)
+    return Message(role, content, trained=_trained(item, role, path, f), images=images)
 
 
-def _message_content(item: dict, role: str, path: str, f: _Fields, tags: Tags) -> str:
-    """The text of the message at ``path``; may be empty only for a system message."""
+def _trained(item: dict, role: str, path: str, f: _Fields) -> bool:
+    """LLaMA-Factory v1's per-message ``loss_weight``: 0 leaves an assistant turn untrained, 1
+    (or no key) trains it. Other weights are refused: the loss mask is 0/1, so a weight of 0.5
+    could only be rounded, and rounding would train what the file asked to down-weight. Only
+    assistant turns are ever trained, so on other turns the key is checked and changes nothing."""
+    weight = item.get("loss_weight")
+    if weight is None:
+        return True
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight not in (0, 1):
+        raise f.error(
+            f"expected loss_weight 0 (not trained) or 1 (trained), got {weight!r}; the loss mask is 0/1,"
+            " so other weights are not honoured",
+            f"{path}.loss_weight",
+        )
+    return role != "assistant" or weight == 1
+
+
+def _message_content(item: dict, role: str, path: str, f: _Fields, tags: Tags) -> tuple[str, tuple[str, ...]]:
+    """The text of the message at ``path`` and its images; may be empty only for a system message."""
     content = item.get(tags.content_tag)
     if role == "assistant" and item.get("tool_calls") and not content:
-        return _tool_calls(item["tool_calls"], f"{path}.tool_calls", f)
+        return _tool_calls(item["tool_calls"], f"{path}.tool_calls", f), ()
     if content is None:
         raise f.error(f"missing field '{tags.content_tag}'", path)
-    if isinstance(content, list):  # OpenAI content parts; images and audio are not read
-        content = "\n".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return _string(content, f"{path}.{tags.content_tag}", f, empty_ok=role == "system")
+    where = f"{path}.{tags.content_tag}"
+    if isinstance(content, list):
+        text, images = _blocks(content, where, f)
+        if not images and not text.strip() and role != "system":
+            raise f.error("empty content (no text in any of its blocks)", where)
+        return text, images
+    return _string(content, where, f, empty_ok=role == "system"), ()
+
+
+# ---------------------------------------------------------------------------------------------
+# Content blocks: LLaMA-Factory v1 {type, value} and OpenAI {type: text, text} / image_url parts
+
+_IMAGE_BLOCKS = ("image_url", "image")
+_BLOCK_TYPES = ("text", *_IMAGE_BLOCKS, "tool_call", "video_url", "video", "audio_url", "audio", "reasoning")
+# Types LLaMA-Factory defines that instructkit does not read yet; refused rather than dropped,
+# so a turn never trains on what is left of it.
+_UNREAD_BLOCKS = ("video_url", "video", "audio_url", "audio", "reasoning")
+
+
+def _blocks(parts: list[Any], path: str, f: _Fields) -> tuple[str, tuple[str, ...]]:
+    """A message's content blocks -> its text and its image paths.
+
+    Text blocks are joined with nothing between them, as LLaMA-Factory and the chat templates
+    that take content lists write them. With ``images``, an image block stands in the text as
+    :data:`IMAGE_PLACEHOLDER`; without, it is an error (a text-only stage cannot see it).
+    ``tool_call`` blocks (a JSON ``{name, arguments}`` each) become the turn's tool-call list.
+    """
+    texts: list[str] = []
+    images: list[str] = []
+    calls: list[Any] = []
+    for j, part in enumerate(parts):
+        where = f"{path}[{j}]"
+        if not isinstance(part, dict):
+            raise f.error(f"expected a content block {{type, value}}, got {_type_name(part)}", where)
+        kind = part.get("type")
+        if kind is None:
+            raise f.error("missing field 'type'", where)
+        if kind not in _BLOCK_TYPES:
+            raise f.error(
+                f"unknown block type {kind!r}{did_you_mean(str(kind), _BLOCK_TYPES)}; expected one of "
+                + ", ".join(_BLOCK_TYPES),
+                f"{where}.type",
+            )
+        if kind in _UNREAD_BLOCKS:
+            raise f.error(
+                f"'{kind}' blocks are not read by instructkit (text, image and tool_call are)", f"{where}.type"
+            )
+        value = _block_value(part, kind, where, f)
+        if kind == "text":
+            texts.append(value)
+        elif kind == "tool_call":
+            calls.append(_tool_call_block(value, f"{where}.value", f))
+        else:
+            image = _image_file(value, f"{where}.value", f)
+            if not f.images:
+                raise f.error(
+                    "an image block in a text-only stage (images are read by a vision stage only;"
+                    " remove the block or train a vision model)",
+                    where,
+                )
+            images.append(image)
+            texts.append(IMAGE_PLACEHOLDER)
+    if calls:
+        if "".join(texts).strip():
+            raise f.error("a turn with tool_call blocks holds no text (its content is the tool calls)", path)
+        return json.dumps(calls, ensure_ascii=False), tuple(images)
+    return "".join(texts), tuple(images)
+
+
+def _block_value(part: dict, kind: str, where: str, f: _Fields) -> str:
+    """A block's value: LLaMA-Factory's ``value``; OpenAI's ``text`` or ``image_url.url``."""
+    value = part.get("value")
+    if value is None and kind == "text":
+        value = part.get("text")
+    elif value is None and kind in _IMAGE_BLOCKS:
+        value = part.get(kind)
+        if isinstance(value, dict):
+            value = value.get("url")
+    if value is None:
+        openai = {"text": "'text'", "image_url": "'image_url': {'url': ...}"}.get(kind)
+        problem = "missing field 'value'" + (f" (or OpenAI's {openai})" if openai else "")
+        raise f.error(problem, f"{where}.value")
+    if not isinstance(value, str):
+        raise f.error(f"expected a string, got {_type_name(value)}", f"{where}.value")
+    return value
+
+
+def _image_file(value: str, where: str, f: _Fields) -> str:
+    """The image a block names: a ``data:image/...;base64,`` URL as it is, or a readable file (a
+    path or a ``file://`` URL), looked for beside the data file and then in the working folder
+    (LLaMA-Factory's demo files name ``data/mllm_demo_data/1.jpg`` from its repository root).
+    Returns the resolved path. The file is not decoded here: the data layer imports no PIL."""
+    if value.startswith("data:"):
+        if value.startswith("data:image/") and ";base64," in value:
+            return value
+        raise f.error("a data: URL must be data:image/...;base64,...", where)
+    if value.startswith("file://"):
+        value = value[len("file://") :]
+    elif "://" in value:
+        raise f.error(f"only local image files and data: URLs are read, not {value!r}", where)
+    path = Path(value).expanduser()
+    candidates = [path] if path.is_absolute() else [Path(f.row.file).parent / path, Path.cwd() / path]
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.R_OK):
+            return str(candidate.resolve())
+    looked = "" if path.is_absolute() else " (looked beside the data file and in the working folder)"
+    raise f.error(f"image file not found or not readable: {value!r}{looked}", where)
+
+
+def _tool_call_block(value: str, where: str, f: _Fields) -> Any:
+    try:
+        call = json.loads(value)
+    except json.JSONDecodeError as err:
+        raise f.error(f"a tool_call value must be JSON: {err.msg} (column {err.colno})", where) from None
+    if not isinstance(call, dict) or "name" not in call or "arguments" not in call:
+        raise f.error("a tool_call value must be a JSON object with 'name' and 'arguments'", where)
+    return call
 
 
 def _tool_calls(calls: Any, path: str, f: _Fields) -> str:
@@ -258,6 +399,8 @@ def _messages_column(f: _Fields) -> tuple[list[Message], str]:
 def _require_assistant(messages: list[Message], path: str, f: _Fields) -> None:
     if not any(m.role == "assistant" for m in messages):
         raise f.error("the conversation has no assistant turn (nothing to learn from)", path)
+    if not any(m.role == "assistant" and m.trained for m in messages):
+        raise f.error("every assistant turn has loss_weight 0 (nothing to learn from)", path)
 
 
 def _check_prompt(prompt: list[Message], path: str, f: _Fields) -> None:
@@ -345,7 +488,14 @@ def _response(value: Any, path: str, f: _Fields) -> list[Message]:
         messages = _turns(_list(value, path, f), path, f, roles=("assistant", "tool"))
     if not messages or messages[0].role != "assistant":
         raise f.error("a response must start with an assistant turn", path)
+    _require_trained(messages, path, f)
     return messages
+
+
+def _require_trained(response: list[Message], path: str, f: _Fields) -> None:
+    """A response the loss compares must have a trained assistant turn."""
+    if not any(m.role == "assistant" and m.trained for m in response):
+        raise f.error("the response's assistant turns all have loss_weight 0, so there is nothing to score", path)
 
 
 def _label(f: _Fields) -> bool:
@@ -407,6 +557,7 @@ def _implicit_preference(f: _Fields) -> Preference:
     for path, turns in ((chosen_path, chosen), (rejected_path, rejected)):
         if shared == len(turns) or turns[shared].role != "assistant":
             raise f.error("after the shared prompt a response must start with an assistant turn", path)
+        _require_trained(turns[shared:], path, f)
     return Preference(prompt, chosen[shared:], rejected[shared:])
 
 
@@ -447,6 +598,7 @@ def _kto(f: _Fields) -> Unpaired:
     turns, path = _messages_column(f)
     if not turns or turns[-1].role != "assistant":
         raise f.error("the last turn must be the assistant response that the label judges", path)
+    _require_trained(turns[-1:], path, f)
     _check_prompt(turns[:-1], path, f)
     return Unpaired(turns[:-1], turns[-1:], label)
 
@@ -526,7 +678,9 @@ def _is_sharegpt(f: _Fields) -> bool:
 
 # Columns that hold a response: a row with one of them is not a bare prompt, even when no
 # format that reads it matches (TRL's prompt + completion without a label, say).
-_RESPONSE_COLUMNS = ("output", "completion", "response", "chosen", "rejected", "responses")
+_RESPONSE_COLUMNS = (
+    "output", "completion", "response", "chosen", "rejected", "responses", "chosen_messages", "rejected_messages",
+)  # fmt: skip
 
 
 def _is_prompt_only(f: _Fields) -> bool:
@@ -535,7 +689,7 @@ def _is_prompt_only(f: _Fields) -> bool:
 
 _PROMPT_COLUMNS = {
     "prompt": ("prompt", "instruction"),
-    "query": ("input",),
+    "query": ("input", "context"),
     "system": ("system",),
     "history": ("history",),
     "messages": ("messages", "conversations"),
@@ -550,14 +704,14 @@ FORMATS_BY_NAME: dict[str, Format] = {
             _alpaca,
             {
                 "prompt": ("instruction",),
-                "query": ("input",),
-                "response": ("output",),
+                "query": ("input", "context"),  # context: Dolly's (databricks-dolly-15k)
+                "response": ("output", "response"),  # response: Dolly's and torchtune's
                 "system": ("system",),
                 "history": ("history",),
             },
             lambda f: f.present("prompt") and f.present("response"),
             tier=2,
-            signature="instruction, output",
+            signature="instruction, output (or Dolly's instruction, context, response)",
         ),
         Format(
             "messages",
@@ -579,10 +733,15 @@ FORMATS_BY_NAME: dict[str, Format] = {
         Format(
             "preference",
             _preference,
-            {**_PROMPT_COLUMNS, "chosen": ("chosen",), "rejected": ("rejected",)},
+            {
+                **_PROMPT_COLUMNS,
+                # chosen_messages / rejected_messages: LLaMA-Factory v1's whole conversations
+                "chosen": ("chosen", "chosen_messages"),
+                "rejected": ("rejected", "rejected_messages"),
+            },
             lambda f: f.present("chosen") and f.present("rejected"),
             tier=1,
-            signature="prompt, chosen, rejected",
+            signature="prompt, chosen, rejected (or chosen_messages, rejected_messages)",
         ),
         Format(
             "ranking",
@@ -619,7 +778,12 @@ FORMATS_BY_NAME: dict[str, Format] = {
         Format(
             "prompts",
             _prompt_only,
-            {"prompt": ("prompt", "instruction"), "query": ("input",), "system": ("system",), "history": ("history",)},
+            {
+                "prompt": ("prompt", "instruction"),
+                "query": ("input", "context"),
+                "system": ("system",),
+                "history": ("history",),
+            },
             _is_prompt_only,
             tier=4,  # last: a prompt column alone says least, so any other match wins
             signature="prompt, no response",
@@ -638,8 +802,8 @@ def get_format(name: str) -> Format:
     return FORMATS_BY_NAME[name]
 
 
-def _fields(row: Row, fmt: Format, columns: Mapping[str, str], tags: Tags | None) -> _Fields:
-    return _Fields(row, fmt.columns, columns, tags, fmt.style)
+def _fields(row: Row, fmt: Format, columns: Mapping[str, str], tags: Tags | None, images: bool = False) -> _Fields:
+    return _Fields(row, fmt.columns, columns, tags, fmt.style, images)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -699,6 +863,7 @@ def load_records(
     tags: Mapping[str, str] | None = None,
     dataset_info: str | Path | None = None,
     name: str | None = None,
+    images: bool = False,
 ) -> LoadedData:
     """Read, validate and normalise one data source.
 
@@ -709,14 +874,18 @@ def load_records(
     With ``dataset_info`` (a LLaMA-Factory ``dataset_info.json``), the entry ``name`` supplies
     the file, format, columns and tags; without ``name`` the entry whose ``file_name`` is
     ``path`` does. Arguments given here override the entry's.
+
+    ``images`` is for a stage that reads images: image content blocks then load into
+    :attr:`Message.images` (each file checked readable), with a placeholder in the text; for
+    every other stage (the default) an image block is an error at its record and field.
     """
     if dataset_info is not None:
-        return _load_with_info(Path(dataset_info), name, path, format, columns, tags)
+        return _load_with_info(Path(dataset_info), name, path, format, columns, tags, images)
     if name is not None:
         raise InputError(f"name '{name}' needs a dataset_info file to look it up in")
     if path is None:
         raise InputError("no data file given")
-    return _load(read_rows(path), str(path), format, columns, tags)
+    return _load(read_rows(path), str(path), format, columns, tags, images)
 
 
 def _load(
@@ -725,12 +894,13 @@ def _load(
     format: str | None,
     columns: Mapping[str, str] | None,
     tags: Mapping[str, str] | None,
+    images: bool = False,
 ) -> LoadedData:
     columns = _check_column_keys(columns, source)
     tag_set = make_tags(tags, file=source)
     fmt = get_format(format or detect_format(rows, columns, tags))
     _check_columns_apply(columns, fmt, source)
-    records = [fmt.normalise(_fields(row, fmt, columns, tag_set)) for row in rows]
+    records = [fmt.normalise(_fields(row, fmt, columns, tag_set, images)) for row in rows]
     return LoadedData(fmt.name, records, source)
 
 
@@ -803,6 +973,7 @@ def _load_with_info(
     format: str | None,
     columns: Mapping[str, str] | None,
     tags: Mapping[str, str] | None,
+    images: bool = False,
 ) -> LoadedData:
     if name is None:
         if path is None:
@@ -820,6 +991,7 @@ def _load_with_info(
         format or entry_format,
         {**entry_columns, **(columns or {})},
         None if entry_tags is None and tags is None else {**(entry_tags or {}), **(tags or {})},
+        images,
     )
 
 

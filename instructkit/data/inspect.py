@@ -85,6 +85,9 @@ def describe(
     if isinstance(records[0], Conversation):
         turns = [sum(1 for m in r.messages if m.role == "assistant") for r in records]
         lines.append(f"assistant turns per record: {length_stats(turns)}")
+        untrained = sum(1 for r in records for m in r.messages if m.role == "assistant" and not m.trained)
+        if untrained:
+            lines.append(f"assistant turns not trained (loss_weight 0): {untrained} of {sum(turns)}")
     prompts = isinstance(records[0], PromptRecord)
     if prompts:
         lines.append(f"other fields: {_field_counts(records)}")

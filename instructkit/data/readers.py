@@ -45,7 +45,7 @@ class Row:
 def read_rows(path: str | Path, *, split: str = "train", subset: str | None = None) -> list[Row]:
     """Read every record of a data file, or of a Hugging Face dataset already in the local cache.
 
-    Files: ``.json`` (an array of objects, or one object per line), ``.jsonl``, ``.csv`` (a header
+    Files: ``.json`` (an array of objects, one object per line, or a single object), ``.jsonl``, ``.csv`` (a header
     row; every cell is a string), ``.parquet`` and ``.txt`` (one text record per non-blank line).
     Anything else that looks like ``owner/name`` and is not a file is read as a Hub dataset id,
     offline; ``split`` and ``subset`` apply to Hub datasets only.
@@ -99,7 +99,8 @@ def _read_jsonl(path: Path) -> list[Row]:
 
 
 def _read_json(path: Path) -> list[Row]:
-    """A JSON array of records; JSON lines saved under a .json name are accepted too."""
+    """A JSON array of records; JSON lines saved under a .json name, and a file holding one
+    object (one record, pretty-printed or not), are accepted too."""
     text = _read_text(path)
     file = str(path)
     body = text.lstrip()
@@ -113,6 +114,8 @@ def _read_json(path: Path) -> list[Row]:
         value = json.loads(text)
     except json.JSONDecodeError as err:
         raise _json_error(err, file) from None
+    if isinstance(value, dict):  # one record saved as a (pretty-printed) object
+        return [Row(value, file, line=text[: len(text) - len(body)].count("\n") + 1)]
     raise InputError(
         f"expected a JSON array of records ([{{...}}, ...]) or one JSON object per line, got {_json_type(value)}",
         file=file,

@@ -14,15 +14,29 @@ Role = Literal["system", "user", "assistant", "tool"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
 
 
+IMAGE_PLACEHOLDER = "<image>"
+"""Where an image block stood in a message's text, when images are read (``images=True``)."""
+
+
 @dataclass(frozen=True)
 class Message:
+    """One turn. ``trained`` and ``images`` stay out of ``repr``: the train/validation split
+    hashes the repr of records, and text-only data must split as it did before they existed."""
+
     role: str  # one of ROLES
     content: str
+    trained: bool = field(default=True, repr=False)
+    """False for an assistant turn the file gives ``loss_weight: 0`` (LLaMA-Factory v1): it stays
+    in the context but its tokens get no labels. Always True for other roles (never trained)."""
+    images: tuple[str, ...] = field(default=(), repr=False)
+    """Resolved paths (or ``data:`` URLs) of the message's image blocks, in order; each stands in
+    ``content`` as :data:`IMAGE_PLACEHOLDER`. Empty unless the loader was asked for images."""
 
 
 @dataclass
 class Conversation:
-    """A demonstration: system/user/assistant/tool turns. Every assistant turn is trained."""
+    """A demonstration: system/user/assistant/tool turns. Every assistant turn is trained,
+    except those whose ``trained`` is False (``loss_weight: 0`` in the file)."""
 
     messages: list[Message]
     tools: str | None = None  # JSON string describing tools, when the data has one

@@ -7,8 +7,9 @@ This module owns three decisions that every recipe, evaluation and server shares
   ``llama-3``, ``alpaca``) from :data:`FALLBACK_TEMPLATES` is used when the tokenizer has none
   or when the user names one (:func:`resolve_template`).
 * **What is trained.** Every assistant turn, including its end-of-turn marker
-  (``<|im_end|>``, ``<|eot_id|>``, eos...); nothing else (system, user and tool turns, template
-  headers). Labels come from character spans of the rendered text, never from
+  (``<|im_end|>``, ``<|eot_id|>``, eos...), unless the record marks it untrained
+  (:attr:`Message.trained`, a file's ``loss_weight: 0``); nothing else (system, user and tool
+  turns, template headers). Labels come from character spans of the rendered text, never from
   ``ids != pad_id``, so the final marker stays trained when pad == eos.
 * **How it is cut.** ``max_length`` never cuts into a template silently: whole trailing turns
   are dropped (:class:`Truncation`), and an example whose first exchange does not fit is
@@ -222,6 +223,11 @@ def _as_dicts(messages: Sequence[Message | Mapping[str, Any]]) -> list[dict[str,
     return out
 
 
+def _untrained(messages: Sequence[Message | Mapping[str, Any]]) -> frozenset[int]:
+    """Indices of the assistant turns a record marks untrained (``loss_weight: 0``)."""
+    return frozenset(i for i, m in enumerate(messages) if isinstance(m, Message) and not m.trained)
+
+
 def _parse_tools(tools: str | Sequence[Mapping[str, Any]] | None) -> list[dict] | None:
     """Tools as the list of JSON schemas that chat templates expect (data files hold a string)."""
     if tools is None or tools == "":
@@ -277,9 +283,16 @@ class _Rendered:
     prompt_end: int | None  # where the prompt of a prompt/response pair ends (tokenized apart)
 
 
-def _render_spans(tokenizer: Any, template: str, messages: list[dict], tools, first_trained: int = 0) -> _Rendered:
+def _render_spans(
+    tokenizer: Any,
+    template: str,
+    messages: list[dict],
+    tools,
+    first_trained: int = 0,
+    untrained: frozenset[int] = frozenset(),
+) -> _Rendered:
     """Render ``messages`` and find the character span of each assistant turn from index
-    ``first_trained`` on.
+    ``first_trained`` on, except the turns in ``untrained``.
 
     An assistant turn i starts where ``render(messages[:i], add_generation_prompt=True)`` ends
     and ends where ``render(messages[:i + 1])`` ends, less trailing whitespace (the newline
@@ -290,7 +303,7 @@ def _render_spans(tokenizer: Any, template: str, messages: list[dict], tools, fi
     full = _render(tokenizer, template, messages, tools, False)
     spans, turns = [], []
     for i, m in enumerate(messages):
-        if m.get("role") != "assistant" or i < first_trained:
+        if m.get("role") != "assistant" or i < first_trained or i in untrained:
             continue
         if i == 0:
             raise InputError("the conversation starts with an assistant turn; it needs a prompt first")
@@ -444,7 +457,8 @@ def encode_conversation(
     tools: str | Sequence[Mapping[str, Any]] | None = None,
     truncation: Truncation | str = Truncation.WHOLE_TURNS,
 ) -> Encoded | None:
-    """Token ids and labels of a demonstration; every assistant turn is trained.
+    """Token ids and labels of a demonstration; every assistant turn is trained but those whose
+    :attr:`Message.trained` is False.
 
     Trained: each assistant turn's content and its end-of-turn marker. Not trained: system,
     user and tool turns and the template's headers (``<|im_start|>assistant\\n``). With
@@ -453,7 +467,7 @@ def encode_conversation(
     """
     template = resolve_template(tokenizer, template)
     msgs = _as_dicts(messages)
-    r = _render_spans(tokenizer, template, msgs, _parse_tools(tools))
+    r = _render_spans(tokenizer, template, msgs, _parse_tools(tools), untrained=_untrained(messages))
     return _encode_rendered(tokenizer, template, r, len(msgs), max_length, Truncation(truncation), droppable=True)
 
 
@@ -492,10 +506,12 @@ def encode_prompt_response(
     if not response or response[0].get("role") != "assistant":
         raise InputError("the response must start with an assistant turn")
     tools = _parse_tools(tools)
-    r = _render_spans(tokenizer, template, prompt + response, tools, first_trained=len(prompt))
+    untrained = frozenset(len(prompt) + i for i in _untrained(response_messages))
+    r = _render_spans(tokenizer, template, prompt + response, tools, first_trained=len(prompt), untrained=untrained)
     prompt_text = _render(tokenizer, template, prompt, tools, True)
     r.prompt_end = len(prompt_text)
-    if not r.text.startswith(prompt_text) or not r.spans or r.spans[0][0] != r.prompt_end:
+    starts_at_prompt_end = len(prompt) in untrained or (r.spans and r.spans[0][0] == r.prompt_end)
+    if not r.text.startswith(prompt_text) or not r.spans or not starts_at_prompt_end:
         raise InputError("the chat template does not render the response as a continuation of the prompt")
     return _encode_rendered(
         tokenizer,

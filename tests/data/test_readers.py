@@ -129,9 +129,15 @@ def test_record_that_is_not_an_object(tmp_path):
     assert assert_input_error(array, "got a string").record == 1
 
 
-def test_single_object_json_file_is_not_a_list_of_records(tmp_path):
-    path = write(tmp_path / "d.json", '{\n "data": []\n}\n')
-    assert_input_error(path, "expected a JSON array of records", "got an object")
+def test_single_object_json_file_is_one_record(tmp_path):
+    """Issue 15: a .json holding one object (pretty-printed here, after a blank line) is one
+    record, placed at the line of its opening brace."""
+    path = write(tmp_path / "d.json", '\n{\n "data": []\n}\n')
+    assert [(r.data, r.line, r.record) for r in read_rows(path)] == [({"data": []}, 2, None)]
+
+
+def test_json_file_holding_a_string_is_refused(tmp_path):
+    assert_input_error(write(tmp_path / "d.json", '"text"\n'), "expected a JSON array of records", "got a string")
 
 
 @pytest.mark.parametrize("name,text", [("a.jsonl", ""), ("b.json", "  \n"), ("c.json", "[]"), ("d.csv", "x,y\n")])
