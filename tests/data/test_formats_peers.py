@@ -457,3 +457,42 @@ def test_malformed_block_in_a_json_array_exits_2_at_its_line_and_record(tmp_path
     code, out, err = run_inspect(capsys, str(path))
     assert code == 2
     assert f"{path}:3, record 1, {expected}" in err
+
+
+# --- what the recipes read: the SFT and DPO encoders and the up-front data check -------------
+
+
+def test_the_sft_encoder_trains_only_weighted_turns(tmp_path, tokenizer):
+    """encoders.encode_records is what the sft recipe trains on: the same trained positions."""
+    from instructkit.data.encoders import encode_records
+
+    records = load(tmp_path, [MULTI_TURN]).records
+    (example,), dropped = encode_records(tokenizer, records, template=None, max_length=512, where="data.jsonl")
+    trained = [i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX]
+    assert (dropped, trained) == (0, positions_of(tokenizer, records[0].messages, ["Madrid." + MARKER]))
+
+
+def test_the_dpo_encoder_labels_each_v1_response(tmp_path, tokenizer):
+    from instructkit.data.encoders import as_pairs, encode_preferences
+
+    pairs = as_pairs(load(tmp_path, DPO_DEMO).records, "data.jsonl")
+    encoded, dropped = encode_preferences(tokenizer, pairs, template=None, max_length=512, paired=True)
+    assert (len(encoded), dropped) == (3, 0)
+    for pair, example in zip(pairs, encoded):
+        for response, (_ids, labels) in ((pair.chosen, example["chosen"]), (pair.rejected, example["rejected"])):
+            trained = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+            assert trained == positions_of(tokenizer, pair.prompt + response, [response[0].content + MARKER])
+
+
+def test_the_up_front_check_reads_v1_files_and_finds_bad_blocks(tmp_path):
+    """instructkit run checks every stage's data file before the first stage trains."""
+    from instructkit.data.check import check_data_file
+
+    sft = write_jsonl(tmp_path / "sft.jsonl", SFT_DEMO)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", DPO_DEMO)
+    assert check_data_file(str(sft), "demonstrations") == 4
+    assert check_data_file(str(pairs), "pairs") == 3
+    bad = write_jsonl(tmp_path / "bad.jsonl", [GOOD, BAD_BLOCKS["no value"][0]])
+    with pytest.raises(InputError) as caught:
+        check_data_file(str(bad), "demonstrations")
+    assert str(caught.value).startswith(f"{bad}:2, field 'messages[0].content[0].value': missing field 'value'")
