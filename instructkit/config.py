@@ -68,6 +68,7 @@ ClassifyTask = Literal["seq_classification", "token_classification"]  # models/h
 EncoderTemplate = Literal["joined", "pair"]  # data/tasks.TEMPLATES: how an instruction joins the text
 TagAlignment = Literal["first", "all"]  # data/tasks: which sub-tokens of a word carry its tag
 CLASSIFY_METHODS = ("full", "lora", "dora", "rslora")  # what a classify stage trains (train/classify.py)
+SEQ2SEQ_METHODS = ("full", "lora", "dora", "rslora")  # what a seq2seq stage trains (train/seq2seq.py)
 NAMED_TEMPLATES = ("tokenizer", "chatml", "llama-3", "alpaca")
 # peft methods: the base weights stay untouched and peft's disable_adapter() gives them back
 # (DPO's reference: adapter, PPO's reference). Bottleneck adapters are ours and have no switch.
@@ -464,6 +465,56 @@ class ClassifyConfig:
             "applies to task token_classification (sub-word tags), not seq_classification",
         )
         require(self.eval_batch_size >= 1, "eval_batch_size", "must be at least 1")
+
+
+@dataclasses.dataclass
+class Seq2SeqDataConfig:
+    """The data of a seq2seq stage: any instruction format (alpaca, messages, ...); the source is the
+    prompt turns' text, the target the last assistant turn (docs/seq2seq.md)."""
+
+    path: str = ""  # training file (json, jsonl, csv, parquet), cached Hub dataset id, or shipped:NAME/SPLIT
+    dataset_info: str | None = None  # a LLaMA-Factory dataset_info.json; `path` then names a dataset in it
+    format: DataFormat | None = None  # alpaca, messages, sharegpt, ...; detected when omitted
+    columns: dict[str, str] | None = None  # LLaMA-Factory-style column mapping
+    val_path: str | None = None  # a separate validation file; else val_fraction of path
+    val_fraction: float = 0.05
+    seed: int = 0  # seed of the train/validation split
+    max_source_length: int = 128  # encoder tokens; longer records are left out (counted in the summary)
+    max_target_length: int = 64  # decoder tokens, eos included; longer records are left out
+    limit: int | None = None  # use only the first N training records (quick trials)
+
+    def __post_init__(self) -> None:
+        require(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
+        require(self.max_source_length >= 4, "max_source_length", "must be at least 4")
+        require(self.max_target_length >= 2, "max_target_length", "must be at least 2 (a token and eos)")
+        require(self.limit is None or self.limit >= 1, "limit", "must be at least 1 (or null for all records)")
+        require(
+            self.format not in ("preference", "ranking", "kto", "text", "classification", "prompts"),
+            "format",
+            f"a seq2seq stage reads instruction data (alpaca, messages, sharegpt), not {self.format}",
+        )
+
+
+@dataclasses.dataclass
+class Seq2SeqConfig:
+    """An encoder-decoder tuned on instruction -> answer pairs: `instructkit seq2seq --config FILE`
+    (docs/seq2seq.md). BART, T5 or any AutoModelForSeq2SeqLM, or a BERT2BERT warm-started from an encoder."""
+
+    model: str = "minilm-l6"  # a seq2seq model (HF folder, cached Hub id, seq2seq run) or, to warm-start, an encoder
+    out: str = "runs/seq2seq"
+    warm_start: bool | None = None  # BERT2BERT from `model`; null: when `model` is not an encoder-decoder
+    data: Seq2SeqDataConfig = dataclasses.field(default_factory=Seq2SeqDataConfig)
+    peft: PeftConfig = dataclasses.field(default_factory=lambda: PeftConfig(method="full"))  # full or the LoRA family
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=5e-5, scheduler="linear"))
+    train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(batch_size=16))
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        require(
+            self.peft.method in SEQ2SEQ_METHODS,
+            "peft.method",
+            f"a seq2seq stage trains {', '.join(SEQ2SEQ_METHODS)}, not {self.peft.method}",
+        )
 
 
 @dataclasses.dataclass

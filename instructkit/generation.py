@@ -3,7 +3,11 @@ CLI turn prompts into responses.
 
 What it owns:
 
-* **Padding.** Prompts are left-padded, so every row's next token is at the same column and
+* **Encoder-decoders.** A BART, T5 or BERT2BERT reads the prompt's text (no chat template,
+  :func:`instructkit.data.seq2seq.source_text`) right-padded into its encoder, and its decoder
+  starts from ``decoder_start_token_id`` (:func:`generate_seq2seq_ids`); eos and ``stop``
+  strings end an answer as for a decoder.
+* **Padding.** Decoder-only prompts are left-padded, so every row's next token is at the same column and
   the KV cache stays aligned; the attention mask tells the model where each row starts (HF
   derives position ids from it, so a padded row sees the same positions as the row alone).
 * **Batching.** Prompts are sorted by length (longest first, so running out of memory happens
@@ -59,6 +63,14 @@ def generate(
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1, got {batch_size}", field="batch_size")
 
+    if is_encoder_decoder(model):  # the prompt's text goes to the encoder, no chat template
+        ids = [_source_ids(tokenizer, p) for p in prompts]
+        rows = generate_seq2seq_ids(
+            model, tokenizer, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            batch_size=batch_size, seed=seed, stop=stop,
+        )  # fmt: skip
+        stop_ids, stop_strings = seq2seq_stop_tokens(model, tokenizer, stop)
+        return [decode_response(tokenizer, row, stop_ids, stop_strings) for row in rows]
     ids = [_prompt_ids(tokenizer, p, template) for p in prompts]
     for i, p in enumerate(ids):
         if not p:
@@ -102,6 +114,114 @@ def generate(
                 new = generated[:, width:].tolist()  # (B, new)
                 for i, row in zip(rows, new):
                     out[i] = decode_response(tokenizer, row, stop_ids, stop_strings)
+    finally:
+        model.train(was_training)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder-decoders (BART, T5, BERT2BERT)
+
+
+def is_encoder_decoder(model: Any) -> bool:
+    """Whether ``model`` (possibly a peft wrapper) is an encoder-decoder, by its config."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def _source_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
+    """Encoder input ids: token ids as given, or the messages' text (``data.seq2seq.source_text``)."""
+    from instructkit.data.seq2seq import encode_source
+
+    if len(prompt) and all(isinstance(t, int) for t in prompt):
+        return list(prompt)  # type: ignore[arg-type]
+    if len(prompt) and all(isinstance(m, (Message, Mapping)) for m in prompt):
+        return encode_source(tokenizer, prompt)  # type: ignore[arg-type]
+    raise InputError("a prompt must be a non-empty list of messages or of token ids")
+
+
+def seq2seq_stop_tokens(model: Any, tokenizer: Any, stop: Sequence[str] | None) -> tuple[list[int], list[str]]:
+    """What ends an encoder-decoder's answer: the model's and the tokenizer's eos ids (a
+    BERT2BERT's ``[SEP]``), and the ``stop`` strings (one-token ones also as ids). No chat
+    template, so no end-of-turn marker."""
+    ids: list[int] = []
+    for candidate in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
+        for i in candidate if isinstance(candidate, (list, tuple)) else [candidate]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    strings = list(dict.fromkeys(s for s in (stop or []) if s))
+    for s in strings:
+        i = _single_token(tokenizer, s)
+        if i is not None and i not in ids:
+            ids.append(i)
+    if not ids:
+        raise InputError("the model has no eos token and no stop string is one token; pass stop=[...]")
+    return ids, strings
+
+
+def generate_seq2seq_ids(
+    model: Any,
+    tokenizer: Any,
+    sources: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 16,
+    seed: int = 0,
+    stop: Sequence[str] | None = None,
+) -> list[list[int]]:
+    """The ids an encoder-decoder writes for each source (encoder input ids), in the order given,
+    without the decoder's start token and up to and including the token that stopped it (later
+    columns of a finished row are padding: cut them with :func:`decode_response`).
+
+    Sources are right-padded with the attention mask marking padding (the encoder is not causal,
+    so no row's columns need to line up); the decoder starts every row from the model's
+    ``decoder_start_token_id``. Longest first, in batches; sampling as in :func:`generate`.
+    """
+    import torch
+
+    for i, p in enumerate(sources):
+        if not p:
+            raise InputError("the prompt is empty", record=i)
+    stop_ids, stop_strings = seq2seq_stop_tokens(model, tokenizer, stop)
+    added = set(tokenizer.get_added_vocab())
+    watch = [s for s in stop_strings if s not in added]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    device = next(model.parameters()).device
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+        if temperature > 0
+        else {"do_sample": False}
+    )
+    order = sorted(range(len(sources)), key=lambda i: -len(sources[i]))
+    out: list[list[int]] = [[] for _ in sources]
+    was_training = model.training
+    model.eval()
+    fork_devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.inference_mode(), torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(seed)
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                width = max(len(sources[i]) for i in rows)
+                input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+                attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+                for b, i in enumerate(rows):
+                    input_ids[b, : len(sources[i])] = torch.tensor(list(sources[i]), dtype=torch.long)
+                    attention_mask[b, : len(sources[i])] = 1
+                generated = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=stop_ids,
+                    pad_token_id=pad_id,
+                    repetition_penalty=1.0,
+                    stop_strings=watch or None,
+                    tokenizer=tokenizer if watch else None,
+                    **sampling,
+                )  # (B, 1 + new): the decoder's start token first
+                for i, row in zip(rows, generated[:, 1:].tolist()):
+                    out[i] = row
     finally:
         model.train(was_training)
     return out

@@ -32,6 +32,7 @@ from instructkit.config import (
     PruneConfig,
     QuantizeConfig,
     RewardConfig,
+    Seq2SeqConfig,
     SFTConfig,
     from_dict,
     load_config,
@@ -261,6 +262,20 @@ STAGES: dict[str, Stage] = {
             missing=lambda cfg: [] if cfg.data.path else [("data.path", "name the training data")],
         ),
         Stage(
+            "seq2seq",
+            Seq2SeqConfig,
+            "instructkit.train.seq2seq:seq2seq",
+            "tune an encoder-decoder (BART, T5, or BERT2BERT warm-started from an encoder) on instructions",
+            "Seq2seq: an encoder-decoder (any AutoModelForSeq2SeqLM from a folder or the Hub cache, or a BERT2BERT "
+            "warm-started from an encoder such as minilm-l6) learns to write the answer of instruction data "
+            "(alpaca, messages, ...; the source is the prompt's text, no chat template), full or LoRA. final/ "
+            "generates with `instructkit generate`, is scored by the eval stage's generation suites and "
+            "served by `instructkit serve`. See docs/seq2seq.md.",
+            "policy",
+            _training_data("demonstrations"),
+            missing=lambda cfg: [] if cfg.data.path else [("data.path", "name the training data")],
+        ),
+        Stage(
             "quantize",
             QuantizeConfig,
             "instructkit.train.quantize:quantize",
@@ -327,6 +342,7 @@ class RecipeConfig:
     pretrain: dict[str, Any] = dataclasses.field(default_factory=dict)  # pre-training stage (docs/pretrain.md)
     export: dict[str, Any] = dataclasses.field(default_factory=dict)  # export stage (docs/export.md)
     classify: dict[str, Any] = dataclasses.field(default_factory=dict)  # classifier/tagger stage (docs/classify.md)
+    seq2seq: dict[str, Any] = dataclasses.field(default_factory=dict)  # encoder-decoder stage (docs/seq2seq.md)
 
 
 @dataclasses.dataclass

@@ -111,3 +111,97 @@ def hf_greedy_alone(model, tokenizer, prompts, max_new_tokens: int) -> list[str]
             )[0, ids.shape[1] :]
         out.append(decode_response(tokenizer, new.tolist(), stop_ids, stop_strings))
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder-decoders (tests/train/test_seq2seq.py, tests/serve/test_seq2seq_serve.py)
+
+
+@functools.lru_cache(maxsize=1)
+def encoder_tokenizer():
+    """MiniLM's uncased WordPiece tokenizer ([CLS] 101, [SEP] 102, [PAD] 0), from the embedded package."""
+    from instructkit.models.loading import load_tokenizer
+
+    return load_tokenizer("minilm-l6")
+
+
+def tiny_bart_dir(path: Path, seed: int = 0) -> Path:
+    """A 2+2-layer, 32-wide BART (no dropout) over MiniLM's WordPiece tokenizer: the decoder
+    starts from [CLS] and ends at [SEP]; saved as an HF folder with the tokenizer."""
+    import torch
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    tokenizer = encoder_tokenizer()
+    config = BartConfig(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        decoder_start_token_id=tokenizer.cls_token_id,
+        forced_eos_token_id=None,
+        init_std=0.2,  # varied greedy tokens from the untrained model (0.02 repeats one token)
+    )
+    torch.manual_seed(seed)
+    BartForConditionalGeneration(config).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def tiny_t5_dir(path: Path, seed: int = 0) -> Path:
+    """A 2+2-layer, 32-wide T5 (no dropout) over SmolLM2's BPE tokenizer (no special tokens added
+    to a text; pad == eos == <|im_end|>, so the decoder starts from it, T5's pad-start convention)."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tokenizer = real_tokenizer()
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        dropout_rate=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    T5ForConditionalGeneration(config).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def tiny_bert_encoder_dir(path: Path, seed: int = 0) -> Path:
+    """A 2-layer, 32-wide plain BERT (``BertModel``, no dropout) with MiniLM's tokenizer: what a
+    BERT2BERT warm start reads, as minilm-l6's folder is."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    tokenizer = encoder_tokenizer()
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    torch.manual_seed(seed)
+    BertModel(config).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path

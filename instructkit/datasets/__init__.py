@@ -12,6 +12,8 @@ perplexity) serve the continual recipe; ``scripts/make_continual_datasets.py`` m
 ``label``) and ``ner`` (``tokens`` + BIO ``tags`` over PER, ORG, LOC, PRODUCT; its test split also
 as a CoNLL-2003 file, ``shipped:ner/test.conll``) are the encoder tasks' data, made by
 ``scripts/make_task_datasets.py``.
+``transform`` (alpaca: reverse, sort, extract the number, list the animals; short lowercase inputs)
+is the seq2seq recipe's data, made by ``scripts/make_seq2seq_dataset.py``.
 
 Every split is named ``shipped:NAME/SPLIT`` wherever a data path is taken (configs,
 ``instructkit data inspect``, ``label create --prompts``); :func:`resolve_data_path` turns the
@@ -32,6 +34,7 @@ SHIPPED: dict[str, tuple[str, ...]] = {
     "keysort": ("train", "val", "test"),  # the extract fields, keys in alphabetical order (continual)
     "generic_text": ("test",),  # plain English prose: general-ability perplexity (continual)
     "classify": ("train", "val", "test"),  # support tickets: topic or mood, by instruction (encoders)
+    "transform": ("train", "val", "test"),  # instructed string transforms, alpaca (seq2seq; docs/seq2seq.md)
 }
 """Each shipped dataset and its splits, in formats the instruction-data loader reads."""
 

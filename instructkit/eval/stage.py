@@ -34,6 +34,7 @@ def eval_stage(
     from instructkit.eval.run import HEADER_KEYS, SUITES, evaluate, resolve_suites
     from instructkit.fileio import atomic_dir, atomic_write_json
     from instructkit.models.loading import load_model_and_tokenizer
+    from instructkit.models.seq2seq import starting_model
 
     if classifier_runs(models):  # classifiers and taggers: scored from the head, no generation (eval/heads.py)
         return head_eval_stage(models, out)
@@ -54,7 +55,9 @@ def eval_stage(
         for name, spec, k in runs:
             print(f"   evaluating {name}", flush=True)
             stem = name.replace(" ", "_")
-            loaded = load_model_and_tokenizer(spec)
+            # A BERT2BERT's starting point is the untrained warm start, not its encoder (models/seq2seq.py).
+            first = starting_model(spec, [s for _, s in models[1:]]) if spec == models[0][1] else None
+            loaded = first or load_model_and_tokenizer(spec)
             metrics: dict[str, Any] = {}
             # 3. Each call writes its metrics and samples; the run's numbers join the table.
             for suffix, suites, data in calls:

@@ -224,7 +224,8 @@ def load_model(
     merge_adapter: bool = False,
     attn_implementation: str | None = None,
 ):
-    """Load a causal LM from a model spec, on ``device`` in ``dtype`` (sensible defaults).
+    """Load a causal LM (or an encoder-decoder, when its config says so) from a model spec, on
+    ``device`` in ``dtype`` (sensible defaults).
 
     An adapter folder comes back as a ``PeftModel`` over its base (merged when asked). Bottleneck
     adapters come back attached to their base, unmerged even when a merge is asked (a later stage
@@ -240,7 +241,10 @@ def load_model(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolved.base, **kwargs, **_hub_kwargs(resolved))
+        auto = AutoModelForCausalLM
+        if _is_seq2seq(resolved, trust_remote_code):  # BART, T5, a BERT2BERT: the same spec rules
+            from transformers import AutoModelForSeq2SeqLM as auto
+        model = auto.from_pretrained(resolved.base, **kwargs, **_hub_kwargs(resolved))
     except OSError as exc:
         if not resolved.local:
             raise _offline_error(resolved.base, exc) from exc
@@ -279,6 +283,29 @@ def load_model(
 
         bottleneck.load(model, Path(resolved.bottleneck))
     return model.to(device)
+
+
+def model_config(resolved: ResolvedModel, *, trust_remote_code: bool = False) -> dict[str, Any] | None:
+    """The base model's config as a dict, read without weights (its ``config.json``, or the
+    cached Hub config); None when there is none to read."""
+    path = Path(resolved.base) / "config.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    if resolved.local:
+        return None
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolved.base, trust_remote_code=trust_remote_code, local_files_only=True)
+    except OSError:
+        return None
+    return config.to_dict()
+
+
+def _is_seq2seq(resolved: ResolvedModel, trust_remote_code: bool) -> bool:
+    """Whether the base is an encoder-decoder (BART, T5, a saved EncoderDecoderModel) by its config."""
+    found = model_config(resolved, trust_remote_code=trust_remote_code)
+    return bool(found and (found.get("is_encoder_decoder") or found.get("model_type") == "encoder-decoder"))
 
 
 def load_model_and_tokenizer(spec: str | os.PathLike, **kwargs: Any):

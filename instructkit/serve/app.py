@@ -31,11 +31,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from instructkit.data.templates import encode_prompt
 from instructkit.errors import InputError
 from instructkit.serve.engine import (
     DEFAULT_MAX_BATCH,
-    Batcher,
     Choice,
     EngineError,
     LoraAdapters,
@@ -43,6 +41,7 @@ from instructkit.serve.engine import (
     Sampling,
     Submission,
     UnknownAdapter,
+    make_batcher,
 )
 from instructkit.serve.schema import (
     STREAM_DESCRIPTION,
@@ -154,7 +153,7 @@ def create_app(
     through ``/v1/load_lora_adapter``; each must sit on the model spec ``model_name``.
     """
     folders, max_loras = check_adapters(dict(adapters or {}), model_name, max_loras)
-    engine = Batcher(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_loras=max_loras)
+    engine = make_batcher(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_loras=max_loras)
     for name, folder in folders.items():
         engine.load(name, folder)
 
@@ -368,7 +367,7 @@ def create_app(
         adapter = None if body.model in (None, model_name) else body.model
         if adapter is not None and adapter not in engine.served_adapters:
             raise unknown_model(body.model)
-        prompt_ids = encode_prompt(tokenizer, messages)
+        prompt_ids = engine.encode(messages)  # a seq2seq model's: the source text, no chat template
         sampling = Sampling(
             max_new_tokens=_max_tokens(body, len(prompt_ids)),
             temperature=body.temperature,

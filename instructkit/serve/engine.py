@@ -42,6 +42,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from instructkit.data.templates import encode_prompt
 from instructkit.errors import InputError
 from instructkit.generation import decode_response, left_pad, stop_tokens
 
@@ -482,7 +483,7 @@ class Batcher:
         """Queue ``n`` choices of one prompt, to run with the LoRA ``adapter`` (None: the base);
         raises :class:`QueueFull` when there is no room, :class:`UnknownAdapter` when the adapter
         is not served."""
-        stop_ids, stop_strings = stop_tokens(self.model, self.tokenizer, list(sampling.stop), None)
+        stop_ids, stop_strings = self.stops(sampling.stop)
         sub = Submission(n, asyncio.get_running_loop(), self._forget)
         rows = [
             _Row(sub, i, list(prompt_ids), sampling, stop_ids, stop_strings, self.device, adapter) for i in range(n)
@@ -505,6 +506,14 @@ class Batcher:
                 self._thread.start()
             self._wake.notify_all()
         return sub
+
+    def encode(self, messages: Sequence[Any]) -> list[int]:
+        """The prompt ids of a request's messages (the chat template and the generation prompt)."""
+        return encode_prompt(self.tokenizer, list(messages))
+
+    def stops(self, stop: Sequence[str]) -> tuple[list[int], list[str]]:
+        """The token ids and strings that end a row (as :func:`instructkit.generation.generate`'s)."""
+        return stop_tokens(self.model, self.tokenizer, list(stop), None)
 
     def load(self, name: str, folder: str) -> None:
         """Load the LoRA adapter in ``folder`` (checked to sit on this base) as ``name``, between
@@ -741,6 +750,74 @@ class Batcher:
         self._mask = self._mask[:, start:]
         for layer in self._cache.layers:
             layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+
+
+class Seq2SeqBatcher(Batcher):
+    """The batcher for an encoder-decoder (BART, T5, BERT2BERT): the simplest correct path, not
+    continuous batching. Each step takes the waiting rows (up to ``max_batch``) and runs them to
+    the end through :func:`instructkit.generation.generate_seq2seq_ids`: the greedy rows of one
+    decoding setting as one batch, each sampled row alone with its choice's seed. Its tokens then
+    go through the row as the decoder path's do (same stops, pieces and final text), so a greedy
+    request gets the text ``instructkit generate`` gives. The prompt is the messages' source text
+    (no chat template); named LoRA adapters are not served.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = 16) -> None:
+        super().__init__(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_loras=0)
+
+    def encode(self, messages: Sequence[Any]) -> list[int]:
+        from instructkit.data.seq2seq import encode_source
+
+        return encode_source(self.tokenizer, list(messages))
+
+    def stops(self, stop: Sequence[str]) -> tuple[list[int], list[str]]:
+        from instructkit.generation import seq2seq_stop_tokens
+
+        return seq2seq_stop_tokens(self.model, self.tokenizer, list(stop))
+
+    def load(self, name: str, folder: str) -> None:
+        raise InputError(
+            "this server does not load LoRA adapters: the served model is an encoder-decoder", field="lora_name"
+        )
+
+    def _step(self, new: list[_Row]) -> None:
+        from instructkit.generation import generate_seq2seq_ids
+
+        groups: dict[tuple, list[_Row]] = {}
+        for row in new:  # greedy rows of one setting batch together; a sampled row runs alone with its seed
+            s = row.sampling
+            key = (s.max_new_tokens, s.stop) if s.temperature == 0 else (id(row),)
+            groups.setdefault(key, []).append(row)
+        for rows in groups.values():
+            s = rows[0].sampling
+            seed = choice_seed(s.seed, rows[0].index) if s.temperature > 0 else 0
+            generated = generate_seq2seq_ids(
+                self.model,
+                self.tokenizer,
+                [row.prompt_ids for row in rows],
+                max_new_tokens=s.max_new_tokens,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                batch_size=len(rows),
+                seed=seed,
+                stop=list(s.stop),
+            )
+            self.step_sizes[len(rows)] += 1
+            for row, ids in zip(rows, generated):
+                if row.sub.cancelled.is_set():
+                    continue
+                if not any(row.push(token, self.tokenizer) for token in ids):
+                    row._finish("length", self.tokenizer)  # ran out of tokens without a stop
+
+
+def make_batcher(model: Any, tokenizer: Any, **kwargs: Any) -> Batcher:
+    """A :class:`Seq2SeqBatcher` for an encoder-decoder (no LoRA adapters), else a :class:`Batcher`."""
+    from instructkit.generation import is_encoder_decoder
+
+    if is_encoder_decoder(model):
+        kwargs.pop("max_loras", None)
+        return Seq2SeqBatcher(model, tokenizer, **kwargs)
+    return Batcher(model, tokenizer, **kwargs)
 
 
 def _pad_left(x: Any, width: int, dim: int) -> Any:
