@@ -23,8 +23,9 @@ functions that change a model are the thin rest.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -180,6 +181,88 @@ def input_norms(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) ->
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in linears.items()]
     _run_calibration(model, batches, handles, keep)
     return {name: s.sqrt() for name, s in sums.items()}
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the inputs it wanted are recorded."""
+
+
+_Caught = list[tuple[torch.Tensor, tuple[Any, ...], dict[str, Any]]]  # (hidden states, args, kwargs) per batch
+
+
+def _first_layer_inputs(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> tuple[_Caught, list]:
+    """What the model passes its first decoder layer for each batch, and each batch's real-token mask."""
+    caught: _Caught = []
+    real: list[torch.Tensor] = []
+
+    def catch(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        h = args[0] if args else kwargs.pop("hidden_states")
+        caught.append((h, tuple(args[1:]), dict(kwargs)))
+        raise _StopForward
+
+    handle = decoder_layers(model)[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for batch in batches:
+            real.append(batch["attention_mask"].reshape(-1).bool())
+            with contextlib.suppress(_StopForward):
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    finally:
+        handle.remove()
+    return caught, real
+
+
+def _layer_input_norms(layer: nn.Module, caught: _Caught, real: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """L2 norm of every input feature of each linear layer inside ``layer``, run on ``caught``."""
+    linears = {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    sums = {name: torch.zeros(m.in_features, dtype=torch.float64) for name, m in linears.items()}
+    current: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].reshape(-1, args[0].size(-1))[current["mask"]]
+            sums[name] += x.double().pow(2).sum(0).cpu()
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in linears.items()]
+    try:
+        for (h, args, kwargs), mask in zip(caught, real):
+            current["mask"] = mask
+            layer(h, *args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: s.sqrt() for name, s in sums.items()}
+
+
+@torch.no_grad()
+def sequential_masks(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    mask_of: Callable[[nn.Linear, torch.Tensor], torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Wanda's layer-by-layer procedure (Sun et al. 2024, the ``prune_wanda`` loop of their code):
+    the calibration inputs of decoder layer ``l + 1`` are the outputs of layer ``l`` *after* it is
+    pruned, so each layer's input norms see the errors of the layers below it.
+
+    The inputs of the first layer (hidden states and the keyword arguments the model passes it:
+    positions, rotary embeddings, mask) are caught once per batch; then each layer in turn runs on
+    them to measure the input norms of its linear layers over the real tokens,
+    ``mask_of(linear, input_norms)`` gives each linear's keep-mask, the masks are applied, and the
+    pruned layer runs again to make the next layer's inputs. The model ends pruned; returns the
+    masks by :func:`prunable_linears` name."""
+    caught, real = _first_layer_inputs(model, batches)
+    masks: dict[str, torch.Tensor] = {}
+    for i, layer in enumerate(decoder_layers(model)):
+        norms = _layer_input_norms(layer, caught, real)
+        for name, m in layer.named_modules():
+            if isinstance(m, nn.Linear):
+                keep = mask_of(m, norms[name])
+                m.weight.mul_(keep.to(m.weight.dtype))
+                masks[f"layers.{i}.{name}"] = keep
+        outs = [layer(h, *args, **kwargs) for h, args, kwargs in caught]
+        caught = [(o[0] if isinstance(o, tuple) else o, args, kw) for o, (_, args, kw) in zip(outs, caught)]
+    return masks
 
 
 @torch.no_grad()

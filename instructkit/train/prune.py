@@ -39,16 +39,14 @@ def _calibration(cfg: PruneConfig, tokenizer: Any) -> list[dict[str, Any]]:
 def _masks(cfg: PruneConfig, model: Any, batches: list[dict[str, Any]]) -> dict[str, Any]:
     from instructkit.models import prune as P
 
-    linears = P.prunable_linears(model)
-    norms = P.input_norms(model, batches) if cfg.scores == "wanda" else {}
-    masks = {}
-    for name, module in linears.items():
-        scores = P.wanda_scores(module.weight, norms[name]) if norms else P.magnitude_scores(module.weight)
+    def keep(scores: Any) -> Any:
         if cfg.pattern == "semi_structured":
-            masks[name] = P.n_m_mask(scores, 2, 4)
-        else:
-            masks[name] = P.unstructured_mask(scores, cfg.sparsity, per_row=cfg.scores == "wanda")
-    return masks
+            return P.n_m_mask(scores, 2, 4)
+        return P.unstructured_mask(scores, cfg.sparsity, per_row=cfg.scores == "wanda")
+
+    if cfg.scores == "wanda":  # layer by layer, each layer's norms after the layers below are pruned
+        return P.sequential_masks(model, batches, lambda m, norms: keep(P.wanda_scores(m.weight, norms)))
+    return {name: keep(P.magnitude_scores(m.weight)) for name, m in P.prunable_linears(model).items()}
 
 
 def prune(

@@ -130,6 +130,37 @@ def test_wanda_and_two_four_on_a_model():
     assert prune.sparsity_of(model) == pytest.approx(0.5)
 
 
+def test_sequential_wanda_equals_pruning_layer_by_layer_through_the_whole_model():
+    """The reference runs the whole model once per decoder layer, measuring layer l's input norms
+    (the model's own forward, through :func:`input_norms`) after layers 0..l-1 were pruned."""
+    batches = [_batch(64), _batch(64, seed=1)]
+    model, reference = tiny_llama(64).eval(), tiny_llama(64).eval()  # seeded: the same weights
+
+    def keep(m, norms):
+        return prune.unstructured_mask(prune.wanda_scores(m.weight, norms), 0.5)
+
+    masks = prune.sequential_masks(model, batches, keep)
+
+    ref_linears = prune.prunable_linears(reference)
+    expected = {}
+    for i in range(reference.config.num_hidden_layers):
+        norms = prune.input_norms(reference, batches)
+        layer = {n: m for n, m in ref_linears.items() if n.startswith(f"layers.{i}.")}
+        expected.update({n: keep(m, norms[n]) for n, m in layer.items()})
+        prune.apply_masks(reference, {n: expected[n] for n in layer})
+    assert set(masks) == set(expected) == set(ref_linears)
+    for name in masks:
+        assert torch.equal(masks[name], expected[name]), name
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    # and it is not the one-pass rule: the dense model's norms pick other weights in the later layers
+    dense = tiny_llama(64).eval()
+    one_pass = prune.input_norms(dense, batches)
+    dense_linears = prune.prunable_linears(dense)
+    last = [n for n in masks if n.startswith("layers.1.")]
+    assert any(not torch.equal(masks[n], keep(dense_linears[n], one_pass[n])) for n in last)
+
+
 def test_removing_dead_ffn_channels_changes_nothing():
     model = tiny_llama(64).eval()
     dead = torch.tensor([1, 5, 9, 60])
