@@ -67,6 +67,7 @@ PretrainObjective = Literal["clm", "mlm", "nsp", "plm"]  # losses/pretrain.OBJEC
 ClassifyTask = Literal["seq_classification", "token_classification"]  # models/heads.HEADS
 EncoderTemplate = Literal["joined", "pair"]  # data/tasks.TEMPLATES: how an instruction joins the text
 TagAlignment = Literal["first", "all"]  # data/tasks: which sub-tokens of a word carry its tag
+Tracker = Literal["tensorboard", "mlflow", "wandb", "trackio"]  # train/engine.TRACKERS (docs/run.md)
 CLASSIFY_METHODS = ("full", "lora", "dora", "rslora")  # what a classify stage trains (train/classify.py)
 SEQ2SEQ_METHODS = ("full", "lora", "dora", "rslora")  # what a seq2seq stage trains (train/seq2seq.py)
 NAMED_TEMPLATES = ("tokenizer", "chatml", "llama-3", "alpaca")
@@ -99,6 +100,17 @@ def _check_template(template: str | None, key: str = "template") -> None:
         f"unknown chat template '{template}'{did_you_mean(template, NAMED_TEMPLATES)}; "
         f"expected one of {', '.join(NAMED_TEMPLATES)}, a .jinja file or a Jinja string",
     )
+
+
+def _check_trackers(names: list[str]) -> None:
+    """Each ``train.report_to`` tracker's package is installed (found without importing it)."""
+    import importlib.util
+
+    for i, name in enumerate(names):
+        require(names.index(name) == i, "report_to", f"'{name}' is listed twice")
+        require(
+            importlib.util.find_spec(name) is not None, "report_to", f"'{name}' is not installed (pip install {name})"
+        )
 
 
 def _check_device(device: str | None) -> None:
@@ -255,8 +267,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     loss_chunk_size: int = 1024  # tokens per chunk of the vocabulary projection in the loss
     progress: bool = True
+    report_to: list[Tracker] = dataclasses.field(default_factory=list)  # also log metrics + config there (offline)
 
     def __post_init__(self) -> None:
+        _check_trackers(self.report_to)
         for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints", "loss_chunk_size"):
             require(getattr(self, name) >= 1, name, "must be at least 1")
         for name in ("eval_every", "early_stopping_patience", "save_every"):

@@ -28,10 +28,12 @@ import yaml
 from instructkit.config import to_dict
 from instructkit.errors import InputError
 
-RERUN_NEUTRAL = frozenset({"out", "train.progress", "train.log_every", "train.save_every", "train.keep_checkpoints"})
+RERUN_NEUTRAL = frozenset(
+    {"out", "train.progress", "train.log_every", "train.save_every", "train.keep_checkpoints", "train.report_to"}
+)
 """Dotted keys that may differ on a rerun: the folder's own name (a run folder may be moved, or
 named relative or absolute), progress display, logging and checkpoint cadence (resume is exact
-whatever the cadence)."""
+whatever the cadence), and where else the metrics are sent (train.report_to)."""
 
 
 @dataclasses.dataclass

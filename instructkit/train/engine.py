@@ -84,6 +84,105 @@ class MetricsLog:
         return records
 
 
+def flat_config(path: Path) -> dict[str, Any]:
+    """A run's config.yaml as dotted keys (``optim.lr``), the values trackers accept: numbers,
+    strings and booleans as they are, anything else (lists, null) as its JSON text."""
+    import yaml
+
+    def walk(node: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from walk(v, f"{prefix}{k}.")
+        else:
+            yield prefix[:-1], node if isinstance(node, int | float | str | bool) else json.dumps(node)
+
+    return dict(walk(yaml.safe_load(path.read_text()) if path.is_file() else {}, ""))
+
+
+def _tensorboard(run: RunDir, start_step: int, ids: dict[str, str]):
+    from accelerate.tracking import TensorBoardTracker
+
+    # A resumed run drops the events logged after its checkpoint, as metrics.jsonl does.
+    return TensorBoardTracker("tensorboard", run.path, **({"purge_step": start_step + 1} if start_step else {}))
+
+
+def _mlflow(run: RunDir, start_step: int, ids: dict[str, str]):
+    import os
+
+    import mlflow
+    from accelerate.tracking import MLflowTracker
+
+    if not os.environ.get("MLFLOW_TRACKING_URI"):  # a file store in the run folder, no server
+        # MLflow 3 keeps the file store in maintenance mode behind this switch; it is plain files
+        # beside the run, read by `mlflow ui --backend-store-uri run/mlruns`.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        mlflow.set_tracking_uri((run.path / "mlruns").resolve().as_uri())
+    return MLflowTracker(experiment_name=run.path.name, run_id=ids.get("mlflow"), run_name=run.path.name)
+
+
+def _wandb(run: RunDir, start_step: int, ids: dict[str, str]):
+    import os
+
+    from accelerate.tracking import WandBTracker
+
+    mode = os.environ.get("WANDB_MODE", "offline")  # online only when the user asks for it
+    resume = {"id": ids["wandb"], "resume": "allow"} if "wandb" in ids else {}
+    return WandBTracker(run.path.name, dir=str(run.path), mode=mode, **resume)
+
+
+def _trackio(run: RunDir, start_step: int, ids: dict[str, str]):
+    from accelerate.tracking import TrackioTracker
+
+    return TrackioTracker(run.path.name, name=run.path.name)
+
+
+TRACKERS: dict[str, Callable[[RunDir, int, dict[str, str]], Any]] = {
+    "tensorboard": _tensorboard,  # run/tensorboard/: event files
+    "mlflow": _mlflow,  # run/mlruns/: MLflow's file store (unless MLFLOW_TRACKING_URI is set)
+    "wandb": _wandb,  # run/wandb/: an offline run (`wandb sync` uploads it)
+    "trackio": _trackio,  # trackio's local store; untested here (trackio is not installed)
+}
+"""``train.report_to`` names -> a factory of the accelerate tracker (the ``Tracker`` Literal)."""
+
+
+class Trackers:
+    """What ``metrics.jsonl`` gets, also sent to accelerate's trackers (``train.report_to``), and
+    the run's config as their parameters. Main process only. ``metrics.jsonl`` stays the record:
+    a tracker sees the same lines, with ``step`` as the x axis. The ids of runs that can be
+    continued (MLflow, W&B) are kept in ``trackers.json`` so a resumed run logs into the same one."""
+
+    def __init__(self, names: Sequence[str], run: RunDir, accelerator) -> None:
+        self.names = list(names) if accelerator.is_main_process else []
+        self.run, self.open_trackers = run, []
+
+    def open(self, start_step: int) -> None:
+        if not self.names:
+            return
+        ids_file = self.run.path / "trackers.json"
+        ids = json.loads(ids_file.read_text()) if ids_file.is_file() else {}
+        self.open_trackers = [TRACKERS[name](self.run, start_step, ids) for name in self.names]
+        for tracker in self.open_trackers:
+            tracker.start()
+            tracker.store_init_configuration(flat_config(self.run.config))
+        for tracker in self.open_trackers:
+            if tracker.name == "mlflow":
+                ids["mlflow"] = tracker.active_run.info.run_id
+            elif tracker.name == "wandb":
+                ids["wandb"] = tracker.run.id
+        if ids:
+            atomic_write_json(ids_file, ids)
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        values = {k: v for k, v in record.items() if k != "step" and isinstance(v, int | float)}
+        for tracker in self.open_trackers:
+            tracker.log(values, step=record["step"])
+
+    def close(self) -> None:
+        for tracker in self.open_trackers:
+            tracker.finish()
+        self.open_trackers = []
+
+
 # ----------------------------------------------------------------------------------------------
 # Optimizer and schedule
 
@@ -472,7 +571,7 @@ class Progress:
 
 class TrainingLoop:
     """What every training loop does around its steps, written once: resume, then at the end of
-    each step log the record, advance the bar, checkpoint when due (``train.save_every``, the
+    each step log the record (metrics.jsonl and the ``train.report_to`` trackers), advance the bar, checkpoint when due (``train.save_every``, the
     last step, or a stop request), stop if asked (``KeyboardInterrupt``; a request during the
     last step lets the run finish instead), and call ``on_step``, in that order.
 
@@ -497,6 +596,7 @@ class TrainingLoop:
         self.total_steps, self.desc, self.on_step = total_steps, desc, on_step
         self.show = dict(show or {})  # record key -> format spec, shown beside the bar
         self.metrics = MetricsLog(run.metrics, enabled=accelerator.is_main_process)
+        self.trackers = Trackers(train.report_to, run, accelerator)
         self.history: list[dict[str, Any]] = []  # the records logged by this call
         self.start_step = 0
         self.stop = StopSignal(announce=accelerator.is_main_process)
@@ -519,12 +619,14 @@ class TrainingLoop:
         self.stop.__enter__()
         show = self.train.progress and self.accelerator.is_main_process
         self.progress = Progress(show, total=self.total_steps, initial=self.start_step, desc=self.desc)
+        self.trackers.open(self.start_step)
         self._started, self._paused = time.perf_counter(), 0.0
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if self.progress is not None:
             self.progress.close()
+        self.trackers.close()
         self.stop.__exit__(*exc)
 
     @contextlib.contextmanager
@@ -548,6 +650,7 @@ class TrainingLoop:
         if log or is_last or step % self.train.log_every == 0:
             self.metrics.write(record)
             self.history.append(record)
+            self.trackers.log(record)
         if self.progress is not None:
             self.progress.advance({k: format(record[k], spec) for k, spec in self.show.items() if k in record})
         stopping = self.stop.agreed(self.accelerator)
