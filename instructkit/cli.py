@@ -110,6 +110,11 @@ suites (comma-separated):
   ifeval       verifiable instructions; --data in the IFEval format (run on its own)
   preference   does the model itself prefer the chosen response? log-likelihood accuracy and
                margin on --data preference pairs (default: the shipped held-out pairs; run on its own)
+  refusal      refusal rate on harmful requests, over-refusal on benign look-alikes, per category
+               (default: the shipped set; run on its own; docs/safety.md)
+  injection    how often an instruction hidden in the input data (a canary) is obeyed (run on its own)
+  robustness   --robust-suite (default exact_match) re-run under typos, case, paraphrase and
+               distractor perturbations of the prompts: the drop per perturbation (run on its own)
 
 --k-shot N puts N solved examples before every prompt: the prompting baseline for the untuned model.
 
@@ -140,6 +145,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         temperature=args.temperature,
         tie_margin=args.tie_margin,
+        robust_suite=args.robust_suite,
     )
     print(json.dumps({k: v for k, v in result["metrics"].items() if k not in ("per_type", "per_label")}, indent=2))
     return 0
@@ -435,8 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="winrate: reward differences within this are ties (default 0: exact ties only)",
     )
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed, and robustness's perturbations (default 0)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily; > 0 samples")
+    p.add_argument("--robust-suite", default="exact_match", help="robustness: the suite re-run under perturbed prompts")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(

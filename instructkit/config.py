@@ -59,7 +59,20 @@ DataFormat = Literal[
     "alpaca", "messages", "sharegpt", "preference", "ranking", "kto", "text", "classification", "prompts"
 ]
 Suite = Literal[
-    "exact_match", "accuracy", "bleu", "rouge", "reward", "winrate", "perplexity", "ifeval", "preference", "loss", "f1"
+    "exact_match",
+    "accuracy",
+    "bleu",
+    "rouge",
+    "reward",
+    "winrate",
+    "perplexity",
+    "ifeval",
+    "preference",
+    "loss",
+    "f1",
+    "refusal",
+    "injection",
+    "robustness",
 ]
 ContinualStrategy = Literal["naive", "replay", "ewc", "lwf", "adapter_per_task"]  # train/continual.STRATEGIES
 ReplayBy = Literal["examples", "tokens"]  # what replay.fraction is a share of
@@ -756,6 +769,12 @@ class EvalStageConfig:
     # Held-out preference pairs for the `preference` suite (does each model itself prefer the
     # chosen response?); used when `preference` is among the suites.
     preference_data: str = "shipped:extract_prefs/val"
+    # The safety suites' prompts (docs/safety.md): harmful requests and benign look-alikes for
+    # `refusal`, prompts with an injected canary for `injection`; `robustness` re-runs
+    # `robust_suite` on `data` with perturbed prompts.
+    refusal_data: str = "shipped:refusal/test"
+    injection_data: str = "shipped:injection/test"
+    robust_suite: Suite = "exact_match"
     # Also measure each model's footprint: parameters, weights on disk, and batch-1 greedy decode
     # tokens/s over the first `footprint_prompts` held-out prompts (eval/footprint.py).
     footprint: bool = False

@@ -34,6 +34,10 @@ PANELS: dict[str, tuple[str, ...]] = {
 
 # Evaluation metric -> the suite it belongs to, by exact name or prefix; the rest go to "other".
 SUITE_OF_METRIC: tuple[tuple[str, str], ...] = (
+    ("refusal_", "refusal"),
+    ("over_refusal", "refusal"),
+    ("injection_", "injection"),
+    ("robust_", "robustness"),
     ("exact_match", "exact_match"),
     ("pref_", "preference"),
     ("prompt_", "ifeval"),
@@ -59,8 +63,17 @@ SUITE_OF_METRIC: tuple[tuple[str, str], ...] = (
     ("parameters_m", "footprint"),
     ("decode_tokens_per_s", "footprint"),
 )
-HIDDEN_METRICS = {"k_shot", "n", "pref_pairs", "seed", "temperature", "max_new_tokens"}
-LOWER_IS_BETTER = ("loss", "perplexity", "weights_mb", "parameters_m")
+HIDDEN_METRICS = {"k_shot", "n", "pref_pairs", "seed", "temperature", "max_new_tokens", "injection_checked"}
+LOWER_IS_BETTER = (
+    "loss",
+    "perplexity",
+    "weights_mb",
+    "parameters_m",
+    "over_refusal",  # benign look-alikes refused
+    "injection_success",  # the hidden instruction obeyed
+    "injection_hijack",
+    "robust_drop_",  # what a perturbation costs
+)
 
 
 def suite_of(metric: str) -> str:

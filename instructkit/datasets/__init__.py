@@ -12,6 +12,9 @@ perplexity) serve the continual recipe; ``scripts/make_continual_datasets.py`` m
 ``label``) and ``ner`` (``tokens`` + BIO ``tags`` over PER, ORG, LOC, PRODUCT; its test split also
 as a CoNLL-2003 file, ``shipped:ner/test.conll``) are the encoder tasks' data, made by
 ``scripts/make_task_datasets.py``.
+``refusal`` (harmful requests and benign look-alikes) and ``injection`` (task prompts with an
+instruction hidden in their input) are the safety suites' prompts, made by
+``scripts/make_safety_sets.py``.
 ``transform`` (alpaca: reverse, sort, extract the number, list the animals; short lowercase inputs)
 is the seq2seq recipe's data, made by ``scripts/make_seq2seq_dataset.py``.
 
@@ -34,6 +37,8 @@ SHIPPED: dict[str, tuple[str, ...]] = {
     "keysort": ("train", "val", "test"),  # the extract fields, keys in alphabetical order (continual)
     "generic_text": ("test",),  # plain English prose: general-ability perplexity (continual)
     "classify": ("train", "val", "test"),  # support tickets: topic or mood, by instruction (encoders)
+    "refusal": ("test",),  # harmful requests and benign look-alikes, prompts format (docs/safety.md)
+    "injection": ("test",),  # shipped task prompts with an injected canary, prompts format (docs/safety.md)
     "transform": ("train", "val", "test"),  # instructed string transforms, alpaca (seq2seq; docs/seq2seq.md)
 }
 """Each shipped dataset and its splits, in formats the instruction-data loader reads."""

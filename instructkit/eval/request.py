@@ -34,6 +34,11 @@ class EvalRequest:
     seed: int = 0
     temperature: float = 0.0
     tie_margin: float = 0.0
+    robust_suite: Suite | None = None  # the suite the robustness suite re-runs under perturbed prompts
+
+    def __post_init__(self) -> None:
+        if self.loaded is not None and self.model is None:
+            raise ValueError("evaluate(loaded=...) needs model= too: the metrics file names the model")
 
     def model_and_tokenizer(self) -> tuple[Any, Any]:
         """The model under evaluation: the one the caller loaded, else ``model`` loaded now."""
@@ -128,6 +133,8 @@ class Suite:
     metrics: str  # what it reports, for --help and docs
     judged: bool = False  # scored by --reward-model
     compares: bool = False  # against --baseline or --baseline-responses
+    headline: str | None = None  # its one number, which the robustness suite re-measures under perturbations
+    wraps: bool = False  # re-runs another suite (--robust-suite), which must have a headline
 
     @property
     def scores_responses(self) -> bool:

@@ -5,9 +5,10 @@ responses to its prompts, or the model itself) and what it reads (:class:`Reader
 scores and the runner that scores it). Suites that read the held-out conversations share one
 call and one set of responses, generated once per model or read from a ``--responses`` file
 (:mod:`instructkit.eval.responses`); ``ifeval`` and ``preference`` read formats of their own
-and run alone. :func:`evaluate` checks the options against the suites' declarations before
-anything slow happens, calls the runner, and writes every metrics file with the same header
-(:data:`HEADER_KEYS`).
+and run alone, as do the safety suites (``refusal``, ``injection``, and ``robustness``, which
+re-runs ``robust_suite`` under perturbed prompts seeded by ``seed``). :func:`evaluate` checks
+the options against the suites' declarations before anything slow happens, calls the runner,
+and writes every metrics file with the same header (:data:`HEADER_KEYS`).
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ from instructkit.errors import InputError, did_you_mean
 from instructkit.eval import conversations
 from instructkit.eval.conversations import Responses  # noqa: F401  (the scorers' argument, public)
 from instructkit.eval.ifeval import run_ifeval
+from instructkit.eval.injection import run_injection
 from instructkit.eval.preference import DEFAULT_PAIRS, run_preference
+from instructkit.eval.refusal import run_refusal
 from instructkit.eval.request import EvalRequest, Needs, Reader, Suite, SuiteRun  # noqa: F401 (public here)
 from instructkit.eval.responses import match_responses, read_responses  # noqa: F401  (public here too)
+from instructkit.eval.robustness import run_robustness
 
 #: Keys every metrics file starts with, whatever the suite (None where one does not apply:
 #: ``model`` when responses are given, ``generation``/``decoding``/``coverage`` when no response
@@ -43,26 +47,63 @@ IFEVAL = Reader(
     "the IFEval format (key, prompt, instruction_id_list, kwargs)", None, run_ifeval, alone=True, takes_shots=False
 )
 PAIRS = Reader("preference pairs (or rankings)", DEFAULT_PAIRS, run_preference, alone=True, takes_shots=False)
+REFUSALS = Reader(
+    "prompts with kind (harmful or benign) and category",
+    "shipped:refusal/test",
+    run_refusal,
+    alone=True,
+    takes_shots=False,
+)
+INJECTIONS = Reader(
+    "prompts with an injected canary (and the task's answer)",
+    "shipped:injection/test",
+    run_injection,
+    alone=True,
+    takes_shots=False,
+)
+PERTURBED = Reader(
+    "the --robust-suite's data, its prompts perturbed",
+    conversations.DEFAULT_DATA,
+    run_robustness,
+    alone=True,
+    takes_shots=False,
+)
 
 
 SUITES: dict[str, Suite] = {
     s.name: s
     for s in (
-        Suite("exact_match", Needs.RESPONSES, CONVERSATIONS, conversations.score_exact_match, "exact_match"),
+        Suite(
+            "exact_match",
+            Needs.RESPONSES,
+            CONVERSATIONS,
+            conversations.score_exact_match,
+            "exact_match",
+            headline="exact_match",
+        ),
         Suite(
             "accuracy",
             Needs.RESPONSES,
             CONVERSATIONS,
             conversations.score_accuracy,
             "accuracy, precision/recall/f1 _macro and _micro, off_label, per_label report",
+            headline="accuracy",
         ),
-        Suite("bleu", Needs.RESPONSES, CONVERSATIONS, conversations.score_bleu, "bleu, chrf (corpus, 0-100)"),
+        Suite(
+            "bleu",
+            Needs.RESPONSES,
+            CONVERSATIONS,
+            conversations.score_bleu,
+            "bleu, chrf (corpus, 0-100)",
+            headline="bleu",
+        ),
         Suite(
             "rouge",
             Needs.RESPONSES,
             CONVERSATIONS,
             conversations.score_rouge,
             "rouge1, rouge2, rougeL (mean F-measure)",
+            headline="rougeL",
         ),
         Suite(
             "reward", Needs.RESPONSES, CONVERSATIONS, conversations.score_reward, "reward_mean, reward_std", judged=True
@@ -77,7 +118,14 @@ SUITES: dict[str, Suite] = {
             compares=True,
         ),
         Suite("perplexity", Needs.MODEL, CONVERSATIONS, conversations.score_perplexity, "loss, perplexity"),
-        Suite("ifeval", Needs.RESPONSES, IFEVAL, None, "prompt/instruction-level strict/loose accuracy, per type"),
+        Suite(
+            "ifeval",
+            Needs.RESPONSES,
+            IFEVAL,
+            None,
+            "prompt/instruction-level strict/loose accuracy, per type",
+            headline="prompt_level_strict",
+        ),
         Suite(
             "preference",
             Needs.MODEL,
@@ -85,6 +133,30 @@ SUITES: dict[str, Suite] = {
             None,
             "pref_accuracy, pref_margin, pref_accuracy_per_token: does the model itself give the chosen "
             "response of held-out pairs the higher log-likelihood",
+        ),
+        Suite(
+            "refusal",
+            Needs.RESPONSES,
+            REFUSALS,
+            None,
+            "refusal_rate (harmful prompts refused), over_refusal_rate (benign look-alikes refused), per category",
+        ),
+        Suite(
+            "injection",
+            Needs.RESPONSES,
+            INJECTIONS,
+            None,
+            "injection_success_rate (responses with the injected canary), injection_task_kept_rate, "
+            "injection_hijack_rate, per style, placement and task",
+        ),
+        Suite(
+            "robustness",
+            Needs.RESPONSES,
+            PERTURBED,
+            None,
+            "--robust-suite's headline on clean prompts and under typos, case, paraphrase, distractor; "
+            "robust_drop_<perturbation> and robust_drop_worst",
+            wraps=True,
         ),
     )
 }
@@ -108,6 +180,16 @@ def resolve_suites(names: Sequence[str]) -> list[str]:
     if not out:
         raise InputError("no suite given", field="suite")
     return out
+
+
+def resolve_robust_suite(name: str) -> Suite:
+    """The suite ``robustness`` re-runs, by name or alias; an unknown one names the closest."""
+    resolved = ALIASES.get(name.strip(), name.strip())
+    if resolved not in SUITES:
+        raise InputError(
+            f"unknown --robust-suite '{name}'{did_you_mean(name, [*SUITES, *ALIASES])}", field="robust_suite"
+        )
+    return SUITES[resolved]
 
 
 def check_request(request: EvalRequest, suites: Sequence[Suite]) -> None:
@@ -163,6 +245,22 @@ def check_request(request: EvalRequest, suites: Sequence[Suite]) -> None:
         )
     if request.data is None and reader.default_data is None:
         raise InputError(f"{suites[0].name} needs --data: a file in {reader.what}", field="data")
+    # 5. A suite that re-runs another (robustness): that one has a headline number to re-measure.
+    check_wrapped(request, suites)
+
+
+def check_wrapped(request: EvalRequest, suites: Sequence[Suite]) -> None:
+    """The suite a wrapping suite re-runs has a headline, needs no judge, and has data to read."""
+    for suite in (s for s in suites if s.wraps):
+        base = request.robust_suite
+        if base is None or base.headline is None or base.wraps or base.judged:
+            runnable = [n for n, s in SUITES.items() if s.headline and not s.judged]
+            raise InputError(
+                f"{suite.name} re-runs a suite with a headline number: --robust-suite one of {', '.join(runnable)}",
+                field="robust_suite",
+            )
+        if request.data is None and base.reads.default_data is None:
+            raise InputError(f"{suite.name} of {base.name} needs --data: a file in {base.reads.what}", field="data")
 
 
 def evaluate(
@@ -184,6 +282,7 @@ def evaluate(
     seed: int = 0,
     temperature: float = 0.0,
     tie_margin: float = 0.0,
+    robust_suite: str = "exact_match",
 ) -> dict[str, Any]:
     """Evaluate ``model`` (or the ``responses`` made elsewhere) with each suite; write metrics and
     samples to ``out``.
@@ -216,10 +315,9 @@ def evaluate(
         seed=seed,
         temperature=temperature,
         tie_margin=tie_margin,
+        robust_suite=resolve_robust_suite(robust_suite),
     )
     check_request(request, chosen)
-    if loaded is not None and model is None:
-        raise ValueError("evaluate(loaded=...) needs model= too: the metrics file names the model")
     who = f"responses in {responses}" if responses is not None else model
     print(
         f"evaluating {who} on {data or chosen[0].reads.default_data} ({', '.join(names)})", file=sys.stderr, flush=True

@@ -25,7 +25,8 @@ def eval_stage(
 
     ``cfg`` has the fields of the recipe's eval section: ``suites``, ``data``,
     ``max_new_tokens``, ``batch_size``, ``k_shot``, ``limit`` and ``<suite>_data`` for suites
-    with a format of their own (``preference_data``). ``reward_model`` judges the ``reward``
+    with a format of their own (``preference_data``, ``refusal_data``, ``injection_data``), and
+    ``robust_suite``, the suite ``robustness`` re-runs. ``reward_model`` judges the ``reward``
     and ``winrate`` suites. Returns the summary written to ``out/summary.json``.
     """
     from instructkit.eval.conversations import read_conversations
@@ -74,6 +75,7 @@ def eval_stage(
                     limit=cfg.limit,
                     loaded=loaded,
                     reward_model=judged,
+                    robust_suite=getattr(cfg, "robust_suite", "exact_match"),
                     out=str(tmp / f"{stem}{suffix}.json"),
                 )
                 # The header (n, k_shot, ...) is the run's first call's; each call adds its suites' numbers.

@@ -54,6 +54,9 @@ def test_suite_names_aliases_and_did_you_mean():
         "perplexity",
         "ifeval",
         "preference",
+        "refusal",
+        "injection",
+        "robustness",
     } == set(SUITES)
 
 
