@@ -113,12 +113,17 @@ def _ppo_missing(cfg: PPOConfig) -> list[tuple[str, str]]:
 def _eval_data(cfg: EvalStageConfig) -> list[DataFile]:
     suites = set(cfg.suites)
     out = []
-    if suites - {"preference", "ifeval"}:
+    ifeval_data = "ifeval" in suites or ("robustness" in suites and cfg.robust_suite == "ifeval")
+    own = {"preference", "ifeval", "refusal", "injection"} | ({"robustness"} if ifeval_data else set())
+    if suites - own:
         out.append(DataFile("data", cfg.data, "conversations"))
-    if "ifeval" in suites:
+    if ifeval_data:
         out.append(DataFile("data", cfg.data, "any"))
     if "preference" in suites:
         out.append(DataFile("preference_data", cfg.preference_data, "pairs"))
+    for suite in ("refusal", "injection"):  # the safety suites' prompt sets (docs/safety.md)
+        if suite in suites:
+            out.append(DataFile(f"{suite}_data", getattr(cfg, f"{suite}_data"), "prompts"))
     return out
 
 

@@ -546,3 +546,17 @@ def test_bad_records_and_missing_responses_exit_2_with_their_place(tmp_path, cap
     shapeless = write_jsonl(tmp_path / "text.jsonl", [{"text": "no prompt here"}])
     assert main(["eval", "--suite", "robustness", "--data", str(shapeless), "--responses", str(given)]) == 2
     assert "text.jsonl:1" in capsys.readouterr().err
+
+
+def test_a_recipe_checks_the_safety_prompt_sets_before_any_stage_runs(tmp_path, capsys):
+    """The eval stage's refusal_data is one of the files `instructkit run` checks up front: a
+    missing one stops the recipe before a model loads, naming the key."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "name: safety\nmodel: no/such/model\nstages: [eval]\n"
+        "eval:\n  suites: [refusal, injection]\n  refusal_data: missing.jsonl\n",
+        encoding="utf-8",
+    )
+    assert main(["run", str(recipe), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "refusal_data" in err and "missing.jsonl" in err
