@@ -205,8 +205,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from instructkit.serve.labels import LabelStore
 
         LabelStore(args.label_store)  # a missing or foreign file fails now, before the model loads
-    # Under named adapters a LoRA base is merged: the adapters go on its merged weights.
-    model, tokenizer = load_model_and_tokenizer(args.model, merge_adapter=bool(adapters))
+    from instructkit.serve.classify import classifier_task, load_classifier
+
+    task = classifier_task(args.model)  # a classify run's classifier or tagger answers /classify
+    if task is not None and adapters:
+        raise InputError(
+            f"{args.model} is a {task} model; LoRA adapters are served over a generator", field="--adapter"
+        )
+    if task is not None:
+        model, tokenizer = load_classifier(args.model, task)
+    else:  # Under named adapters a LoRA base is merged: the adapters go on its merged weights.
+        model, tokenizer = load_model_and_tokenizer(args.model, merge_adapter=bool(adapters))
     app = create_app(
         model,
         tokenizer,

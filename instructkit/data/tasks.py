@@ -467,3 +467,57 @@ def encode_tagged_record(
     """:func:`encode_tagged` of a record, its unknown tags reported at the record's place."""
     label_set.check([record], record.place.file or "tagged data")
     return encode_tagged(tokenizer, record.tokens, record.tags, label_set, align, max_length, record.instruction)
+
+
+def encode_words(
+    tokenizer: Any, tokens: Sequence[str], instruction: str | None = None, max_length: int | None = None
+) -> tuple[dict[str, list[int]], list[int | None]]:
+    """Pre-split words encoded as :func:`encode_tagged` encodes them (after the instruction, as the
+    first segment of a pair, when there is one), and the position of each word's first sub-token,
+    where a tagger's head reads the word's tag (``align="first"``); None for a word that
+    ``max_length`` cut off. What a served tagger runs on words that have no tags yet."""
+    if instruction is not None and not instruction.split():
+        instruction = None  # blank: none, as the readers take it
+    encoded = _word_encoding(tokenizer, tokens, instruction, max_length)
+    text_segment = 0 if instruction is None else 1
+    first: list[int | None] = [None] * len(tokens)
+    for position, (word, segment) in enumerate(zip(encoded.word_ids(), encoded.sequence_ids())):
+        if word is not None and segment == text_segment and first[word] is None:
+            first[word] = position
+    return {key: list(value) for key, value in encoded.items()}, first
+
+
+# ---------------------------------------------------------------------------------------------
+# The same records as prompts for a decoder (the zero- and k-shot comparison line)
+
+
+def prompt_text(record: ClassifiedText) -> str:
+    """What a decoder is asked: ``"{instruction}\\n\\n{text}"`` (the joined template's text), or
+    the text alone when the record has no instruction."""
+    return record.text if record.instruction is None else f"{record.instruction}\n\n{record.text}"
+
+
+def as_conversation(record: ClassifiedText) -> Any:
+    """The record as a held-out conversation: one user turn (:func:`prompt_text`), the label as
+    the reference answer."""
+    from instructkit.data.schema import Conversation, Message
+
+    return Conversation([Message("user", prompt_text(record)), Message("assistant", record.label)])
+
+
+def label_shots(pool: Sequence[ClassifiedText], instruction: str | None, k: int) -> list[ClassifiedText]:
+    """``k`` demonstrations for a prompt under ``instruction``: records of ``pool`` under the same
+    instruction, taking the labels in turn (in order of first appearance, each label's records
+    in file order), so 4 shots of a 4-label task show each label once and of a 2-label task each
+    twice. Fewer when the pool has fewer such records."""
+    by_label: dict[str, list[ClassifiedText]] = {}
+    for record in pool:
+        if record.instruction == instruction:
+            by_label.setdefault(record.label, []).append(record)
+    queues = list(by_label.values())
+    shots: list[ClassifiedText] = []
+    depth = 0
+    while len(shots) < k and any(depth < len(q) for q in queues):
+        shots += [q[depth] for q in queues if depth < len(q)][: k - len(shots)]
+        depth += 1
+    return shots

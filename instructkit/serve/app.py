@@ -32,6 +32,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from instructkit.errors import InputError
+from instructkit.serve.classify import ClassifyService, model_task, served_inputs
 from instructkit.serve.engine import (
     DEFAULT_MAX_BATCH,
     Choice,
@@ -47,6 +48,8 @@ from instructkit.serve.schema import (
     STREAM_DESCRIPTION,
     ChatCompletion,
     ChatCompletionRequest,
+    Classification,
+    ClassificationRequest,
     Completion,
     CompletionRequest,
     ErrorResponse,
@@ -184,6 +187,15 @@ def create_app(
     context = context_length(model)
     if context is not None:  # a prompt-learning adapter's virtual tokens take positions before each prompt
         context -= engine.virtual_tokens
+    # A classify run's classifier or tagger answers /classify (and not the generation endpoints).
+    task = model_task(model)
+    classifier = None
+    if task is not None:
+        inputs = served_inputs(model_name)
+        classifier = ClassifyService(
+            model, tokenizer, task, inputs, max_batch=max_batch, max_queue=max_queue, context=context
+        )
+    app.state.classifier = classifier
 
     # 1. Errors, all in OpenAI's shape.
     @app.exception_handler(APIError)
@@ -363,7 +375,59 @@ def create_app(
     async def completions(body: CompletionRequest):
         return await _answer(body, [{"role": "user", "content": body.prompt}], chat=False)
 
+    @app.post(
+        "/classify",
+        dependencies=[Depends(authorized)],
+        response_model=Classification,
+        response_model_exclude_none=True,
+        responses={
+            **errors(400, 401, 404, 503),
+            500: {"model": ErrorResponse, "description": "classification failed (the message says why)"},
+        },
+    )
+    async def classify(body: ClassificationRequest) -> dict:
+        """vLLM's classification API over a classify run (docs/serve.md, 'Classifiers and taggers')."""
+        if classifier is None:
+            raise APIError(
+                400,
+                f"The model does not support the Classification API: {model_name} generates text (serve it at "
+                "/v1/completions and /v1/chat/completions); /classify answers for a classify run's "
+                "seq_classification or token_classification model (instructkit serve --model runs/classify)",
+                param="model",
+                code="model_not_classifier",
+            )
+        if body.model not in (None, model_name):
+            raise unknown_model(body.model)
+        try:
+            with classifier.admitted():
+                items, tokens = await anyio.to_thread.run_sync(classifier.classify, body.texts(), body.instruction)
+        except QueueFull as exc:
+            raise APIError(503, str(exc), type="server_error", code="server_busy") from None
+        except (InputError, APIError):
+            raise
+        except Exception as exc:  # answered as a 500 in OpenAI's shape, not a dropped connection
+            raise APIError(
+                500, f"classification failed: {exc}", type="server_error", code="classification_failed"
+            ) from exc
+        return {
+            "id": "classify-" + uuid.uuid4().hex,
+            "object": "list",
+            "created": int(time.time()),
+            "model": model_name,
+            "data": items,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0},
+        }
+
     async def _answer(body: _Sampling, messages: list[dict], *, chat: bool):
+        if classifier is not None:
+            endpoint = "Chat Completions" if chat else "Completions"
+            raise APIError(
+                400,
+                f"The model does not support the {endpoint} API: {model_name} is a {classifier.task} model "
+                "(a classifier, which generates nothing); send its inputs to POST /classify",
+                param="model",
+                code="model_not_generative",
+            )
         adapter = None if body.model in (None, model_name) else body.model
         if adapter is not None and adapter not in engine.served_adapters:
             raise unknown_model(body.model)

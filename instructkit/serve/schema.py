@@ -186,3 +186,78 @@ STREAM_DESCRIPTION = (
     "(`object` chat.completion.chunk with `choices[].delta`, or text_completion with "
     "`choices[].text`; `index` says which choice), or `[DONE]` at the end"
 )
+
+
+# -- /classify: vLLM's classification API, for a classify run's classifier or tagger.
+
+MAX_CLASSIFY_INPUTS = 256  # texts per /classify request
+
+
+class ClassificationRequest(BaseModel):
+    """vLLM's body for ``POST /classify``, with the instruction the classify stage renders."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = Field(None, description="the served model's id (`/v1/models`); default: it")
+    input: str | list[str] = Field(..., description=f"a text, or up to {MAX_CLASSIFY_INPUTS} texts")
+    instruction: str | None = Field(
+        None,
+        description="rendered with each text by the run's template; default: the run's one training "
+        "instruction (a 400 when it trained under several), or none",
+    )
+
+    @field_validator("input")
+    @classmethod
+    def _texts(cls, value: str | list[str]) -> str | list[str]:
+        texts = [value] if isinstance(value, str) else value
+        if not texts:
+            raise ValueError("give at least one text")
+        if len(texts) > MAX_CLASSIFY_INPUTS:
+            raise ValueError(f"at most {MAX_CLASSIFY_INPUTS} texts, got {len(texts)}")
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise ValueError("an empty text" if isinstance(value, str) else f"text {i} is empty")
+        return value
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class TaggedWord(BaseModel):
+    text: str
+    start: int = Field(..., description="character offset into the input: input[start:end] == text")
+    end: int
+    label: str = Field(..., description="the word's tag (argmax of the head at its first sub-token)")
+    score: float = Field(..., description="the tag's probability")
+
+
+class EntitySpan(BaseModel):
+    entity: str = Field(..., description="the entity type: PER for B-PER/I-PER")
+    start: int = Field(..., description="character offset of its first word")
+    end: int = Field(..., description="character offset after its last word")
+    text: str
+    score: float = Field(..., description="mean probability of its words' tags")
+
+
+class ClassificationData(BaseModel):
+    index: int
+    label: str | None = Field(None, description="the most probable label (a classifier; absent for a tagger)")
+    probs: list[float] | None = Field(None, description="every label's probability, in the head's label order")
+    num_classes: int
+    tokens: list[TaggedWord] | None = Field(None, description="a tagger: the input's words with their tags")
+    entities: list[EntitySpan] | None = Field(None, description="a tagger: the entities its tags mark (BIO)")
+
+
+class ClassificationUsage(BaseModel):
+    prompt_tokens: int = Field(..., description="tokens of the rendered inputs (instruction and special tokens)")
+    total_tokens: int
+    completion_tokens: int = Field(0, description="0: nothing is generated")
+
+
+class Classification(BaseModel):
+    id: str
+    object: Literal["list"]
+    created: int
+    model: str
+    data: list[ClassificationData]
+    usage: ClassificationUsage
