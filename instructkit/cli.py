@@ -58,6 +58,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0  # run prints its table and paths
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from instructkit.sweep import sweep
+
+    sweep(
+        args.recipe,
+        args.space,
+        args.overrides,
+        out=args.out,
+        trials=args.trials,
+        sampler=args.sampler,
+        jobs=args.jobs,
+        stage=args.stage,
+        seed=args.seed,
+        backend=args.backend,
+    )
+    return 0  # sweep prints its table
+
+
 def _stage_command(name: str):
     """``instructkit sft|rm|dpo|ppo``: the stage's Python function, its summary printed."""
 
@@ -352,6 +370,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--list", action="store_true", help="list the shipped recipes and exit")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "sweep",
+        help="search hyperparameters of a recipe with Optuna (docs/sweep.md)",
+        description="Run a recipe once per trial with values from a space file, prune trials whose "
+        "held-out loss lags, and print the table (OUT/sweep.json, OUT/report.html).",
+    )
+    p.add_argument("recipe", help="a recipe YAML or shipped recipe name")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="every trial's overrides, e.g. sft.train.max_steps=50",
+    )
+    p.add_argument("--space", required=True, help="YAML: dotted key -> {type: float|int|categorical, ...}")
+    p.add_argument("--trials", type=int, default=10, help="trials in all (default 10; grid: at most the grid)")
+    p.add_argument("--sampler", default="tpe", help="tpe (default) or grid")
+    p.add_argument("--jobs", type=int, default=1, help="trials at once, in worker processes (default 1)")
+    p.add_argument("--stage", default=None, help="whose val_loss is minimised (default: the first key's stage)")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
+    p.add_argument("--backend", default="optuna", help="optuna (default) or ray (Ray Tune, untested)")
+    p.add_argument("--out", default=None, help="sweep folder (default: runs/<recipe name>-sweep)")
+    p.set_defaults(func=cmd_sweep)
 
     from instructkit.stages import STAGES
 

@@ -755,6 +755,21 @@ class Validation:
             self.model.load_state_dict(load_file(str(best)), strict=False)
 
 
+_VALIDATION_HOOKS: list[Callable[[Path, int, float], None]] = []
+
+
+@contextlib.contextmanager
+def validation_hook(callback: Callable[[Path, int, float], None]) -> Iterator[None]:
+    """Within the block, every :func:`fit` calls ``callback(run_path, step, val_loss)`` after
+    each held-out evaluation, once the step is logged and checkpointed; an exception it raises
+    ends that fit (a sweep prunes a trial this way). ``val_loss`` is the same on every process."""
+    _VALIDATION_HOOKS.append(callback)
+    try:
+        yield
+    finally:
+        _VALIDATION_HOOKS.remove(callback)
+
+
 def fit(
     *,
     loss_module: nn.Module,
@@ -820,6 +835,9 @@ def fit(
             loop.end_step(
                 step, record, state=validation.state_dict(), log="val_loss" in record, save=validation.stopped
             )
+            if "val_loss" in record:
+                for hook in tuple(_VALIDATION_HOOKS):  # a sweep's pruner may end the run here
+                    hook(run.path, step, record["val_loss"])
     if validation.stopped:
         validation.restore_best(step, accelerator)
     return FitResult(
