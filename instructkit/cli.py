@@ -182,7 +182,22 @@ def _sampling(args: argparse.Namespace) -> dict[str, object]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from instructkit.chat import generate_text
+    from instructkit.models.vision import vision_folder
 
+    if vision_folder(args.model) is not None:  # a vision run answers greedily, with its images (docs/vision.md)
+        if args.temperature:  # generate's default is 0.7; a vision run has no sampling path
+            print(
+                "note: a vision run decodes greedily; --temperature, --top-p and --seed are not used", file=sys.stderr
+            )
+        from instructkit.serve.vision import answer_with_images
+
+        text = answer_with_images(
+            args.model, args.prompt, args.image, system=args.system, max_new_tokens=args.max_new_tokens
+        )
+        print(text)
+        return 0
+    if args.image:
+        raise InputError(f"{args.model} is not a vision run; --image needs one (docs/vision.md)", field="--image")
     print(generate_text(args.model, args.prompt, **_sampling(args)))
     return 0
 
@@ -223,6 +238,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from instructkit.serve.labels import LabelStore
 
         LabelStore(args.label_store)  # a missing or foreign file fails now, before the model loads
+    from instructkit.models.vision import vision_folder
+
+    if vision_folder(args.model) is not None:  # images in, text out: its own small app (serve/vision.py)
+        from instructkit.models.vision import load_vision_model
+        from instructkit.serve.vision import create_vision_app
+
+        if adapters:
+            raise InputError(f"{args.model} is a vision run; --adapter is for a text generator", field="--adapter")
+        model, tokenizer = load_vision_model(args.model)
+        uvicorn.run(create_vision_app(model, tokenizer, args.model), host=args.host, port=args.port)
+        return 0
     from instructkit.serve.classify import classifier_task, load_classifier
 
     task = classifier_task(args.model)  # a classify run's classifier or tagger answers /classify
@@ -503,6 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sample a response to one prompt, rendered with the model's chat template.",
     )
     p.add_argument("--prompt", required=True, help="the user message")
+    p.add_argument(
+        "--image", action="append", default=[], help="an image for a vision run (repeatable; at <image> tags or first)"
+    )
     _sampling_args(p)
     p.set_defaults(func=cmd_generate)
 

@@ -544,6 +544,68 @@ class Seq2SeqConfig:
         )
 
 
+VisionDecoder = Literal["frozen", "lora"]  # train/vision.py: the decoder stays frozen, or LoRA-family adapters train
+VISION_METHODS = ("lora", "dora", "rslora")  # the adapters a vision stage puts on its decoder
+
+
+@dataclasses.dataclass
+class VisionDataConfig:
+    """The data of a vision stage: records with images (LLaMA-Factory's mllm_demo.json shape, OpenAI
+    image_url content parts, torchtune's image column; data/vision.py), .json or .jsonl (docs/vision.md)."""
+
+    path: str = "shipped:vision/train"  # training records, or shipped:NAME/SPLIT
+    val_path: str | None = "shipped:vision/val"  # validation records (held-out loss)
+    test_path: str | None = "shipped:vision/test"  # scored by greedy exact match and BLEU before and after training
+    template: str | None = None  # chat template: the tokenizer's own unless chatml/llama-3/alpaca
+    max_length: int = 256  # tokens per example, image tokens included; longer examples are dropped whole
+    limit: int | None = None  # use only the first N training records (quick trials)
+    test_limit: int | None = None  # score only the first N test records
+
+    def __post_init__(self) -> None:
+        require(self.max_length >= 8, "max_length", "must be at least 8")
+        require(self.limit is None or self.limit >= 1, "limit", "must be at least 1 (or null for all records)")
+        require(self.test_limit is None or self.test_limit >= 1, "test_limit", "must be at least 1 (or null)")
+        _check_template(self.template, "template")
+
+
+@dataclasses.dataclass
+class VisionConfig:
+    """Images in, text out (docs/vision.md): EfficientNet-Lite0 (frozen) -> 2-layer MLP projector ->
+    a causal LM; `decoder: lora` also trains LoRA on the decoder (the `vision` stage)."""
+
+    model: str = "smollm2-135m-instruct"  # the decoder (any causal LM), or a vision run folder to go on from
+    out: str = "runs/vision"
+    decoder: VisionDecoder = "lora"  # frozen: only the projector trains; lora: the projector and peft's adapters
+    image_size: int = 128  # pixels fed to the encoder (square); its map is image_size / 32 cells a side
+    grid: int = 2  # image tokens per side: the encoder's map pooled to grid x grid cells (2: one per quadrant)
+    data: VisionDataConfig = dataclasses.field(default_factory=VisionDataConfig)
+    peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)  # used when decoder: lora
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=1e-3))
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    max_new_tokens: int = 48  # held-out answers: greedy tokens at most
+    eval_batch_size: int = 16
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        require(self.image_size >= 32 and self.image_size % 32 == 0, "image_size", "must be a multiple of 32")
+        require(1 <= self.grid <= self.image_size // 32, "grid", f"must be in 1..{self.image_size // 32}")
+        require(
+            self.decoder == "frozen" or self.peft.method in VISION_METHODS,
+            "peft.method",
+            f"a vision stage's decoder trains {', '.join(VISION_METHODS)}, not {self.peft.method}",
+        )
+        require(self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1")
+        require(self.eval_batch_size >= 1, "eval_batch_size", "must be at least 1")
+
+
+@dataclasses.dataclass
+class VisionProjectorConfig(VisionConfig):
+    """The projector-only stage (`vision_projector`): the decoder frozen, only the projector trains."""
+
+    out: str = "runs/vision_projector"
+    decoder: VisionDecoder = "frozen"
+
+
 @dataclasses.dataclass
 class QuantizeConfig:
     """Quantisation: `instructkit quantize --config FILE` (docs/quantize.md)."""

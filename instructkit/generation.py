@@ -338,3 +338,52 @@ def decode_response(tokenizer: Any, new_ids: list[int], stop_ids: list[int], sto
     text = tokenizer.decode(new_ids, skip_special_tokens=True)
     cut = first_stop(text)
     return text[:cut] if cut >= 0 else text
+
+
+def generate_with_images(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[tuple[list[dict[str, str]], list[Any]]],
+    *,
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
+    template: str | None = None,
+) -> list[str]:
+    """Greedy response of a vision-language model (:class:`instructkit.models.vision.VisionLM`)
+    to each (messages with ``<image>`` tags, PIL images) prompt, in order.
+
+    Rows are left-padded; the decoder generates from ``inputs_embeds`` (HF then returns only
+    the new tokens), and each response is cut at its first stop token or string as
+    :func:`generate` does. ``template`` defaults to the model's own. The recipe's held-out
+    scores, ``instructkit generate --image`` and the server all answer through here."""
+    import torch
+
+    from instructkit.data.vision import encode_image_prompt, image_token_id
+
+    was_training = model.training
+    model.eval()
+    template = template if template is not None else model.template
+    image_id = image_token_id(tokenizer)
+    stop_ids, stop_strings = stop_tokens(model.decoder, tokenizer, None, template)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    device = next(model.projector.parameters()).device
+    answers = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        rows = [encode_image_prompt(tokenizer, m, tokens_per_image=model.grid**2, template=template) for m, _ in chunk]
+        ids, mask = left_pad(rows, pad_id, device)
+        images = [im for _, ims in chunk for im in ims]
+        pixels = model.pixels(images) if images else None
+        with torch.no_grad():
+            embeds = model.input_embeddings(ids, ids == image_id, pixels=pixels)
+            out = model.decoder.generate(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=stop_ids,
+                pad_token_id=pad_id,
+            )
+        answers += [decode_response(tokenizer, row.tolist(), stop_ids, stop_strings) for row in out]
+    model.train(was_training)
+    return answers

