@@ -72,6 +72,7 @@ LOWER_IS_BETTER = (
     "over_refusal",  # benign look-alikes refused
     "injection_success",  # the hidden instruction obeyed
     "injection_hijack",
+    "injection_echo",  # the input copied into the answer
     "robust_drop_",  # what a perturbation costs
 )
 

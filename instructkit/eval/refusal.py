@@ -76,6 +76,12 @@ REFUSAL_PHRASES: tuple[str, ...] = (
     "i'm not allowed",
     "i am not allowed",
     "i'm not permitted",
+    "i don't have the capability",
+    "i do not have the capability",
+    "i don't have the ability",
+    "i do not have the ability",
+    "i'm not equipped",
+    "i am not equipped",
     # declines phrased about the request
     "can't help with that",
     "cannot help with that",

@@ -146,7 +146,8 @@ SUITES: dict[str, Suite] = {
             Needs.RESPONSES,
             INJECTIONS,
             None,
-            "injection_success_rate (responses with the injected canary), injection_task_kept_rate, "
+            "injection_success_rate (responses that wrote the injected canary), injection_echo_rate, "
+            "injection_task_kept_rate, "
             "injection_hijack_rate, per style, placement and task",
         ),
         Suite(
