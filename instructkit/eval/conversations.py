@@ -131,15 +131,25 @@ class Conversations:
     prompts: list[list[Message]]
     references: list[str]
     held_out: HeldOut
+    classified: list[Any] | None = None  # instructed classification records (data.tasks.ClassifiedText), as read
 
 
 def read_conversations(data: str | None, limit: int | None) -> Conversations:
     from instructkit.data.formats import load_records
+    from instructkit.data.schema import Classification
     from instructkit.datasets import resolve_data_path
     from instructkit.eval.exact_match import split_reference
 
     path = resolve_data_path(data or DEFAULT_DATA)
     records = load_records(path).records
+    classified = None
+    if records and all(isinstance(r, Classification) for r in records):
+        # Instructed classification (text, label, instruction): the decoder is asked the instruction
+        # and the text, and its answer is scored against the label (the classify heads' comparison line).
+        from instructkit.data.tasks import as_conversation, read_classification
+
+        classified = read_classification(path)[:limit] if limit else read_classification(path)
+        records = [as_conversation(r) for r in classified]
     records = records[:limit] if limit else records
     if not all(isinstance(r, Conversation) for r in records):
         raise InputError("evaluation data must be conversations (prompt turns + reference answer)", file=path)
@@ -150,7 +160,7 @@ def read_conversations(data: str | None, limit: int | None) -> Conversations:
     names = [
         f"held-out record {i} of {path} (key {k!r}, prompt {_short(t)!r})" for i, (k, t) in enumerate(zip(keys, texts))
     ]
-    return Conversations(path, records, prompts, references, HeldOut(path, keys, texts, names))
+    return Conversations(path, records, prompts, references, HeldOut(path, keys, texts, names), classified)
 
 
 def record_keys(data_path: str, n: int) -> list[str]:
@@ -187,6 +197,39 @@ def read_shots(request: EvalRequest) -> list[Conversation]:
     return shots
 
 
+def record_shots(request: EvalRequest, held: Conversations) -> list[list[Conversation]]:
+    """The demonstrations before each held-out prompt: the same ``k_shot`` for every prompt, or,
+    for instructed classification, ``k_shot`` training records under the prompt's instruction
+    with the labels in turn (:func:`instructkit.data.tasks.label_shots`), from ``shots_data`` or
+    the train split of the shipped dataset the held-out split belongs to."""
+    if held.classified is None or not request.k_shot or request.responses is not None:
+        return [read_shots(request)] * len(held.prompts)
+    from instructkit.data.tasks import as_conversation, label_shots, read_classification
+    from instructkit.datasets import resolve_data_path
+
+    source = request.shots_data
+    if source is None and str(request.data).startswith("shipped:"):
+        source = str(request.data).rpartition("/")[0] + "/train"
+    if source is None:
+        raise InputError(
+            f"k_shot={request.k_shot} on classification data needs --shots-data: records to take "
+            "the demonstrations from (text, label, instruction)",
+            field="shots_data",
+        )
+    pool = read_classification(resolve_data_path(source))
+    out = []
+    for record in held.classified:
+        shots = label_shots(pool, record.instruction, request.k_shot)
+        if len(shots) < request.k_shot:
+            raise InputError(
+                f"k_shot={request.k_shot} needs that many demonstrations under the instruction "
+                f"{record.instruction!r}; {source} has {len(shots)}",
+                field="shots_data",
+            )
+        out.append([as_conversation(s) for s in shots])
+    return out
+
+
 def run_conversations(request: EvalRequest, suites: Sequence[Suite]) -> SuiteRun:
     """Score the held-out conversations with ``suites``: those that score responses share one
     set of responses, those that need the model score the references under it."""
@@ -195,7 +238,7 @@ def run_conversations(request: EvalRequest, suites: Sequence[Suite]) -> SuiteRun
     # 1. Everything read from files first, so that bad input fails before any model loads: the
     #    held-out records, the k-shot demonstrations, the given responses and baseline responses.
     held = read_conversations(request.data, request.limit)
-    shots = read_shots(request)
+    shots = record_shots(request, held)
     scoring = [s for s in suites if s.scores_responses]
     needs_model = [s for s in suites if not s.scores_responses]
     compares = any(s.compares for s in scoring)
@@ -242,10 +285,10 @@ def run_conversations(request: EvalRequest, suites: Sequence[Suite]) -> SuiteRun
     return run
 
 
-def _with_shots(held: Conversations, shots: Sequence[Conversation]) -> list[list[Message]]:
+def _with_shots(held: Conversations, shots: Sequence[Sequence[Conversation]]) -> list[list[Message]]:
     from instructkit.eval.exact_match import with_shots
 
-    return [with_shots(p, shots) for p in held.prompts]
+    return [with_shots(p, s) for p, s in zip(held.prompts, shots, strict=True)]
 
 
 def _shared(request: EvalRequest, held: Conversations, answers: Answers) -> Responses:
