@@ -88,7 +88,7 @@ def request_prompt(body: VisionChatRequest) -> tuple[list[dict[str, str]], list[
 
 
 def create_vision_app(model: Any, tokenizer: Any, model_name: str, *, max_tokens: int = 64):
-    """A FastAPI app answering ``/v1/models`` and ``/v1/chat/completions`` for a vision run."""
+    """A FastAPI app answering ``/health``, ``/v1/models`` and ``/v1/chat/completions`` for a vision run."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
@@ -112,6 +112,10 @@ def create_vision_app(model: Any, tokenizer: Any, model_name: str, *, max_tokens
     @app.exception_handler(InputError)
     async def _bad_input(request: Request, exc: InputError) -> JSONResponse:
         return error(400, exc.problem, exc.field)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": model_name, "busy": lock.locked()}
 
     @app.get("/v1/models")
     async def models() -> dict:
