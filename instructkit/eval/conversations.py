@@ -212,7 +212,7 @@ def record_shots(request: EvalRequest, held: Conversations) -> list[list[Convers
         source = str(request.data).rpartition("/")[0] + "/train"
     if source is None:
         raise InputError(
-            f"k_shot={request.k_shot} on classification data needs --shots-data: records to take "
+            f"k_shot={request.k_shot} on classification data needs --shots-from (shots_data): records to take "
             "the demonstrations from (text, label, instruction)",
             field="shots_data",
         )

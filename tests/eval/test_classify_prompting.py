@@ -82,7 +82,7 @@ def test_shots_default_to_the_shipped_train_split_and_need_a_source_otherwise(tm
             instruction, _, text = shot.messages[0].content.partition("\n\n")
             assert instruction == record.instruction and text in train
     test = write_jsonl(tmp_path / "test.jsonl", rows())
-    with pytest.raises(InputError, match="shots-data"):
+    with pytest.raises(InputError, match="shots-from"):
         record_shots(EvalRequest(model="m", data=str(test), k_shot=1), read_conversations(str(test), None))
     with pytest.raises(InputError, match="needs that many"):
         record_shots(
