@@ -175,9 +175,11 @@ def image_token_id(tokenizer: Any) -> int:
     Its embedding row is never read (the model swaps in image features at its positions), so the
     id may lie past the decoder's embedding matrix and nothing is resized.
     """
-    if IMAGE_TAG not in tokenizer.get_vocab():
+    found = tokenizer.convert_tokens_to_ids(IMAGE_TAG)  # a dict look-up (get_vocab() would copy 50k entries)
+    if found is None or found == tokenizer.unk_token_id:
         tokenizer.add_tokens([IMAGE_TAG], special_tokens=True)
-    return tokenizer.convert_tokens_to_ids(IMAGE_TAG)
+        found = tokenizer.convert_tokens_to_ids(IMAGE_TAG)
+    return found
 
 
 def expand_image_tokens(
