@@ -18,7 +18,9 @@ What it owns:
   string; the returned text never contains them.
 * **Decoding.** ``temperature == 0`` is greedy. Otherwise sampling with temperature and
   nucleus ``top_p`` (no top-k), seeded by ``seed`` in a forked RNG, so the same call gives the
-  same text and the caller's random state is untouched.
+  same text and the caller's random state is untouched. Plain causal LMs run the loop of
+  :mod:`instructkit.decoding` (HF's tokens, greedy or sampled, without HF's per-step
+  overhead); the other kinds go through HF ``generate``.
 """
 
 from __future__ import annotations
@@ -45,12 +47,15 @@ def generate(
     seed: int = 0,
     stop: Sequence[str] | None = None,
     template: str | None = None,
+    compile: bool = False,
 ) -> list[str]:
     """The response to each prompt, in the order given.
 
     A prompt is a list of messages (rendered with the chat template plus the generation
     prompt, see :func:`instructkit.data.templates.encode_prompt`) or a list of token ids used
-    as is. ``template`` names the chat template as in ``resolve_template``.
+    as is. ``template`` names the chat template as in ``resolve_template``. ``compile`` runs the
+    one-token step of a plain causal LM through ``torch.compile`` (:mod:`instructkit.decoding`;
+    it pays only over many steps: see docs/decoding.md).
     """
     import torch
 
@@ -88,6 +93,11 @@ def generate(
         else {"do_sample": False}
     )
 
+    # Plain causal LMs decode through instructkit.decoding (the same tokens, less overhead per
+    # step); prompt learning, sliding-window caches and extra logits processors go to HF.
+    from instructkit.decoding import decode, unsupported_reason
+
+    fast = unsupported_reason(model) is None
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     out: list[str] = [""] * len(ids)
     was_training = model.training
@@ -99,19 +109,26 @@ def generate(
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
                 input_ids, attention_mask = left_pad([ids[i] for i in rows], pad_id, device)  # (B, T), 0 on padding
-                generated, width = generate_new(
-                    model,
-                    input_ids,
-                    attention_mask,
-                    max_new_tokens=max_new_tokens,
-                    eos_token_id=stop_ids,
-                    pad_token_id=pad_id,
-                    repetition_penalty=1.0,
-                    stop_strings=watch or None,
-                    tokenizer=tokenizer if watch else None,
-                    **sampling,
-                )
-                new = generated[:, width:].tolist()  # (B, new)
+                if fast:
+                    new = decode(
+                        model, input_ids, attention_mask, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                        pad_id=pad_id, temperature=temperature, top_p=top_p, stop_strings=watch, tokenizer=tokenizer,
+                        compile=compile,
+                    ).tolist()  # fmt: skip
+                else:
+                    generated, width = generate_new(
+                        model,
+                        input_ids,
+                        attention_mask,
+                        max_new_tokens=max_new_tokens,
+                        eos_token_id=stop_ids,
+                        pad_token_id=pad_id,
+                        repetition_penalty=1.0,
+                        stop_strings=watch or None,
+                        tokenizer=tokenizer if watch else None,
+                        **sampling,
+                    )
+                    new = generated[:, width:].tolist()  # (B, new)
                 for i, row in zip(rows, new):
                     out[i] = decode_response(tokenizer, row, stop_ids, stop_strings)
     finally:
