@@ -201,14 +201,17 @@ def decode(
     stop_strings: Sequence[str] = (),
     tokenizer: Any = None,
     compile: bool = False,
-) -> torch.Tensor:
+    return_logits: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """The new tokens for left-padded prompts ``input_ids`` (B, T) with ``attention_mask`` (B, T)
     (0 on padding): (B, n), n <= ``max_new_tokens``. A row ends at its first token in
     ``stop_ids`` (kept) or once its text holds one of ``stop_strings``; later columns of an ended
     row are ``pad_id``, and the loop ends when every row has. ``min_new_tokens`` forbids the stop
     ids before that many tokens, as HF's ``MinNewTokensLengthLogitsProcessor`` does (the
     benchmark uses it so every row decodes the same count). Sampling draws from the global
-    generator: the caller seeds it (``generation.generate`` forks and seeds it)."""
+    generator: the caller seeds it (``generation.generate`` forks and seeds it).
+    ``return_logits`` also returns each step's raw logits, (B, V) float32 before any warper, as
+    HF's ``output_logits`` does (the PPO rollout's log-probs and entropies read them)."""
     batch, width = input_ids.shape
     device = input_ids.device
     warpers = _sampler(temperature, top_p)
@@ -232,9 +235,12 @@ def decode(
     last_pos = positions[:, -1:]  # (B, 1)
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     columns: list[torch.Tensor] = []
+    raw: list[torch.Tensor] = []
     texts_done = [False] * batch
     for t in range(max_new_tokens):
         scores = logits.to(dtype=torch.float32)
+        if return_logits:
+            raw.append(scores)
         if t < min_new_tokens:
             scores = scores.clone()
             scores[:, stops] = -float("inf")
@@ -264,7 +270,8 @@ def decode(
             )  # fmt: skip
             logits = out.logits[:, -1]
             del out
-    return torch.stack(columns, dim=1)
+    tokens = torch.stack(columns, dim=1)  # (B, n)
+    return (tokens, raw) if return_logits else tokens
 
 
 def _stop_on_strings(tokenizer, columns, stop_strings, unfinished, texts_done) -> None:

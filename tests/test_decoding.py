@@ -197,3 +197,19 @@ def test_the_compiled_step_gives_hfs_greedy_tokens(tokenizer):
     pad = tokenizer.pad_token_id
     ours = decoding.decode(small, ids, mask, max_new_tokens=6, stop_ids=stop_ids, pad_id=pad, compile=True)
     assert torch.equal(ours, hf(small, ids, mask, stop_ids, pad, 6))
+
+
+def test_ppo_rollouts_sample_through_the_loop_with_hfs_tokens_and_log_probs(model, tokenizer, monkeypatch):
+    """train.rollout.sample through the loop and through HF generate (forced): the same sampled
+    tokens and the same log-probs and entropies, which it computes from each step's raw logits."""
+    from instructkit.train import rollout
+
+    prompts = [encode_prompt(tokenizer, p) for p in PROMPTS]
+    stop_ids, _ = stop_tokens(model, tokenizer, None, None)
+    kwargs = {"stop_ids": stop_ids, "pad_id": tokenizer.pad_token_id, "max_new_tokens": 8, "batch_size": 3}
+    ours = rollout.sample(model, prompts, temperature=0.8, top_p=0.95, seed=3, **kwargs)
+    monkeypatch.setattr(decoding, "unsupported_reason", lambda model: "forced for the test")
+    peer = rollout.sample(model, prompts, temperature=0.8, top_p=0.95, seed=3, **kwargs)
+    assert torch.equal(ours.query_responses, peer.query_responses)
+    assert torch.equal(ours.response_mask, peer.response_mask)
+    assert torch.equal(ours.logprobs, peer.logprobs) and torch.equal(ours.entropy, peer.entropy)

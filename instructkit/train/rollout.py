@@ -115,8 +115,10 @@ def sample(
     """
     from transformers import GenerationConfig
 
+    from instructkit.decoding import decode, unsupported_reason
     from instructkit.generation import generate_new, left_pad
 
+    fast = unsupported_reason(model) is None
     device = next(model.parameters()).device
     config = GenerationConfig(
         do_sample=True,
@@ -142,11 +144,17 @@ def sample(
             for start in range(0, len(prompts), batch_size):
                 chunk = [list(p) for p in prompts[start : start + batch_size]]
                 input_ids, attention_mask = left_pad(chunk, pad_id, device)  # (B, P)
-                out, width = generate_new(model, input_ids, attention_mask, generation_config=config)
-                new = out.sequences[:, width:]  # (B, R')
+                if fast:  # instructkit.decoding: HF's tokens and logits for the same seed, faster
+                    new, step_logits = decode(
+                        model, input_ids, attention_mask, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                        pad_id=pad_id, temperature=temperature, top_p=top_p, return_logits=True,
+                    )  # fmt: skip
+                else:
+                    out, width = generate_new(model, input_ids, attention_mask, generation_config=config)
+                    new, step_logits = out.sequences[:, width:], out.logits  # (B, R'), R' x (B, V)
                 logprobs = torch.empty(new.shape, dtype=torch.float32, device=device)
                 entropy = torch.empty(new.shape, dtype=torch.float32, device=device)
-                for t, logits in enumerate(out.logits):  # R' tensors of (B, V): one (B, V) block at a time
+                for t, logits in enumerate(step_logits):  # R' tensors of (B, V): one (B, V) block at a time
                     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
                     logprobs[:, t] = logp.gather(1, new[:, t : t + 1]).squeeze(1)
                     entropy[:, t] = -(logp.exp() * logp).sum(-1)
