@@ -841,6 +841,9 @@ class EvalStageConfig:
     # tokens/s over the first `footprint_prompts` held-out prompts (eval/footprint.py).
     footprint: bool = False
     footprint_prompts: int = 4
+    # Also evaluate every model with its weights in these precisions (rows "NAME bf16", "NAME
+    # int8" beside the fp32 row; instructkit.decoding.reduced_precision, docs/decoding.md).
+    precisions: list[Literal["bf16", "int8"]] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         require(bool(self.suites), "suites", "name at least one suite")

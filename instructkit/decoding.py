@@ -316,3 +316,34 @@ def step_mask(cache: Any, mask: torch.Tensor, padded: bool, length: int) -> torc
     slots = torch.arange(valid.shape[1], device=valid.device)
     causal = slots[None, :] <= torch.arange(width, device=valid.device)[:, None]  # (T, max_len)
     return (valid[:, None, None, :] & causal[None, None]).clone()
+
+
+# ----------------------------------------------------------------------------------------------
+# Reduced-precision weights
+
+
+PRECISIONS = ("fp32", "bf16", "int8")
+"""Weight precisions a model can be decoded in: as loaded (fp32 on CPU), a bf16 copy, or a copy
+with torchao's int8 weight-only linear layers (activations stay in the model's dtype)."""
+
+
+def reduced_precision(model: Any, precision: str) -> Any:
+    """``model`` itself for ``fp32``; otherwise a copy with its weights in ``precision``. A peft
+    model is merged into its base first (the copy decodes what the adapter would)."""
+    import copy
+
+    if precision not in PRECISIONS:
+        from instructkit.errors import InputError
+
+        raise InputError(f"unknown precision {precision!r} (one of {', '.join(PRECISIONS)})", field="precision")
+    if precision == "fp32":
+        return model
+    low = copy.deepcopy(model)
+    if hasattr(low, "merge_and_unload"):
+        low = low.merge_and_unload()
+    if precision == "bf16":
+        return low.to(torch.bfloat16)
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quantize_(low, Int8WeightOnlyConfig())
+    return low

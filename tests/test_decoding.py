@@ -11,6 +11,7 @@ import torch
 from instructkit import decoding
 from instructkit.data.schema import Message
 from instructkit.data.templates import encode_prompt
+from instructkit.errors import InputError
 from instructkit.generation import generate, left_pad, stop_tokens
 from tests.tiny import real_tokenizer, tiny_llama
 
@@ -213,3 +214,36 @@ def test_ppo_rollouts_sample_through_the_loop_with_hfs_tokens_and_log_probs(mode
     assert torch.equal(ours.query_responses, peer.query_responses)
     assert torch.equal(ours.response_mask, peer.response_mask)
     assert torch.equal(ours.logprobs, peer.logprobs) and torch.equal(ours.entropy, peer.entropy)
+
+
+def test_reduced_precision_copies_decode_through_the_loop_as_hf_does_on_them(model, tokenizer):
+    """bf16 and torchao int8 copies: the original stays fp32, the copies hold the precision, and
+    the loop gives the tokens HF generate gives on the same copy."""
+    ids, mask = batch(tokenizer, PROMPTS[:3])
+    stop_ids, _ = stop_tokens(model, tokenizer, None, None)
+    pad = tokenizer.pad_token_id
+    assert decoding.reduced_precision(model, "fp32") is model
+    for precision in ("bf16", "int8"):
+        low = decoding.reduced_precision(model, precision)
+        weight = low.model.layers[0].self_attn.q_proj.weight
+        assert (weight.dtype == torch.bfloat16) if precision == "bf16" else (type(weight).__name__ != "Parameter")
+        ours = decoding.decode(low, ids, mask, max_new_tokens=6, stop_ids=stop_ids, pad_id=pad)
+        assert torch.equal(ours, hf(low, ids, mask, stop_ids, pad, 6))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with pytest.raises(InputError, match="unknown precision 'fp16'"):
+        decoding.reduced_precision(model, "fp16")
+
+
+def test_the_eval_stage_reports_each_precision_beside_fp32(tmp_path):
+    from instructkit.config import EvalStageConfig, from_dict
+    from instructkit.eval.stage import eval_stage
+    from tests.tiny import tiny_model_dir, toy_conversations, write_jsonl
+
+    model = str(tiny_model_dir(tmp_path / "tiny"))
+    data = str(write_jsonl(tmp_path / "convs.jsonl", toy_conversations(4)))
+    cfg = EvalStageConfig(suites=["exact_match"], data=data, max_new_tokens=4, batch_size=2, precisions=["bf16"])
+    table = eval_stage(cfg, [("base", model)], tmp_path / "eval")["table"]
+    assert list(table) == ["base", "base bf16"]
+    assert set(table["base bf16"]) == set(table["base"])
+    with pytest.raises(InputError, match="precisions"):  # a typed field: the config loader checks it
+        from_dict(EvalStageConfig, {"precisions": ["fp16"]})

@@ -29,6 +29,7 @@ def eval_stage(
     ``robust_suite``, the suite ``robustness`` re-runs. ``reward_model`` judges the ``reward``
     and ``winrate`` suites. Returns the summary written to ``out/summary.json``.
     """
+    from instructkit.decoding import reduced_precision
     from instructkit.eval.conversations import read_conversations
     from instructkit.eval.footprint import footprint
     from instructkit.eval.heads import classifier_runs, head_eval_stage
@@ -42,10 +43,14 @@ def eval_stage(
         return head_eval_stage(models, out)
     if vision_runs(models):  # vision runs: the held-out answers their stages measured (eval/vision.py)
         return vision_eval_stage(models, out)
-    # 1. The runs: every model zero-shot, and the starting model k-shot right after it.
-    runs = [(name, spec, 0) for name, spec in models]
+    # 1. The runs: every model zero-shot (then in each reduced weight precision asked for), and
+    # the starting model k-shot right after it.
+    precisions = getattr(cfg, "precisions", [])
+    runs = [
+        (f"{name} {p}" if p != "fp32" else name, spec, 0, p) for name, spec in models for p in ["fp32", *precisions]
+    ]
     if cfg.k_shot:
-        runs.insert(1, (f"base {cfg.k_shot}-shot", models[0][1], cfg.k_shot))
+        runs.insert(1, (f"base {cfg.k_shot}-shot", models[0][1], cfg.k_shot, "fp32"))
     # 2. The calls of each run: the shared-data suites together, each own-format suite alone.
     names = resolve_suites(cfg.suites)
     shared = [n for n in names if not SUITES[n].reads.alone]
@@ -56,12 +61,14 @@ def eval_stage(
     prompts = read_conversations(cfg.data, cfg.footprint_prompts).prompts if cfg.footprint else []
     table: dict[str, dict[str, Any]] = {}
     with atomic_dir(out) as tmp:
-        for name, spec, k in runs:
+        for name, spec, k, precision in runs:
             print(f"   evaluating {name}", flush=True)
             stem = name.replace(" ", "_")
             # A BERT2BERT's starting point is the untrained warm start, not its encoder (models/seq2seq.py).
             first = starting_model(spec, [s for _, s in models[1:]]) if spec == models[0][1] else None
             loaded = first or load_model_and_tokenizer(spec)
+            if precision != "fp32":  # the same model with its weights in bf16 or int8 (instructkit.decoding)
+                loaded = (reduced_precision(loaded[0], precision), loaded[1])
             metrics: dict[str, Any] = {}
             # 3. Each call writes its metrics and samples; the run's numbers join the table.
             for suffix, suites, data in calls:
