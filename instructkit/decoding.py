@@ -158,13 +158,32 @@ def _sampler(temperature: float, top_p: float):
     return warpers
 
 
+CACHE_BUCKET = 128
+"""The compiled path's static cache length is the prompt width plus ``max_new_tokens``, rounded
+up to a multiple of this, so batches of different prompt lengths share one compiled step."""
+
+
 class _CompiledStep:
-    """The one-token step over a ``StaticCache``, compiled once per model; shapes are fixed by
-    (batch size, cache length), so each new pair compiles once and then only runs."""
+    """The one-token step over a ``StaticCache``, compiled once per model. Shapes are fixed by
+    (batch size, cache length), so each new pair compiles once; its cache is kept and reset
+    between calls, so the compiled step always sees the same tensors."""
 
     def __init__(self, model: Any) -> None:
         self.model = model
         self.forward = torch.compile(model.forward, dynamic=False, fullgraph=False)
+        self.caches: dict[tuple[int, int], Any] = {}
+
+    def cache(self, batch: int, max_len: int) -> Any:
+        from transformers import StaticCache
+
+        key = (batch, max_len)
+        cache = self.caches.get(key)
+        if cache is None:
+            cache = self.caches[key] = StaticCache(config=_base(self.model).config, max_cache_len=max_len)
+            cache.instructkit_len = max_len
+        else:
+            cache.reset()
+        return cache
 
     def __call__(self, ids, positions, mask, cache):
         out = self.forward(
@@ -294,15 +313,13 @@ def _stop_on_strings(tokenizer, columns, stop_strings, unfinished, texts_done) -
 
 
 def _static_step(model: Any, batch: int, max_len: int, mask: torch.Tensor, device: Any):
-    from transformers import StaticCache
-
-    base = _base(model)
-    cache = StaticCache(config=base.config, max_cache_len=max_len)
+    step = compiled_step(model)
+    cache = step.cache(batch, -(-max_len // CACHE_BUCKET) * CACHE_BUCKET)
     # Which cache slots hold a real token: the prompt's non-padding columns now, each new
-    # column as it is written. (B, max_len)
-    cache.instructkit_valid = torch.zeros((batch, max_len), dtype=torch.bool, device=device)
+    # column as it is written. (B, cache length)
+    cache.instructkit_valid = torch.zeros((batch, cache.instructkit_len), dtype=torch.bool, device=device)
     cache.instructkit_valid[:, : mask.shape[1]] = mask.bool()
-    return compiled_step(model), cache
+    return step, cache
 
 
 def step_mask(cache: Any, mask: torch.Tensor, padded: bool, length: int) -> torch.Tensor:

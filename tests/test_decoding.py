@@ -247,3 +247,20 @@ def test_the_eval_stage_reports_each_precision_beside_fp32(tmp_path):
     assert set(table["base bf16"]) == set(table["base"])
     with pytest.raises(InputError, match="precisions"):  # a typed field: the config loader checks it
         from_dict(EvalStageConfig, {"precisions": ["fp16"]})
+
+
+def test_the_compiled_step_is_reused_across_prompt_lengths(tokenizer):
+    """Batches of other prompt widths fall in the same cache bucket: the same StaticCache object
+    (reset, not rebuilt), so the compiled step sees tensors of the same shapes at the same
+    addresses; the tokens still equal HF's."""
+    ids_ = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    small = tiny_llama(len(tokenizer), seed=3, tie_word_embeddings=False, num_hidden_layers=1, **ids_).eval()
+    stop_ids, _ = stop_tokens(small, tokenizer, None, None)
+    pad = tokenizer.pad_token_id
+    seen = []
+    for prompt in (PROMPTS[0], PROMPTS[2]):
+        ids, mask = batch(tokenizer, [prompt])
+        ours = decoding.decode(small, ids, mask, max_new_tokens=5, stop_ids=stop_ids, pad_id=pad, compile=True)
+        assert torch.equal(ours, hf(small, ids, mask, stop_ids, pad, 5))
+        seen.append(set(map(id, decoding.compiled_step(small).caches.values())))
+    assert len(seen[0]) == 1 and seen[0] == seen[1]
