@@ -2,7 +2,7 @@
 MiniLM's WordPiece, a T5 over SmolLM2's BPE, and a BERT2BERT warm-started from a tiny BERT. They
 train (the loss falls), final/ reloads and generates what the trained model generated, the
 engine invariants hold, the loss equals transformers' Seq2SeqTrainer step by step, the warm
-start keeps the BERT's weights where Rothe et al. keep them, and bad input is a located error
+start keeps the BERT's weights where Rothe et al. keep them (cross-attention copied from self-attention), and bad input is a located error
 found before a model loads."""
 
 from __future__ import annotations
@@ -177,7 +177,8 @@ def test_loss_matches_transformers_seq2seq_trainer(models, data, tmp_path):
 def test_warm_start_keeps_the_bert_weights_and_adds_cross_attention(models):
     """Rothe et al. 2020, section 3: the encoder is the BERT checkpoint; the decoder is the same
     checkpoint (embeddings, self-attention, feed-forward, layer norms) with is_decoder and a
-    cross-attention block per layer that the checkpoint does not have; decoding starts at
+    cross-attention block per layer that the checkpoint does not have (here a copy of the layer's
+    self-attention, not tied to it; the paper draws it at random); decoding starts at
     [CLS], ends at [SEP], pads with [PAD]. Built twice with one seed, the new weights agree."""
     import torch
     from transformers import BertModel
@@ -196,9 +197,10 @@ def test_warm_start_keeps_the_bert_weights_and_adds_cross_attention(models):
     # 2 layers x (query, key, value and output dense: weight and bias; the output LayerNorm: 2) = 2 x 10
     assert len(cross) == 2 * 10
     assert not any("crossattention" in k for k in bert)
-    for layer in range(2):  # drawn afresh, not copied from the layer's self-attention
-        q = f"encoder.layer.{layer}.crossattention.self.query.weight"
-        assert not torch.equal(decoder[q], bert[q.replace("crossattention", "attention")])
+    for key in cross:  # each a copy of its layer's pretrained self-attention (query ... output LayerNorm)
+        assert torch.equal(decoder[key], bert[key.replace("crossattention", "attention")]), key
+    layer0 = model.decoder.bert.encoder.layer[0]
+    assert layer0.crossattention.self.query.weight.data_ptr() != layer0.attention.self.query.weight.data_ptr()
     assert model.config.decoder.is_decoder and model.config.decoder.add_cross_attention
     assert special_ids(model) == (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id)
     again, _ = warm_start(str(models["bert"]), seed=7)
