@@ -412,7 +412,16 @@ def render(summary: dict[str, Any], root: Path, *, sample_limit: int = 6) -> str
         ("seconds", summary.get("seconds")),
     ]
     for stage, info in stages.items():
-        for key in ("loss", "steps", "train_seconds", "tokens_per_s", "val_accuracy", "val_reward_margin"):
+        for key in (
+            "loss",
+            "steps",
+            "train_seconds",
+            "tokens_per_s",
+            "val_accuracy",
+            "val_reward_margin",
+            "perplexity_before",
+            "perplexity_after",
+        ):
             if isinstance(info, dict) and key in info:
                 facts.append((f"{stage} {key}", info[key]))
     summary_html = "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in facts)

@@ -17,6 +17,9 @@ instruction hidden in their input) are the safety suites' prompts, made by
 ``scripts/make_safety_sets.py``.
 ``transform`` (alpaca: reverse, sort, extract the number, list the animals; short lowercase inputs)
 is the seq2seq recipe's data, made by ``scripts/make_seq2seq_dataset.py``.
+``orders_text`` (``{"text": ...}`` shop notes: the extract task's names, items, counts and cities as
+prose, no order of extract's val/test) is the pretrain recipe's text domain, made by
+``scripts/make_text_domain.py``.
 
 Every split is named ``shipped:NAME/SPLIT`` wherever a data path is taken (configs,
 ``instructkit data inspect``, ``label create --prompts``); :func:`resolve_data_path` turns the
@@ -40,6 +43,7 @@ SHIPPED: dict[str, tuple[str, ...]] = {
     "refusal": ("test",),  # harmful requests and benign look-alikes, prompts format (docs/safety.md)
     "injection": ("test",),  # shipped task prompts with an injected canary, prompts format (docs/safety.md)
     "transform": ("train", "val", "test"),  # instructed string transforms, alpaca (seq2seq; docs/seq2seq.md)
+    "orders_text": ("train", "test"),  # shop notes as plain text, the extract task's domain (docs/pretrain.md)
 }
 """Each shipped dataset and its splits, in formats the instruction-data loader reads."""
 

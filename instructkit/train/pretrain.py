@@ -10,6 +10,7 @@ batch, since every random draw is made when examples are made, from ``data.seed`
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -213,6 +214,26 @@ def _encode(splits, parts, cfg: PretrainConfig):
     return train, val, dropped
 
 
+def held_out_loss(loss_module: nn.Module, val_examples: list[dict], collate, cfg: PretrainConfig, accelerator):
+    """The count-weighted mean held-out loss of the model as it is now (None without held-out
+    text): the engine's validation pass, so it is the same number ``fit`` reports as val_loss."""
+    from instructkit.train.engine import evaluate_loss
+
+    if not val_examples:
+        return None
+    return evaluate_loss(loss_module, val_examples, collate, cfg.train.batch_size, accelerator)
+
+
+def _before_after(objective: str, before: float | None, after: float | None) -> dict[str, float | None]:
+    """The summary's held-out numbers: the loss before training (after is ``val_loss``) and, for
+    clm, whose loss is the mean next-token cross-entropy, the perplexity exp(loss) before and after."""
+    out: dict[str, float | None] = {"val_loss_before": before}
+    if objective == "clm":
+        out["perplexity_before"] = math.exp(before) if before is not None else None
+        out["perplexity_after"] = math.exp(after) if after is not None else None
+    return out
+
+
 def pretrain(
     config: PretrainConfig | str | Path | dict | None = None,
     overrides: list[str] | None = None,
@@ -244,15 +265,19 @@ def pretrain(
                 f"note: the last {dropped} tokens did not fill a block of {cfg.data.max_length} and were left out"
             )
 
-        # 5. Train: the objective's (loss_sum, count), exact across micro-batches and processes.
+        # 5. The held-out loss of the model as loaded (step 0), the "before" of the summary.
         chunk = cfg.train.loss_chunk_size
         loss = CausalLMLoss(parts.model, chunk) if recipe.decoder else PretrainLoss(parts.model, cfg.objective)
+        collate = recipe.collate(parts.tokenizer)
+        before = held_out_loss(loss, val_ex, collate, cfg, stage.accelerator)
+
+        # 6. Train: the objective's (loss_sum, count), exact across micro-batches and processes.
         started = time.time()
         result = engine.fit(
             loss_module=loss,
             model=parts.model,
             examples=train_ex,
-            collate=recipe.collate(parts.tokenizer),
+            collate=collate,
             weight=recipe.weight,
             train=cfg.train,
             optim=cfg.optim,
@@ -263,7 +288,10 @@ def pretrain(
             count_key="targets",
         )
 
-    # 6. Save final/ (full weights or the clm adapter, with the tokenizer) and the summary.
+    # 7. Save final/ (full weights or the clm adapter, with the tokenizer) and the summary.
+    held_out = _before_after(cfg.objective, before, result.final_val_loss)
+    if held_out.get("perplexity_before") is not None:
+        stage.print(f"held-out perplexity {held_out['perplexity_before']:.3f} -> {held_out['perplexity_after']:.3f}")
     summary = setup.stage_summary(
         "pretrain",
         cfg,
@@ -273,6 +301,7 @@ def pretrain(
         **result.summary(started),
         val_loss=result.final_val_loss,
         best_val_loss=result.best_val_loss,
+        **held_out,
         train_examples=len(train_ex),
         val_examples=len(val_ex),
         dropped_tokens=dropped,

@@ -211,3 +211,54 @@ def test_bad_configs_fail_before_a_model_loads(tmp_path, change, field):
 def test_config_defaults_are_plain_text_and_full_weights():
     cfg = PretrainConfig()
     assert (cfg.objective, cfg.data.format, cfg.peft.method) == ("clm", "text", "full")
+
+
+HELD_OUT = ["Nora from Lima ordered three lamps.", "The van was loaded by noon and the shop was quiet."]
+
+
+def _perplexity_by_hand(model_dir: Path, texts: list[str], block: int) -> float:
+    """exp(mean next-token cross-entropy) over the held-out text packed as the recipe documents it:
+    each text's tokens then eos, concatenated, cut into blocks of ``block`` (the tail dropped).
+    Every block has ``block - 1`` targets, so the mean token CE is the mean over blocks of
+    transformers' own ``labels=`` loss (its mean over one block's shifted targets)."""
+    import math
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = [
+        t for text in texts for t in [*tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    ]
+    blocks = [ids[i : i + block] for i in range(0, len(ids) - block + 1, block)]
+    assert len(blocks) >= 2  # the two texts make more than one block, so the mean is over blocks
+    with torch.no_grad():
+        ces = [float(model(torch.tensor([b]), labels=torch.tensor([b])).loss) for b in blocks]
+    return math.exp(sum(ces) / len(ces))
+
+
+def test_clm_reports_held_out_perplexity_before_and_after(tiny, text, tmp_path):
+    """perplexity_before is the loaded model's exp(mean token CE) on the held-out text,
+    perplexity_after final/'s, each equal to the hand computation through transformers' loss; and
+    three training steps move it (so the two are not the same number by accident)."""
+    import math
+
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", [{"text": t} for t in HELD_OUT])
+    cfg = _config(tiny, text, tmp_path / "run", "clm", peft={"method": "full"})
+    cfg["data"].update(val_path=str(held_out), max_length=8)
+    cfg["train"]["max_steps"] = 3
+    summary = pretrain(cfg)
+    before, after = _perplexity_by_hand(tiny, HELD_OUT, 8), _perplexity_by_hand(tmp_path / "run" / "final", HELD_OUT, 8)
+    assert summary["perplexity_before"] == pytest.approx(before, rel=1e-4)
+    assert summary["perplexity_after"] == pytest.approx(after, rel=1e-4)
+    assert summary["val_loss_before"] == pytest.approx(math.log(before), rel=1e-4)
+    assert summary["val_loss"] == pytest.approx(math.log(after), rel=1e-4)
+    assert abs(before - after) > 1e-3 * before  # three steps at lr 3e-3 change the model
+
+
+def test_no_held_out_text_no_perplexity(tiny, text, tmp_path):
+    """val_fraction 0 and no val_path: nothing to measure, the summary says None, not a number."""
+    cfg = _config(tiny, text, tmp_path / "run", "clm", peft={"method": "full"})
+    cfg["train"]["max_steps"] = 1
+    summary = pretrain(cfg)
+    assert (summary["val_loss_before"], summary["perplexity_before"], summary["perplexity_after"]) == (None, None, None)
