@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import sys
 import time
 from pathlib import Path
@@ -120,7 +119,7 @@ def timed(run, model, batches, *, new: int, stop_ids, pad_id, **kw) -> dict[str,
     run(model, first_ids, first_mask, new=4, stop_ids=stop_ids, pad_id=pad_id, **kw)
     timer = ForwardTimer(model)
     rows, tokens = [], 0
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     try:
         for ids, mask in batches:
             out = run(model, ids, mask, new=new, stop_ids=stop_ids, pad_id=pad_id, **kw)
@@ -128,11 +127,15 @@ def timed(run, model, batches, *, new: int, stop_ids, pad_id, **kw) -> dict[str,
             tokens += out.numel()
     finally:
         timer.remove()
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     return {
         "tokens": tokens,
         "seconds": round(seconds, 3),
         "tokens_per_s": round(tokens / seconds, 2),
+        # CPU seconds of this process (all threads) move less than wall seconds when other
+        # processes share the CPU: the column to read on a busy machine.
+        "cpu_seconds": round(cpu_seconds, 3),
+        "tokens_per_cpu_s": round(tokens / cpu_seconds, 2),
         "forward_share": round(timer.seconds / seconds, 3),
         "forward_calls": timer.calls,
         "rows": rows,
@@ -147,24 +150,15 @@ def profile_hf(model, ids, mask, *, stop_ids, pad_id, new: int = 16) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
 
 
-def reduced_copy(model: Any, precision: str) -> Any:
-    import torch
-
-    low = copy.deepcopy(model)
-    if precision == "bf16":
-        return low.to(torch.bfloat16)
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
-    quantize_(low, Int8WeightOnlyConfig())
-    return low
-
-
 def llama_cpp_line(model: Any, tokenizer: Any, prompts: list[list[int]], new: int, threads: int) -> dict[str, Any]:
     """Batch-1 greedy tokens/s of llama.cpp on the model exported to GGUF (f16), or why not."""
     try:
         import llama_cpp
     except ImportError as exc:
-        return {"error": f"llama-cpp-python not installed ({exc}); see docs/decoding.md for the build attempt"}
+        return {
+            "error": f"llama-cpp-python is not installed ({exc}); `pip install llama-cpp-python` builds it from "
+            "source, which on the 2-core development machine was still compiling after 25 minutes (docs/decoding.md)"
+        }
     import tempfile
 
     from instructkit.models.gguf_export import write_gguf
@@ -208,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     from instructkit.data.formats import load_records
     from instructkit.data.templates import encode_prompt
     from instructkit.datasets import resolve_data_path
+    from instructkit.decoding import reduced_precision
     from instructkit.generation import generate, generate_new, left_pad, stop_tokens
     from instructkit.models.loading import load_model_and_tokenizer
 
@@ -241,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             lines["instructkit compiled"] = timed(ours_new_tokens, model, batches, compile=True, **common)
             lines["instructkit compiled"]["compile_seconds"] = round(compile_s, 1)
         for precision in args.precisions:
-            low = reduced_copy(model, precision)
+            low = reduced_precision(model, precision)
             lines[f"instructkit {precision}"] = timed(ours_new_tokens, low, batches, **common)
             del low
         for name, line in lines.items():
@@ -250,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             results["lines"][f"{name} @ batch {b}"] = {k: v for k, v in line.items() if k != "rows"}
             table.append([
                 name, b, line["tokens_per_s"], f"{line['tokens_per_s'] / hf['tokens_per_s']:.2f}x",
+                f"{line['tokens_per_cpu_s'] / hf['tokens_per_cpu_s']:.2f}x",
                 f"{100 * line['tokens_per_s'] / bound:.0f}%" if b == 1 else "-", line["forward_share"],
                 line["rows_equal_to_hf"], line.get("compile_seconds", "-"),
             ])  # fmt: skip
@@ -265,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             results["llama_cpp"] = {k: v for k, v in line.items() if k != "rows"}
             table.append([
                 "llama.cpp (f16 GGUF)", 1, line["tokens_per_s"], f"{line['tokens_per_s'] / hf1:.2f}x" if hf1 else "-",
-                f"{100 * line['tokens_per_s'] / bound:.0f}%", "-", same, "-",
+                "-", f"{100 * line['tokens_per_s'] / bound:.0f}%", "-", same, "-",
             ])  # fmt: skip
 
     # The texts callers get: generation.generate against HF generate with the same stop rules.
@@ -292,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         "weight_bytes_per_token": per_token,
         "bound_tokens_per_s": round(bound, 1),
     }
-    headers = ["decoder", "batch", "tokens/s", "vs HF", "of bound", "in forward", "rows = HF", "compile s"]
+    headers = [
+        "decoder", "batch", "tokens/s", "vs HF", "vs HF (CPU s)", "of bound", "in forward", "rows = HF", "compile s",
+    ]  # fmt: skip
     print(markdown_table(headers, table))
     print(
         f"\nbound: {bandwidth / 1e9:.1f} GB/s copy bandwidth / {per_token / 2**20:.0f} MiB of weights per token = "
