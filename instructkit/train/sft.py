@@ -40,8 +40,9 @@ def sft(
         # 2. Data: read, validate, split. Bad records fail here, before a model is loaded.
         splits = setup.load_splits(cfg.data)
 
-        # 3. Tokenizer and model; choose what trains (full, frozen layers, LoRA, ...).
-        parts = setup.load_trainable(cfg, device=stage.accelerator.device)
+        # 3. Tokenizer and model; choose what trains (full, frozen layers, LoRA, ...). An adapter run
+        #    as the model is merged first, so a new LoRA trains on top of it rather than replacing it.
+        parts = setup.load_trainable(cfg, device=stage.accelerator.device, merge_adapter=True)
 
         # 4. Encode with the chat template: only assistant tokens (and their end-of-turn) train.
         d = cfg.data

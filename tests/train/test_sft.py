@@ -118,6 +118,30 @@ def test_lora_saves_an_adapter_and_merged_weights(tiny, data, tmp_path):
     assert hasattr(model, "peft_config")
 
 
+def test_lora_sft_from_a_lora_run_starts_from_that_run(tiny, data, tmp_path):
+    """An sft stage whose model is an adapter run folds the earlier adapter in before its own LoRA.
+    With a learning rate of 1e-9 the second run barely moves, so its result must equal the first
+    run merged (before the fix it equalled the base model: the earlier adapter was dropped)."""
+    import torch
+
+    from instructkit.models.loading import load_model
+
+    first = config(tiny, data, tmp_path / "first", max_steps=3)
+    first["peft"] = {"method": "lora", "r": 4, "alpha": 8}
+    sft(first)
+    second = config(tmp_path / "first", data, tmp_path / "second", max_steps=1)
+    second["peft"] = {"method": "lora", "r": 4, "alpha": 8}
+    second["optim"] = {"lr": 1e-9, "scheduler": "constant"}
+    sft(second)
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+    with torch.no_grad():
+        after = load_model(tmp_path / "second", device="cpu", merge_adapter=True).eval()(input_ids=ids).logits
+        earlier = load_model(tmp_path / "first", device="cpu", merge_adapter=True).eval()(input_ids=ids).logits
+        base = load_model(tiny, device="cpu").eval()(input_ids=ids).logits
+    assert (earlier - base).abs().max() > 1e-3  # the earlier run changed the model
+    torch.testing.assert_close(after, earlier, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("peft", [{"method": "freeze", "trainable_layers": 1}, {"method": "freeze", "ffn_only": True}])
 def test_freezing_trains_only_the_chosen_parameters(tiny, data, tmp_path, peft):
     from safetensors.torch import load_file
