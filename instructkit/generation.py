@@ -77,21 +77,8 @@ def generate(
         stop_ids, stop_strings = seq2seq_stop_tokens(model, tokenizer, stop)
         return [decode_response(tokenizer, row, stop_ids, stop_strings) for row in rows]
     ids = [_prompt_ids(tokenizer, p, template) for p in prompts]
-    for i, p in enumerate(ids):
-        if not p:
-            raise InputError("the prompt is empty", record=i)
     stop_ids, stop_strings = stop_tokens(model, tokenizer, stop, template)
-    # Added tokens (<|im_end|>) never hide inside another token, so their id is enough;
-    # other strings can end mid-token and need the (slower) string criterion.
-    added = set(tokenizer.get_added_vocab())
-    watch = [s for s in stop_strings if s not in added]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    device = next(model.parameters()).device
-    sampling = (
-        {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-        if temperature > 0
-        else {"do_sample": False}
-    )
+    watch, pad_id, device, sampling = _decoding_setup(model, tokenizer, ids, stop_ids, stop_strings, temperature, top_p)
 
     # Plain causal LMs decode through instructkit.decoding (the same tokens, less overhead per
     # step); prompt learning, sliding-window caches and extra logits processors go to HF.
@@ -197,18 +184,9 @@ def generate_seq2seq_ids(
     """
     import torch
 
-    for i, p in enumerate(sources):
-        if not p:
-            raise InputError("the prompt is empty", record=i)
     stop_ids, stop_strings = seq2seq_stop_tokens(model, tokenizer, stop)
-    added = set(tokenizer.get_added_vocab())
-    watch = [s for s in stop_strings if s not in added]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    device = next(model.parameters()).device
-    sampling = (
-        {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-        if temperature > 0
-        else {"do_sample": False}
+    watch, pad_id, device, sampling = _decoding_setup(
+        model, tokenizer, sources, stop_ids, stop_strings, temperature, top_p
     )
     order = sorted(range(len(sources)), key=lambda i: -len(sources[i]))
     out: list[list[int]] = [[] for _ in sources]
@@ -242,6 +220,34 @@ def generate_seq2seq_ids(
     finally:
         model.train(was_training)
     return out
+
+
+def _decoding_setup(
+    model: Any,
+    tokenizer: Any,
+    ids: Sequence[Sequence[int]],
+    stop_ids: list[int],
+    stop_strings: list[str],
+    temperature: float,
+    top_p: float,
+) -> tuple[list[str], int, Any, dict[str, Any]]:
+    """What every decoding path needs before it starts: empty prompts refused, the stop strings
+    to watch as text, the pad id, the device and HF's sampling arguments."""
+    for i, p in enumerate(ids):
+        if not p:
+            raise InputError("the prompt is empty", record=i)
+    # Added tokens (<|im_end|>) never hide inside another token, so their id is enough;
+    # other strings can end mid-token and need the (slower) string criterion.
+    added = set(tokenizer.get_added_vocab())
+    watch = [s for s in stop_strings if s not in added]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    device = next(model.parameters()).device
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+        if temperature > 0
+        else {"do_sample": False}
+    )
+    return watch, pad_id, device, sampling
 
 
 def prepends_virtual_tokens(model: Any) -> bool:
