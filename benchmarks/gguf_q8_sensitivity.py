@@ -6,7 +6,10 @@ For every variant: the share of positions whose next-token argmax is unchanged, 
 the fp32 next-token distribution, and the largest logit difference. The `f16` row is the f16
 export's rounding, for scale. `q8_0, clipped scale` chooses each block's scale to minimise the
 block's squared rounding error (a search below the max-abs scale, still a valid Q8_0 block), a
-check that the plain max-abs rounding is not simply a poor encoder.
+check that the plain max-abs rounding is not simply a poor encoder. `q8_0 GPTQ` is what
+`instructkit export --quant q8_0 --rounding gptq` writes: the decoder layers' blocks chosen by GPTQ
+on calibration conversations from the training split (`--calibration-*`), the embedding rounded
+to nearest.
 
     .venv/bin/python benchmarks/gguf_q8_sensitivity.py --model smollm2-135m-instruct
 """
@@ -63,13 +66,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="default: %(default)s")
     parser.add_argument("--data", default="shipped:extract/test", help="default: %(default)s")
     parser.add_argument("--conversations", type=int, default=40, help="default: %(default)s")
+    parser.add_argument("--calibration-data", default="shipped:extract/train", help="GPTQ's (default: %(default)s)")
+    parser.add_argument("--calibration-examples", type=int, default=256, help="default: %(default)s")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gguf_q8_sensitivity.json")
     args = parser.parse_args(argv)
+
+    import copy
 
     import torch
 
     from instructkit.data.formats import load_records
     from instructkit.datasets import resolve_data_path
+    from instructkit.export import calibration_batches
+    from instructkit.models.gptq import dequantize, sequential_gptq
     from instructkit.models.loading import load_model_and_tokenizer
 
     machine = machine_info(("torch", "transformers", "gguf"))
@@ -87,11 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     # parameters, not state_dict(): a tied LM head is the embedding matrix, rounded once
     original = {name: p.detach().clone() for name, p in model.named_parameters()}
 
-    def score(name: str, rounding: Any, selected) -> dict[str, Any]:
+    def score(name: str, rounding: Any, selected, chosen: dict | None = None) -> dict[str, Any]:
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.copy_(original[n])
-                if p.ndim == 2 and p.shape[-1] % 32 == 0 and selected(n):
+                if chosen is not None and n in chosen:
+                    p.copy_(chosen[n])
+                elif p.ndim == 2 and p.shape[-1] % 32 == 0 and selected(n):
                     p.copy_(torch.from_numpy(rounding(original[n].numpy())))
             logits = model(**batch).logits[real]
         kl = torch.nn.functional.kl_div(
@@ -106,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
 
     rounding = rounders()
     results = [score(name, fn, lambda n: True) for name, fn in rounding.items()]
+    print("-- GPTQ", file=sys.stderr, flush=True)
+    calibration = calibration_batches(tokenizer, args.calibration_data, args.calibration_examples)
+    blocks = sequential_gptq(copy.deepcopy(model), calibration)
+    chosen = {n: dequantize(q, d) for n, (q, d) in blocks.items()}
+    results.append(score("q8_0 GPTQ", rounding["q8_0"], lambda n: True, chosen))
     for group in GROUPS:
         print(f"-- {group}", file=sys.stderr, flush=True)
         results.append(score(f"q8_0 {group} only", rounding["q8_0"], lambda n, g=group: g in n))

@@ -286,6 +286,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         quant=args.quant,
         check_data=args.check_data,
         check_prompts=args.check_prompts,
+        rounding=args.rounding,
+        calibration_data=args.calibration_data,
+        calibration_examples=args.calibration_examples,
     )
     size = result["bytes"] / 2**20
     print(
@@ -608,6 +611,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="merged", choices=["hf", "merged", "gguf"], help="default: %(default)s")
     p.add_argument("--quant", default="f16", choices=["f16", "q8_0", "q4_0"], help="GGUF weights (default: f16)")
     p.add_argument("--out", required=True, help="output folder (hf, merged) or file ending in .gguf")
+    p.add_argument(
+        "--rounding",
+        default="nearest",
+        choices=["nearest", "gptq"],
+        help="q8_0: round each weight to nearest, or choose the blocks by GPTQ on calibration "
+        "conversations so each layer's output moves least (slower: minutes) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--calibration-data",
+        default="shipped:extract/train",
+        help="--rounding gptq: conversations whose inputs the rounding keeps (default: %(default)s)",
+    )
+    p.add_argument(
+        "--calibration-examples",
+        type=int,
+        default=256,
+        help="--rounding gptq: how many of them (default: %(default)s)",
+    )
     p.add_argument(
         "--check-data",
         default="shipped:extract/test",

@@ -636,12 +636,17 @@ class ExportStageConfig:
     out: str = "runs/export"
     format: Literal["gguf", "merged"] = "gguf"
     quant: Literal["f16", "q8_0", "q4_0"] = "f16"  # gguf: the tensor type of the weight matrices
+    rounding: Literal["nearest", "gptq"] = "nearest"  # q8_0: to nearest, or GPTQ on calibration data
+    calibration_data: str = "shipped:extract/train"  # gptq: conversations whose layer outputs it keeps
+    calibration_examples: int = 256  # gptq: how many of them
     check_data: str = "shipped:extract/test"  # held-out conversations both models answer in the check
     check_prompts: int = 20  # how many of them, greedily; 0: the logit probe only
 
     def __post_init__(self) -> None:
         require(self.quant == "f16" or self.format == "gguf", "quant", f"applies to format gguf, not {self.format}")
         require(self.check_prompts >= 0, "check_prompts", "must be >= 0")
+        require(self.rounding == "nearest" or self.quant == "q8_0", "rounding", "gptq writes q8_0 blocks only")
+        require(self.calibration_examples >= 1, "calibration_examples", "must be >= 1")
 
 
 @dataclasses.dataclass

@@ -3,7 +3,9 @@
 - ``hf``: the model as it is saved (a peft adapter stays an adapter, with the base it names);
 - ``merged``: adapters folded into the base, an ordinary HF folder any tool loads;
 - ``gguf``: the merged model and its tokenizer in one GGUF file (``--quant f16|q8_0|q4_0``), for
-  llama.cpp, Ollama and transformers.
+  llama.cpp, Ollama and transformers. ``q8_0`` rounds to nearest, or with ``rounding="gptq"``
+  by GPTQ on calibration conversations (:mod:`instructkit.models.gptq`): the same Q8_0 blocks,
+  chosen so that each layer's output moves least.
 
 Every export is checked after writing: the written model is loaded back and its next-token logits
 on a probe text are compared with the source's (the largest absolute difference is reported,
@@ -20,6 +22,7 @@ from typing import Any, Literal
 
 ExportFormat = Literal["hf", "merged", "gguf"]
 FORMATS = ("hf", "merged", "gguf")
+ROUNDINGS = ("nearest", "gptq")
 PROBE = "Ada ordered three lamps for the office in Oslo. Reply with the name, the item, the count and the city."
 
 
@@ -58,6 +61,24 @@ def compare_greedy(
     return {"greedy_same": len(asked) - len(differ), "greedy_prompts": len(asked), "greedy_differ": differ}
 
 
+def calibration_batches(tokenizer: Any, data: str, examples: int, batch_size: int = 16) -> list[dict[str, Any]]:
+    """The first ``examples`` conversations of ``data``, chat template applied, as padded batches
+    (input_ids, attention_mask) for GPTQ's calibration."""
+    from instructkit.data.formats import load_records
+    from instructkit.datasets import resolve_data_path
+
+    records = load_records(resolve_data_path(data)).records[:examples]
+    texts = [
+        tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in r.messages], tokenize=False)
+        for r in records
+    ]
+    batches = []
+    for i in range(0, len(texts), batch_size):
+        b = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        batches.append({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]})
+    return batches
+
+
 def _load_gguf(path: Path):
     from transformers import AutoModelForCausalLM
 
@@ -72,9 +93,14 @@ def export(
     quant: str = "f16",
     check_data: str = "shipped:extract/test",
     check_prompts: int = 20,
+    rounding: str = "nearest",
+    calibration_data: str = "shipped:extract/train",
+    calibration_examples: int = 256,
 ) -> dict[str, Any]:
     """Export ``model`` (a spec: run folder, HF folder, adapter, embedded name) to ``out``; the
-    check compares greedy answers on ``check_prompts`` prompts of ``check_data`` (0: none)."""
+    check compares greedy answers on ``check_prompts`` prompts of ``check_data`` (0: none).
+    ``rounding="gptq"`` (q8_0 only) chooses the blocks by GPTQ on the first
+    ``calibration_examples`` conversations of ``calibration_data``."""
     from instructkit.errors import InputError, did_you_mean
     from instructkit.fileio import atomic_dir
     from instructkit.models import bottleneck
@@ -98,16 +124,39 @@ def export(
             "(a nonlinearity sits between their projections); use --format hf",
             field="format",
         )
+    if rounding not in ROUNDINGS:
+        raise InputError(
+            f"unknown rounding {rounding!r} (one of {', '.join(ROUNDINGS)}){did_you_mean(rounding, ROUNDINGS)}",
+            field="rounding",
+        )
+    if rounding == "gptq" and not (fmt == "gguf" and quant == "q8_0"):
+        raise InputError("rounding gptq writes GGUF q8_0 blocks: use --format gguf --quant q8_0", field="rounding")
+    if rounding == "gptq" and calibration_examples < 1:
+        raise InputError(
+            f"--calibration-examples must be >= 1, got {calibration_examples}", field="calibration_examples"
+        )
     if check_prompts < 0:
         raise InputError(f"--check-prompts must be >= 0, got {check_prompts}", field="check_prompts")
     if check_prompts:
         from instructkit.data.check import check_data_file
 
         check_data_file(check_data, "conversations")
+    if rounding == "gptq":
+        from instructkit.data.check import check_data_file
+
+        check_data_file(calibration_data, "conversations")
     tokenizer = load_tokenizer(model)
     source = load_model(model, dtype="fp32", device="cpu", merge_adapter=fmt != "hf").eval()
     if fmt == "gguf":
-        write_gguf(source, tokenizer, out, quant=quant)
+        blocks = None
+        if rounding == "gptq":
+            import copy
+
+            from instructkit.models.gptq import sequential_gptq
+
+            batches = calibration_batches(tokenizer, calibration_data, calibration_examples)
+            blocks = sequential_gptq(copy.deepcopy(source), batches)  # the source stays as it is, for the check
+        write_gguf(source, tokenizer, out, quant=quant, blocks=blocks)
         written = _load_gguf(out)
     else:
         with atomic_dir(out) as tmp:
@@ -125,6 +174,12 @@ def export(
         written = load_model(str(out), dtype="fp32", device="cpu").eval()
     size = out.stat().st_size if out.is_file() else sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     result = {"format": fmt, "quant": quant if fmt == "gguf" else None, "out": str(out), "bytes": size}
+    if rounding == "gptq":
+        result |= {
+            "rounding": "gptq",
+            "calibration_data": calibration_data,
+            "calibration_examples": calibration_examples,
+        }
     result |= compare(source, written, tokenizer)
     if check_prompts:
         result |= compare_greedy(source, written, tokenizer, check_data, check_prompts)

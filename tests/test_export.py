@@ -95,11 +95,34 @@ def test_gguf_through_the_command(tmp_path, adapter_run, capsys):
         (["--format", "gguf", "--out", "x.bin"], "name it *.gguf"),
         (["--format", "merged", "--quant", "q8_0", "--out", "x"], "applies to --format gguf only"),
         (["--check-prompts", "-1", "--out", "x"], "--check-prompts must be >= 0"),
+        (["--format", "gguf", "--rounding", "gptq", "--out", "x.gguf"], "use --format gguf --quant q8_0"),
+        (
+            ["--format", "gguf", "--quant", "q8_0", "--rounding", "gptq", "--calibration-examples", "0"]
+            + ["--out", "x.gguf"],
+            "--calibration-examples must be >= 1",
+        ),
     ],
 )
 def test_bad_requests_exit_2_before_loading(tmp_path, adapter_run, capsys, argv, message):
     run, _ = adapter_run
-    argv = [a if a not in ("x", "x.bin") else str(tmp_path / a) for a in argv]
+    argv = [a if a not in ("x", "x.bin", "x.gguf") else str(tmp_path / a) for a in argv]
     assert main(["export", "--model", str(run), *argv]) == 2
     assert message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_gptq_q8_0_export_writes_other_blocks_than_nearest_and_keeps_the_logits(tmp_path, adapter_run):
+    import gguf
+
+    run, _ = adapter_run
+    kw = {"fmt": "gguf", "quant": "q8_0", "check_prompts": 2}
+    nearest = export(str(run), tmp_path / "nearest.gguf", **kw)
+    gptq = export(str(run), tmp_path / "gptq.gguf", rounding="gptq", calibration_examples=8, **kw)
+    assert gptq["rounding"] == "gptq" and gptq["calibration_examples"] == 8 and "rounding" not in nearest
+    assert gptq["bytes"] == nearest["bytes"]  # the same Q8_0 layout
+    tensors = [{t.name: t for t in gguf.GGUFReader(tmp_path / f"{n}.gguf").tensors} for n in ("nearest", "gptq")]
+    name = "blk.0.ffn_down.weight"
+    assert tensors[0][name].tensor_type == tensors[1][name].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    assert not (tensors[0][name].data == tensors[1][name].data).all()
+    assert (tensors[0]["token_embd.weight"].data == tensors[1]["token_embd.weight"].data).all()  # not a decoder linear
+    torch.testing.assert_close(_logits(tmp_path / "gptq.gguf"), _logits(run), atol=5e-2, rtol=0)

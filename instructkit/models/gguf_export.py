@@ -8,7 +8,8 @@ What is written:
 - the tensors under llama.cpp's names (``gguf.get_tensor_name_map``), the query and key
   projections permuted into llama.cpp's rotary layout (transformers undoes it when it reads);
   norms in F32, matrices in F16, or Q8_0 / Q4_0 blocks (``gguf.quants``) where a row is a whole
-  number of 32-value blocks (others stay F16); tied output embeddings are not repeated;
+  number of 32-value blocks (others stay F16), or Q8_0 blocks chosen elsewhere (GPTQ,
+  :mod:`instructkit.models.gptq`); tied output embeddings are not repeated;
 - the BPE tokenizer (``tokenizer.ggml.model = gpt2``: tokens in id order, their types, merges),
   the special ids, and the chat template.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,12 +75,27 @@ def _tensor(weight: torch.Tensor, quant: str) -> tuple[np.ndarray, Any]:
     return data.astype(np.float16), None
 
 
-def write_gguf(model: Any, tokenizer: Any, path: str | os.PathLike, *, quant: str = "f16") -> Path:
-    """Write ``model`` (a transformers causal LM, adapters merged) and ``tokenizer`` to ``path``."""
+def write_gguf(
+    model: Any,
+    tokenizer: Any,
+    path: str | os.PathLike,
+    *,
+    quant: str = "f16",
+    blocks: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> Path:
+    """Write ``model`` (a transformers causal LM, adapters merged) and ``tokenizer`` to ``path``.
+    ``blocks`` (q8_0 only): Q8_0 values and scales already chosen for some weights, by parameter
+    name (:func:`instructkit.models.gptq.sequential_gptq`); they are written as they are, the
+    other matrices rounded to nearest."""
     import gguf
+
+    from instructkit.models.gptq import q8_0_bytes
 
     if quant not in QUANTS:
         raise InputError(f"unknown GGUF quantisation {quant!r} (one of {', '.join(QUANTS)})", field="quant")
+    if blocks and quant != "q8_0":
+        raise InputError(f"chosen Q8_0 blocks cannot be written as {quant}", field="quant")
+    blocks = blocks or {}
     config = model.config
     arch = _ARCHITECTURES.get(config.model_type)
     if arch is None:
@@ -134,11 +151,18 @@ def write_gguf(model: Any, tokenizer: Any, path: str | os.PathLike, *, quant: st
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise InputError(f"no GGUF name for tensor {hf_name}", field="model")
+        rows_of = {"self_attn.q_proj.weight": heads, "self_attn.k_proj.weight": kv_heads}
+        permute_heads = next((n for suffix, n in rows_of.items() if hf_name.endswith(suffix)), None)
+        if hf_name in blocks:  # llama.cpp's row order for q and k; a row's blocks move with it
+            q, d = (t.cpu().numpy() for t in blocks[hf_name])
+            if permute_heads is not None:
+                q, d = _permute(q, permute_heads), _permute(d, permute_heads)
+            array, qtype = q8_0_bytes(q, d), gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(name, array, raw_dtype=qtype)
+            continue
         data = weight.detach().to(torch.float32)
-        if hf_name.endswith("self_attn.q_proj.weight"):
-            data = torch.from_numpy(_permute(data.numpy(), heads))
-        elif hf_name.endswith("self_attn.k_proj.weight"):
-            data = torch.from_numpy(_permute(data.numpy(), kv_heads))
+        if permute_heads is not None:
+            data = torch.from_numpy(_permute(data.numpy(), permute_heads))
         array, qtype = _tensor(data, quant)
         writer.add_tensor(name, array, raw_dtype=qtype)  # quantised bytes: gguf derives the shape
     try:

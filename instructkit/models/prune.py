@@ -187,12 +187,12 @@ class _StopForward(Exception):
     """Raised by a hook to end a forward pass once the inputs it wanted are recorded."""
 
 
-_Caught = list[tuple[torch.Tensor, tuple[Any, ...], dict[str, Any]]]  # (hidden states, args, kwargs) per batch
+Caught = list[tuple[torch.Tensor, tuple[Any, ...], dict[str, Any]]]  # (hidden states, args, kwargs) per batch
 
 
-def _first_layer_inputs(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> tuple[_Caught, list]:
+def first_layer_inputs(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> tuple[Caught, list]:
     """What the model passes its first decoder layer for each batch, and each batch's real-token mask."""
-    caught: _Caught = []
+    caught: Caught = []
     real: list[torch.Tensor] = []
 
     def catch(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -211,7 +211,7 @@ def _first_layer_inputs(model: nn.Module, batches: Iterable[dict[str, torch.Tens
     return caught, real
 
 
-def _layer_input_norms(layer: nn.Module, caught: _Caught, real: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+def _layer_input_norms(layer: nn.Module, caught: Caught, real: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """L2 norm of every input feature of each linear layer inside ``layer``, run on ``caught``."""
     linears = {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
     sums = {name: torch.zeros(m.in_features, dtype=torch.float64) for name, m in linears.items()}
@@ -251,7 +251,7 @@ def sequential_masks(
     ``mask_of(linear, input_norms)`` gives each linear's keep-mask, the masks are applied, and the
     pruned layer runs again to make the next layer's inputs. The model ends pruned; returns the
     masks by :func:`prunable_linears` name."""
-    caught, real = _first_layer_inputs(model, batches)
+    caught, real = first_layer_inputs(model, batches)
     masks: dict[str, torch.Tensor] = {}
     for i, layer in enumerate(decoder_layers(model)):
         norms = _layer_input_norms(layer, caught, real)

@@ -45,6 +45,9 @@ def export_stage(
                 quant=cfg.quant,
                 check_data=cfg.check_data,
                 check_prompts=cfg.check_prompts,
+                rounding=cfg.rounding,
+                calibration_data=cfg.calibration_data,
+                calibration_examples=cfg.calibration_examples,
             )
             if cfg.format == "merged":  # the folder's files, not a folder inside final/
                 for f in target.iterdir():
