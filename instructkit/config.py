@@ -767,6 +767,7 @@ class PPOConfig:
     clip_range: float = 0.2  # policy ratio clip
     value_clip_range: float = 0.2  # value clip, in reward units
     vf_coef: float = 0.1  # weight of the value loss
+    critic_warmup_steps: int = 0  # gae: the first N PPO steps train the value model alone (the policy waits)
     kl_coef: float = 0.05  # beta: per-token KL penalty in the reward (initial value if adaptive)
     kl_estimator: KLEstimator = "k1"  # k1 | k3 (Schulman, "Approximating KL Divergence")
     adaptive_kl: AdaptiveKLConfig = dataclasses.field(default_factory=AdaptiveKLConfig)
@@ -784,8 +785,13 @@ class PPOConfig:
         require(self.temperature > 0, "temperature", "must be > 0 (PPO samples; log-probs are taken at it)")
         require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         require(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", "must be in (0, 1)")
-        for name in ("ptx_coef", "kl_coef", "vf_coef"):
+        for name in ("ptx_coef", "kl_coef", "vf_coef", "critic_warmup_steps"):
             require(getattr(self, name) >= 0, name, "must be >= 0")
+        require(
+            not self.critic_warmup_steps or self.advantage not in GROUP_RELATIVE,
+            "critic_warmup_steps",
+            f"{self.advantage} has no value model to warm up",
+        )
         require(
             self.advantage not in GROUP_RELATIVE or self.group_size >= 2,
             "group_size",

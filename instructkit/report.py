@@ -28,8 +28,24 @@ from typing import Any
 # Curves drawn per training stage: panel title -> metrics.jsonl keys (those present are drawn).
 PANELS: dict[str, tuple[str, ...]] = {
     "loss": ("loss", "val_loss", "ptx_loss", "value_loss", "policy_loss"),
-    "reward": ("reward_mean", "reward_margin", "reward_accuracy", "accuracy", "val_accuracy", "val_reward_margin"),
-    "KL (nats)": ("kl",),
+    "reward": (
+        "reward_mean",
+        "score_mean",
+        "penalized_reward_mean",
+        "kl_penalty",
+        "reward_margin",
+        "reward_accuracy",
+        "accuracy",
+        "val_accuracy",
+        "val_reward_margin",
+    ),
+    "KL (nats)": ("kl", "kl_target"),
+    # PPO's diagnostics (docs/ppo.md): is the value model learning, what do the advantages look
+    # like, how often the ratio clips, where the time goes
+    "value model": ("explained_variance",),
+    "advantages and returns": ("advantage_mean", "advantage_std", "return_mean", "return_std", "value_mean"),
+    "clipped fraction": ("clip_frac", "value_clip_frac"),
+    "seconds per step": ("generate_seconds", "train_seconds"),
 }
 
 # Evaluation metric -> the suite it belongs to, by exact name or prefix; the rest go to "other".
@@ -96,6 +112,12 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def panels_of(rows: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    """The panels a stage's curves get: each of :data:`PANELS` with the keys its rows logged."""
+    panels = [(title, [k for k in keys if any(k in r for r in rows)]) for title, keys in PANELS.items()]
+    return [(title, keys) for title, keys in panels if keys]
+
+
 def plot_stage(stage: str, rows: list[dict[str, Any]]) -> str | None:
     """One PNG (as a data URI) with a panel per metric group that the stage logged."""
     import matplotlib
@@ -103,12 +125,15 @@ def plot_stage(stage: str, rows: list[dict[str, Any]]) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(title, [k for k in keys if any(k in r for r in rows)]) for title, keys in PANELS.items()]
-    panels = [(title, keys) for title, keys in panels if keys]
+    panels = panels_of(rows)
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.0), squeeze=False)
-    for ax, (title, keys) in zip(axes[0], panels):
+    cols = min(len(panels), 4)
+    rows_n = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.0 * rows_n), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (title, keys) in zip(axes.flat, panels):
         for key in keys:
             points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "step" in r]
             if points:

@@ -65,6 +65,16 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     return out * mask.to(x.dtype)
 
 
+def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
+    """``1 - Var[target - predicted] / Var[target]`` over the masked entries (population variances):
+    1 when the value model predicts the returns exactly, 0 when it does no better than their mean,
+    negative when worse. NaN when the targets do not vary."""
+    var_target = float(masked_var(target, mask, unbiased=False))
+    if var_target == 0:
+        return float("nan")
+    return 1.0 - float(masked_var(target - predicted, mask, unbiased=False)) / var_target
+
+
 # ----------------------------------------------------------------------------------------------
 # KL between the policy and the reference, per token
 

@@ -565,10 +565,12 @@ def ppo_step(p: StepParts, step: int) -> dict[str, Any]:
     advantages, returns = p.estimator.estimate(
         rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam, group_size=cfg.group_size
     )
+    diagnostics = _diagnostics(p, scores, kl, rewards, advantages, returns, old_values, mask)
     if cfg.whiten_advantages:
         advantages = rl.masked_whiten(advantages, mask)
 
-    # e. PPO epochs over shuffled mini-batches, one optimizer step each.
+    # e. PPO epochs over shuffled mini-batches, one optimizer step each (the value model alone
+    # during the critic warm-up).
     policy.train()
     stats = _update(p, step, rollout=rollout, advantages=advantages, returns=returns, old_values=old_values)
     train_s = time.perf_counter() - t1
@@ -587,6 +589,7 @@ def ppo_step(p: StepParts, step: int) -> dict[str, Any]:
         "entropy": float(rl.masked_mean(rollout.entropy, mask)),
         "response_length": float(rollout.lengths.mean()),
         "eos_fraction": float(rollout.ended.float().mean()),
+        **diagnostics,
         **stats,
         "generate_seconds": round(generate_s, 4),
         "train_seconds": round(train_s, 4),
@@ -595,6 +598,29 @@ def ppo_step(p: StepParts, step: int) -> dict[str, Any]:
     if p.ema is not None:
         p.ema.update(policy)
     return record
+
+
+def _diagnostics(p: StepParts, scores, kl, rewards, advantages, returns, old_values, mask) -> dict[str, float]:
+    """What a PPO step's numbers say before the update: the score the policy is trained on (after
+    any missing-EOS penalty), the KL penalty it pays (``kl_coef`` x the mean summed KL), their
+    difference as the per-sequence sum of the per-token rewards, the advantages and returns
+    (before whitening) and, with a value model, how much of the returns' variance its
+    predictions explain."""
+    out = {
+        "score_mean": float(scores.mean()),
+        "kl_penalty": p.kl_ctl.value * float(kl.sum(1).mean()),
+        "penalized_reward_mean": float(rl.masked_sum(rewards, mask, dim=1).mean()),
+        "advantage_mean": float(rl.masked_mean(advantages, mask)),
+        "advantage_std": float(rl.masked_var(advantages, mask, unbiased=False).sqrt()),
+        "return_mean": float(rl.masked_mean(returns, mask)),
+        "return_std": float(rl.masked_var(returns, mask, unbiased=False).sqrt()),
+    }
+    if old_values is not None:
+        out["value_mean"] = float(rl.masked_mean(old_values, mask))
+        out["explained_variance"] = rl.explained_variance(old_values, returns, mask)
+    if p.cfg.adaptive_kl.target is not None:
+        out["kl_target"] = float(p.cfg.adaptive_kl.target)
+    return out
 
 
 def _rollout(p: StepParts, batch_prompts: list[PromptRecord], step: int):
@@ -638,6 +664,7 @@ def _update(p: StepParts, step: int, *, rollout, advantages, returns, old_values
     def add(name: str, x: float) -> None:
         sums[name] = sums.get(name, 0.0) + x
 
+    warmup = step < cfg.critic_warmup_steps  # the value model learns the returns; the policy waits
     for epoch in range(cfg.ppo_epochs):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(cfg.train.seed, step) * 101 + epoch))
         for start in range(0, n, mini):
@@ -653,7 +680,7 @@ def _update(p: StepParts, step: int, *, rollout, advantages, returns, old_values
                     pg_loss, clip_frac = rl.clipped_policy_loss(
                         logprobs, b.logprobs, advantages[rows, :w], b.response_mask, cfg.clip_range, normalizer=denom
                     )
-                    loss = pg_loss
+                    loss = None if warmup else pg_loss  # no policy gradient at all: its weights stay
                     if value is not None:
                         values = response_values(value, b)
                         vf_loss, vf_clip = rl.clipped_value_loss(
@@ -664,7 +691,7 @@ def _update(p: StepParts, step: int, *, rollout, advantages, returns, old_values
                             cfg.value_clip_range,
                             normalizer=denom,
                         )
-                        loss = loss + cfg.vf_coef * vf_loss
+                        loss = cfg.vf_coef * vf_loss if loss is None else loss + cfg.vf_coef * vf_loss
                         add("value_loss", float(vf_loss.detach()))
                         add("value_clip_frac", float(vf_clip) * share)
                 loss.backward()
@@ -673,7 +700,7 @@ def _update(p: StepParts, step: int, *, rollout, advantages, returns, old_values
                 approx_kl = 0.5 * rl.masked_sum((logprobs.detach() - b.logprobs) ** 2, b.response_mask) / denom
                 add("approx_kl", float(approx_kl))
                 add("loss", float(loss.detach()))
-            if p.ptx is not None:
+            if p.ptx is not None and not warmup:
                 with p.autocast():
                     ptx_loss = p.ptx.backward(step * _updates(cfg) + updates, device)
                 add("ptx_loss", ptx_loss)

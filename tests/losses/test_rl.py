@@ -15,6 +15,7 @@ from instructkit.losses.rl import (
     clipped_policy_loss,
     clipped_value_loss,
     entropy_from_logits,
+    explained_variance,
     gae,
     grpo_advantages,
     kl_k1,
@@ -192,3 +193,15 @@ def test_entropy_from_logits():
     """Uniform over 4: log 4; one-hot-ish: about 0."""
     ent = entropy_from_logits(torch.tensor([[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0]]))
     assert ent.tolist() == pytest.approx([math.log(4), 0.0], abs=1e-6)
+
+
+def test_explained_variance_by_hand():
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    target = torch.tensor([[2.0, 2.0, 4.0, 100.0]])  # the masked 100 must not count
+    predicted = torch.tensor([[1.0, 2.0, 3.0, -50.0]])
+    # Var[target] = 8/9, Var[target - predicted] = Var[1, 0, 1] = 2/9 (population variances)
+    assert explained_variance(predicted, target, mask) == pytest.approx(1 - (2 / 9) / (8 / 9))
+    assert explained_variance(target, target, mask) == pytest.approx(1.0)
+    assert explained_variance(torch.full_like(target, 8 / 3), target, mask) == pytest.approx(0.0, abs=1e-6)
+    assert explained_variance(-target, target, mask) < 0
+    assert math.isnan(explained_variance(predicted, torch.ones_like(target), mask))

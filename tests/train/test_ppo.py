@@ -240,6 +240,42 @@ def test_ppo_raises_the_reward_with_bounded_kl_and_writes_the_run_folder(sft_mod
     AutoModelForCausalLM.from_pretrained(out / "final")
 
 
+def test_diagnostics_add_up_and_the_report_draws_them(sft_model, prompts, tmp_path):
+    """Every step logs the score apart from the KL-penalised reward (their difference is the KL
+    penalty paid, kl_coef x the mean summed KL), the value model's explained variance, advantage
+    and return statistics, clip fractions and the time split; the report has a panel for each."""
+    from instructkit.report import panels_of
+
+    out = tmp_path / "diag"
+    ppo(config(sft_model, prompts, out, train={"max_steps": 3}, adaptive_kl={"target": 1.0, "horizon": 100}))
+    rows = records(out)
+    for r in rows:
+        assert r["penalized_reward_mean"] == pytest.approx(r["score_mean"] - r["kl_penalty"], abs=1e-5)
+        assert r["kl_penalty"] == pytest.approx(r["kl_coef"] * r["kl"], rel=1e-5, abs=1e-7)
+        assert r["score_mean"] == pytest.approx(r["reward_mean"])  # no missing-EOS penalty here
+        assert r["explained_variance"] <= 1.0 and r["advantage_std"] > 0 and r["kl_target"] == 1.0
+    # the value head starts at zero: the first step's values are 0, so nothing is explained
+    assert rows[0]["value_mean"] == 0.0 and rows[0]["explained_variance"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[0]["return_mean"] == pytest.approx(rows[0]["advantage_mean"], abs=1e-6)  # A = R - V, V = 0
+    drawn = {k for _, keys in panels_of(rows) for k in keys}
+    diagnostics = {"score_mean", "penalized_reward_mean", "explained_variance", "advantage_mean", "return_mean"}
+    assert diagnostics | {"clip_frac", "value_clip_frac", "generate_seconds", "kl_target"} <= drawn
+
+
+def test_critic_warm_up_trains_the_value_model_alone(sft_model, prompts, tmp_path):
+    from instructkit.models.loading import load_model
+
+    out = tmp_path / "warm"
+    ppo(config(sft_model, prompts, out, train={"max_steps": 2}, critic_warmup_steps=2))
+    rows = records(out)
+    before = load_model(str(sft_model), device="cpu", dtype="fp32").state_dict()
+    after = load_model(str(out / "final"), device="cpu", dtype="fp32").state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the policy did not move
+    assert rows[0]["value_mean"] == 0.0 and rows[1]["value_mean"] != 0.0  # the value head did
+    with pytest.raises(InputError, match="critic_warmup_steps"):
+        ppo(config(sft_model, prompts, tmp_path / "g", advantage="grpo", group_size=2, critic_warmup_steps=1))
+
+
 def test_grpo_raises_the_reward_without_a_value_model(sft_model, prompts, tmp_path):
     """4 prompts x 4 samples per step, advantages relative to each prompt's group."""
     out = tmp_path / "grpo"
