@@ -773,6 +773,7 @@ class PPOConfig:
     adaptive_kl: AdaptiveKLConfig = dataclasses.field(default_factory=AdaptiveKLConfig)
     whiten_advantages: bool = True
     whiten_rewards: bool = False  # rescale per-token rewards to unit variance (mean kept)
+    normalize_rewards: bool = False  # scores as (x - mean) / std over every score seen so far (running)
     missing_eos_penalty: float | None = None  # subtracted from the score of responses cut at max_new_tokens
     ptx_coef: float = 0.0  # gamma of InstructGPT Eq. 2: weight of the LM loss on data.ptx_path
     ema_decay: float | None = None  # EMA of the policy weights (final/ holds the EMA); null: off

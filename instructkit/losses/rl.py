@@ -21,6 +21,7 @@ Where each piece comes from:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -119,6 +120,42 @@ def kl_penalized_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Ten
     has_tokens = mask.sum(1) > 0
     rewards[rows[has_tokens], last[has_tokens]] += scores[has_tokens].to(rewards.dtype)
     return rewards
+
+
+class RunningMoments:
+    """Mean and (population) standard deviation of every score seen so far, merged batch by batch
+    (Chan et al.'s parallel update), for reward normalisation: ``normalize`` maps scores to
+    ``(x - mean) / std``. Its state is three numbers, checkpointed with the run."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, x: torch.Tensor) -> None:
+        n = x.numel()
+        if n == 0:
+            return
+        x = x.detach().double()
+        batch_mean = float(x.mean())
+        batch_m2 = float(((x - batch_mean) ** 2).sum())
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += batch_m2 + delta**2 * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / self.count) if self.count else 0.0
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x - mean) / std``; only the shift while every score seen has been the same."""
+        return (x - self.mean) / self.std if self.std > 0 else x - self.mean
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
 
 
 class FixedKLController:

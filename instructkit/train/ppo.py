@@ -427,6 +427,7 @@ class StepParts:
     kl_ctl: rl.FixedKLController  # or its subclass AdaptiveKLController
     ema: EMA | None
     autocast: Callable[[], Any]
+    moments: rl.RunningMoments | None = None  # normalize_rewards: the running score statistics
 
     @classmethod
     def build(
@@ -474,6 +475,7 @@ class StepParts:
             kl_ctl,
             ema,
             autocast,
+            moments=rl.RunningMoments() if cfg.normalize_rewards else None,
         )
 
     def extra_state(self) -> dict[str, engine.ExtraState]:
@@ -481,6 +483,8 @@ class StepParts:
         extra: dict[str, engine.ExtraState] = {"kl_controller": engine.JSONState(self.kl_ctl)}
         if self.ema is not None:
             extra["ema"] = self.ema
+        if self.moments is not None:
+            extra["reward_moments"] = engine.JSONState(self.moments)
         return extra
 
 
@@ -546,6 +550,9 @@ def ppo_step(p: StepParts, step: int) -> dict[str, Any]:
     scores = raw_scores.clone()
     if cfg.missing_eos_penalty is not None:
         scores[~rollout.ended] -= cfg.missing_eos_penalty
+    if p.moments is not None:  # this step's scores join the running statistics, then are scaled
+        p.moments.update(scores)
+        scores = p.moments.normalize(scores)
 
     # c. Reference log-probs and old values, before any update.
     mask, chunk = rollout.response_mask, cfg.train.loss_chunk_size
@@ -602,7 +609,7 @@ def ppo_step(p: StepParts, step: int) -> dict[str, Any]:
 
 def _diagnostics(p: StepParts, scores, kl, rewards, advantages, returns, old_values, mask) -> dict[str, float]:
     """What a PPO step's numbers say before the update: the score the policy is trained on (after
-    any missing-EOS penalty), the KL penalty it pays (``kl_coef`` x the mean summed KL), their
+    any missing-EOS penalty and reward normalisation), the KL penalty it pays (``kl_coef`` x the mean summed KL), their
     difference as the per-sequence sum of the per-token rewards, the advantages and returns
     (before whitening) and, with a value model, how much of the returns' variance its
     predictions explain."""

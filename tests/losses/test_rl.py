@@ -12,6 +12,7 @@ from instructkit.losses.rl import (
     KL_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,
+    RunningMoments,
     clipped_policy_loss,
     clipped_value_loss,
     entropy_from_logits,
@@ -205,3 +206,19 @@ def test_explained_variance_by_hand():
     assert explained_variance(torch.full_like(target, 8 / 3), target, mask) == pytest.approx(0.0, abs=1e-6)
     assert explained_variance(-target, target, mask) < 0
     assert math.isnan(explained_variance(predicted, torch.ones_like(target), mask))
+
+
+def test_running_moments_merge_batches_into_the_moments_of_all_scores():
+    m = RunningMoments()
+    m.update(torch.tensor([1.0, 2.0, 3.0]))
+    m.update(torch.tensor([4.0, 5.0]))
+    assert m.mean == pytest.approx(3.0) and m.std == pytest.approx(math.sqrt(2.0))  # of 1..5
+    x = torch.tensor([3.0, 3.0 + math.sqrt(2.0)])
+    assert torch.allclose(m.normalize(x), torch.tensor([0.0, 1.0]))
+    again = RunningMoments()
+    again.load_state_dict(m.state_dict())
+    again.update(torch.tensor([6.0]))
+    assert again.mean == pytest.approx(3.5) and again.std == pytest.approx(math.sqrt(35 / 12))  # of 1..6
+    same = RunningMoments()
+    same.update(torch.tensor([2.0, 2.0]))
+    assert same.normalize(torch.tensor([2.0, 3.0])).tolist() == [0.0, 1.0]  # no spread: the shift alone

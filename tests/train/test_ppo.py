@@ -305,8 +305,13 @@ def _safetensor_names(path: Path) -> list[str]:
 def test_interrupted_run_resumes_exactly(sft_model, prompts, tmp_path):
     """Crash after step 3 (checkpoints every 2 steps), restart: the curve equals the uninterrupted
     one. The checkpoint must carry the policy and value weights, the optimizer, the adaptive KL
-    coefficient and the EMA weights; rollouts and shuffles are functions of (seed, step)."""
-    over = dict(train={"max_steps": 4, "save_every": 2}, adaptive_kl={"target": 0.05, "horizon": 64}, ema_decay=0.5)
+    coefficient, the running score statistics and the EMA weights; rollouts and shuffles are functions of (seed, step)."""
+    over = dict(
+        train={"max_steps": 4, "save_every": 2},
+        adaptive_kl={"target": 0.05, "horizon": 64},
+        ema_decay=0.5,
+        normalize_rewards=True,
+    )
     ppo(config(sft_model, prompts, tmp_path / "full", **over))
 
     def crash(step: int) -> None:
@@ -319,9 +324,10 @@ def test_interrupted_run_resumes_exactly(sft_model, prompts, tmp_path):
     ppo(config(sft_model, prompts, tmp_path / "cut", **over))
     full, cut = records(tmp_path / "full"), records(tmp_path / "cut")
     assert [r["step"] for r in cut] == [1, 2, 3, 4]
-    keys = ("loss", "reward_mean", "kl", "kl_coef", "value_loss", "policy_loss", "clip_frac")
+    keys = ("loss", "reward_mean", "score_mean", "kl", "kl_coef", "value_loss", "policy_loss", "clip_frac")
     assert [[r[k] for k in keys] for r in full] == [[r[k] for k in keys] for r in cut]
     assert full[-1]["kl_coef"] != 0.05  # the adaptive coefficient moved, so its state mattered
+    assert abs(full[0]["score_mean"]) < 1e-6 < abs(full[0]["reward_mean"])  # step 1: its own moments
 
     # Ctrl-C during step 2: the step finishes, is checkpointed, and the run stops; it resumes too.
     import signal
