@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     results = [score(name, fn, lambda n: True) for name, fn in rounding.items()]
     print("-- GPTQ", file=sys.stderr, flush=True)
     calibration = calibration_batches(tokenizer, args.calibration_data, args.calibration_examples)
+    with torch.no_grad():  # score() leaves the last variant's weights in place: GPTQ starts from fp32
+        for n, p in model.named_parameters():
+            p.copy_(original[n])
     blocks = sequential_gptq(copy.deepcopy(model), calibration)
     chosen = {n: dequantize(q, d) for n, (q, d) in blocks.items()}
     results.append(score("q8_0 GPTQ", rounding["q8_0"], lambda n: True, chosen))
