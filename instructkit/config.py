@@ -152,6 +152,10 @@ class DataConfig:
     seed: int = 0  # seed of the train/validation split
     template: str | None = None  # chat template: the tokenizer's own unless chatml/llama-3/alpaca
     max_length: int = 512  # tokens per example; longer ones lose whole trailing turns
+    # sft (demonstrations): an example longer than max_length loses whole trailing turns and is left
+    # out when its first exchange does not fit (whole-turns), or keeps the turns that fit and the
+    # next assistant turn cut short, its end-of-turn kept (cut-response). Preference stages always cut.
+    truncation: Literal["whole-turns", "cut-response"] = "whole-turns"
     packing: bool = False  # pack several short examples into one sequence (no cross-attention)
     limit: int | None = None  # use only the first N training records (quick trials)
 
@@ -684,6 +688,16 @@ class DPOConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
+        require(
+            self.data.truncation == "whole-turns",
+            "data.truncation",
+            "a preference stage always cuts the response to fit (no choice to make here)",
+        )
+        require(
+            self.data.truncation == "whole-turns",
+            "data.truncation",
+            "a preference stage always cuts the response to fit (no choice to make here)",
+        )
         require(self.beta > 0, "beta", "must be positive")
         require(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
         require(self.orpo_lambda >= 0, "orpo_lambda", "must be >= 0")

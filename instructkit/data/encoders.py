@@ -88,17 +88,33 @@ def as_unpaired(records: Sequence[Any], where: str) -> list[Unpaired]:
 
 
 def encode_records(
-    tokenizer, records: list[Any], *, template: str | None, max_length: int, where: str
+    tokenizer,
+    records: list[Any],
+    *,
+    template: str | None,
+    max_length: int,
+    where: str,
+    truncation: str = "whole-turns",
+    counts: dict[str, int] | None = None,
 ) -> tuple[list[dict[str, list[int]]], int]:
-    """Encode conversations (assistant turns trained) or plain text; count dropped examples."""
+    """Encode conversations (assistant turns trained) or plain text; count dropped examples.
+    ``truncation`` (:class:`instructkit.data.templates.Truncation`) says what a conversation over
+    ``max_length`` loses; ``counts["cut"]``, when given, counts those whose assistant turn was cut."""
     from instructkit.data.templates import encode_conversation, encode_text
 
     encoded, dropped = [], 0
     for i, record in enumerate(records):
         if isinstance(record, Conversation):
             enc = encode_conversation(
-                tokenizer, record.messages, template=template, max_length=max_length, tools=record.tools
+                tokenizer,
+                record.messages,
+                template=template,
+                max_length=max_length,
+                tools=record.tools,
+                truncation=truncation,
             )
+            if counts is not None and enc is not None and enc.cut:
+                counts["cut"] = counts.get("cut", 0) + 1
         elif isinstance(record, Text):
             enc = encode_text(tokenizer, record.text, max_length=max_length)
         else:

@@ -46,17 +46,31 @@ def sft(
 
         # 4. Encode with the chat template: only assistant tokens (and their end-of-turn) train.
         d = cfg.data
-        encode = partial(encode_records, parts.tokenizer, template=d.template, max_length=d.max_length)
+        cut: dict[str, int] = {}
+        encode = partial(
+            encode_records, parts.tokenizer, template=d.template, max_length=d.max_length, truncation=d.truncation
+        )
         problem = "no trainable examples left after encoding (all too long or without assistant turns)"
         enc = setup.encode_splits(
-            splits, partial(encode, where=d.path), d, problem, encode_val=partial(encode, where=d.val_path or d.path)
+            splits,
+            partial(encode, where=d.path, counts=cut),
+            d,
+            problem,
+            encode_val=partial(encode, where=d.val_path or d.path),
         )
         train_ex, val_ex = enc.train, enc.val
         if d.packing:
             train_ex, val_ex = pack_examples(train_ex, d.max_length), pack_examples(val_ex, d.max_length)
         if enc.train_dropped:
+            keep = " (data.truncation: cut-response keeps them)" if d.truncation == "whole-turns" else ""
             stage.print(
-                f"note: {enc.train_dropped} training examples did not fit max_length={d.max_length} and were left out"
+                f"note: {enc.train_dropped} training examples did not fit max_length={d.max_length} "
+                f"and were left out{keep}"
+            )
+        if cut.get("cut"):
+            stage.print(
+                f"note: {cut['cut']} training examples were longer than max_length={d.max_length}: "
+                "their last kept assistant turn was cut to fit (data.truncation: cut-response)"
             )
 
         # 5. Train: exact token-weighted loss across micro-batches and processes.
@@ -88,6 +102,7 @@ def sft(
         train_examples=len(train_ex),
         val_examples=len(val_ex),
         dropped_too_long=enc.dropped,
+        cut_to_fit=cut.get("cut", 0),
     )
     merged = cfg.save_merged and is_peft(parts.model)
     return stage.finish(

@@ -187,3 +187,45 @@ def test_two_processes_with_one_held_out_record_finish_with_the_same_val_loss(ti
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert two["val_examples"] == 1 and two["val_loss"] == pytest.approx(single["val_loss"], rel=1e-4)
+
+
+def test_cut_response_keeps_long_examples_that_whole_turns_leaves_out(tiny, tmp_path, capsys):
+    """Four demonstrations whose answer runs past max_length: left out and counted by default, kept
+    with their answer cut (and its end-of-turn marker trained) with data.truncation: cut-response."""
+    from instructkit.data.formats import load_records
+    from instructkit.data.templates import encode_conversation
+    from tests.tiny import real_tokenizer
+
+    long = [
+        {
+            "messages": [
+                {"role": "user", "content": f"count to {n}"},
+                {"role": "assistant", "content": " ".join(map(str, range(200)))},
+            ]
+        }
+        for n in range(4)
+    ]
+    path = write_jsonl(tmp_path / "mixed.jsonl", toy_conversations(12) + long)
+    base = config(tiny, path, tmp_path / "whole", max_steps=1)
+    whole = sft(base)
+    assert whole["dropped_too_long"] == 4 and whole["cut_to_fit"] == 0 and whole["train_examples"] == 12
+    assert "4 training examples did not fit max_length=64 and were left out (data.truncation: cut-response" in (
+        capsys.readouterr().out
+    )
+    cut_cfg = config(tiny, path, tmp_path / "cut", max_steps=1)
+    cut_cfg["data"]["truncation"] = "cut-response"
+    cut = sft(cut_cfg)
+    assert cut["dropped_too_long"] == 0 and cut["cut_to_fit"] == 4 and cut["train_examples"] == 16
+    assert "4 training examples were longer than max_length=64: their last kept assistant turn was cut" in (
+        capsys.readouterr().out
+    )
+    tok = real_tokenizer()
+    record = load_records(str(path)).records[-1]
+    enc = encode_conversation(tok, record.messages, max_length=64, truncation="cut-response")
+    assert len(enc.input_ids) <= 64 and enc.cut
+    assert tok.decode(enc.input_ids[-1:]) == "<|im_end|>" and enc.labels[-1] == enc.input_ids[-1]  # marker trained
+    from instructkit.errors import InputError
+    from instructkit.train.dpo import dpo
+
+    with pytest.raises(InputError, match="data.truncation"):
+        dpo({"model": str(tiny), "data": {"path": str(path), "truncation": "cut-response"}})
