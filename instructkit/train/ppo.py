@@ -610,8 +610,8 @@ def ppo_step(p: StepParts, step: int) -> dict[str, Any]:
 def _diagnostics(p: StepParts, scores, kl, rewards, advantages, returns, old_values, mask) -> dict[str, float]:
     """What a PPO step's numbers say before the update: the score the policy is trained on (after
     any missing-EOS penalty and reward normalisation), the KL penalty it pays (``kl_coef`` x the mean summed KL), their
-    difference as the per-sequence sum of the per-token rewards, the advantages and returns
-    (before whitening) and, with a value model, how much of the returns' variance its
+    difference as the per-sequence sum of the per-token rewards, the advantages and (gae) the
+    returns, before whitening, and, with a value model, how much of the returns' variance its
     predictions explain."""
     out = {
         "score_mean": float(scores.mean()),
@@ -619,9 +619,10 @@ def _diagnostics(p: StepParts, scores, kl, rewards, advantages, returns, old_val
         "penalized_reward_mean": float(rl.masked_sum(rewards, mask, dim=1).mean()),
         "advantage_mean": float(rl.masked_mean(advantages, mask)),
         "advantage_std": float(rl.masked_var(advantages, mask, unbiased=False).sqrt()),
-        "return_mean": float(rl.masked_mean(returns, mask)),
-        "return_std": float(rl.masked_var(returns, mask, unbiased=False).sqrt()),
     }
+    if returns is not None:  # gae's; the group-relative estimators have advantages only
+        out["return_mean"] = float(rl.masked_mean(returns, mask))
+        out["return_std"] = float(rl.masked_var(returns, mask, unbiased=False).sqrt())
     if old_values is not None:
         out["value_mean"] = float(rl.masked_mean(old_values, mask))
         out["explained_variance"] = rl.explained_variance(old_values, returns, mask)

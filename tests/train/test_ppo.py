@@ -287,6 +287,8 @@ def test_grpo_raises_the_reward_without_a_value_model(sft_model, prompts, tmp_pa
     assert last >= first + 0.35
     assert max(r["kl"] for r in rows) < 3.0
     assert "value_loss" not in rows[0]
+    assert "explained_variance" not in rows[0] and "return_mean" not in rows[0]  # no value model, no returns
+    assert all(r["penalized_reward_mean"] == pytest.approx(r["score_mean"] - r["kl_penalty"], abs=1e-5) for r in rows)
     names = _safetensor_names(out / "checkpoints" / "step-000016" / "trainable.safetensors")
     assert names and all(n.startswith("policy.") for n in names)  # no value model trained or saved
 
