@@ -39,10 +39,11 @@ def eval_stage(
     from instructkit.models.loading import load_model_and_tokenizer
     from instructkit.models.seq2seq import starting_model
 
-    if classifier_runs(models):  # classifiers and taggers: scored from the head, no generation (eval/heads.py)
-        return head_eval_stage(models, out)
+    # Vision runs first: their folders hold a heldout.json as classify runs do, and final/vision.json.
     if vision_runs(models):  # vision runs: the held-out answers their stages measured (eval/vision.py)
         return vision_eval_stage(models, out)
+    if classifier_runs(models):  # classifiers and taggers: scored from the head, no generation (eval/heads.py)
+        return head_eval_stage(models, out)
     # 1. The runs: every model zero-shot (then in each reduced weight precision asked for), and
     # the starting model k-shot right after it.
     precisions = getattr(cfg, "precisions", [])

@@ -91,3 +91,24 @@ def test_report_has_no_heads_section_without_a_classify_stage(tmp_path):
 
     page = render({"recipe": "x", "stages": {"sft": {"loss": 1.0}}, "table": {}}, tmp_path)
     assert '<section id="heads">' not in page
+
+
+def test_eval_stage_after_vision_runs_reads_their_answers_not_a_head(tmp_path):
+    """A vision run folder holds a heldout.json too; the eval stage must take it for what it is
+    (exact match and BLEU before and after), not as a classifier's head scores (an empty table)."""
+    from instructkit.config import EvalStageConfig
+    from instructkit.eval.stage import eval_stage
+
+    held = {
+        "split": "shipped:vision/test",
+        "before": {"exact_match": 0.0, "bleu": 1.5, "n": 4, "exact_match_by_kind": {"count": 0.0}},
+        "after": {"exact_match": 0.5, "bleu": 40.0, "n": 4, "exact_match_by_kind": {"count": 0.5}},
+    }
+    run = _run(tmp_path / "vision", held)
+    (run / "final").mkdir()
+    (run / "final" / "vision.json").write_text("{}")
+    table = eval_stage(EvalStageConfig(), [("base", "smollm2-135m-instruct"), ("vision", str(run))], tmp_path / "e")[
+        "table"
+    ]
+    assert table["vision"]["exact_match"] == 0.5 and table["vision"]["bleu"] == 40.0
+    assert table["vision"]["exact_match_count"] == 0.5 and "accuracy" not in table["vision"]
