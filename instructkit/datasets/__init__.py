@@ -20,6 +20,9 @@ is the seq2seq recipe's data, made by ``scripts/make_seq2seq_dataset.py``.
 ``orders_text`` (``{"text": ...}`` shop notes: the extract task's names, items, counts and cities as
 prose, no order of extract's val/test) is the pretrain recipe's text domain, made by
 ``scripts/make_text_domain.py``.
+``rlvr_prompts`` (IFEval-format prompts: short writing tasks with one or two of the 25 verifiable
+constraint kinds, worded for this project) is the rlvr recipe's RL data and held-out check, made by
+``scripts/make_rlvr_prompts.py``.
 
 Every split is named ``shipped:NAME/SPLIT`` wherever a data path is taken (configs,
 ``instructkit data inspect``, ``label create --prompts``); :func:`resolve_data_path` turns the
@@ -44,6 +47,7 @@ SHIPPED: dict[str, tuple[str, ...]] = {
     "injection": ("test",),  # shipped task prompts with an injected canary, prompts format (docs/safety.md)
     "transform": ("train", "val", "test"),  # instructed string transforms, alpaca (seq2seq; docs/seq2seq.md)
     "orders_text": ("train", "test"),  # shop notes as plain text, the extract task's domain (docs/pretrain.md)
+    "rlvr_prompts": ("train", "test"),  # IFEval-format prompts, 25 constraint kinds (recipes/rlvr.yaml)
 }
 """Each shipped dataset and its splits, in formats the instruction-data loader reads."""
 
