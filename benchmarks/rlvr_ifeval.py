@@ -114,6 +114,8 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--out", default="runs/bench-rlvr-ifeval")
+    p.add_argument("--reuse", action="store_true", help="keep a model's scores already in --out")
+    p.add_argument("--skip", nargs="*", default=[], choices=["base", "policy"], help="score only the others")
     args = p.parse_args()
 
     from instructkit.datasets import resolve_data_path
@@ -135,17 +137,27 @@ def main() -> None:
     )
 
     for name, model in (("base", args.base), ("policy", args.policy)):
-        run = evaluate_ifeval(
-            data=path,
-            model=model,
-            out=str(out / f"{name}.json"),
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size,
-        )
+        done = out / f"{name}.json"
+        if args.reuse and done.exists():  # a model already scored on this subset (same file, same budget)
+            metrics = json.loads(done.read_text())
+            assert metrics["n"] == len(chosen) and metrics["generation"]["max_new_tokens"] == args.max_new_tokens
+        elif name in args.skip:
+            continue
+        else:
+            run = evaluate_ifeval(
+                data=path,
+                model=model,
+                out=str(done),
+                max_new_tokens=args.max_new_tokens,
+                batch_size=args.batch_size,
+            )
+            metrics = run["metrics"]
         results[name] = {
-            k: v for k, v in run["metrics"].items() if k.startswith(("prompt_level", "instruction_level", "per_type"))
+            k: v for k, v in metrics.items() if k.startswith(("prompt_level", "instruction_level", "per_type"))
         }
         (out / "results.json").write_text(json.dumps(results, indent=2))
+    if "base" not in results or "policy" not in results:
+        return
     results["kl_last_steps"] = last_kl(Path(args.policy))
     (out / "results.json").write_text(json.dumps(results, indent=2))
 

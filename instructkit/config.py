@@ -80,6 +80,7 @@ PretrainObjective = Literal["clm", "mlm", "nsp", "plm"]  # losses/pretrain.OBJEC
 ClassifyTask = Literal["seq_classification", "token_classification"]  # models/heads.HEADS
 EncoderTemplate = Literal["joined", "pair"]  # data/tasks.TEMPLATES: how an instruction joins the text
 TagAlignment = Literal["first", "all"]  # data/tasks: which sub-tokens of a word carry its tag
+FSDPMode = Literal["off", "full", "hybrid"]  # train/fsdp.py
 Tracker = Literal["tensorboard", "mlflow", "wandb", "trackio"]  # train/engine.TRACKERS (docs/run.md)
 CLASSIFY_METHODS = ("full", "lora", "dora", "rslora")  # what a classify stage trains (train/classify.py)
 SEQ2SEQ_METHODS = ("full", "lora", "dora", "rslora")  # what a seq2seq stage trains (train/seq2seq.py)
@@ -285,6 +286,10 @@ class TrainConfig:
     loss_chunk_size: int = 1024  # tokens per chunk of the vocabulary projection in the loss
     progress: bool = True
     report_to: list[Tracker] = dataclasses.field(default_factory=list)  # also log metrics + config there (offline)
+    # off | full | hybrid: shard weights, gradients and optimizer state across processes (FSDP2;
+    # docs/scale.md). full shards over every process; hybrid shards within a node, replicates
+    # across nodes. With one process it changes nothing.
+    fsdp: FSDPMode = "off"
 
     def __post_init__(self) -> None:
         _check_trackers(self.report_to)
@@ -820,6 +825,7 @@ class PPOConfig:
             f"train.batch_size x train.grad_accum = {mini}",
         )
         require(not self.train.eval_every, "train.eval_every", "PPO has no validation loss to evaluate or stop on")
+        require(self.train.fsdp == "off", "train.fsdp", "PPO is not built with FSDP yet (several processes run DDP)")
         require(
             not self.train.early_stopping_patience,
             "train.early_stopping_patience",

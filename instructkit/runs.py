@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,20 @@ from instructkit.config import to_dict
 from instructkit.errors import InputError
 
 RERUN_NEUTRAL = frozenset(
-    {"out", "train.progress", "train.log_every", "train.save_every", "train.keep_checkpoints", "train.report_to"}
+    {
+        "out",
+        "train.progress",
+        "train.log_every",
+        "train.save_every",
+        "train.keep_checkpoints",
+        "train.report_to",
+        "train.fsdp",
+    }
 )
 """Dotted keys that may differ on a rerun: the folder's own name (a run folder may be moved, or
 named relative or absolute), progress display, logging and checkpoint cadence (resume is exact
-whatever the cadence), and where else the metrics are sent (train.report_to)."""
+whatever the cadence), where else the metrics are sent (train.report_to), and whether the
+weights are sharded across processes (train.fsdp: the same numbers either way, tests/train/test_fsdp.py)."""
 
 
 @dataclasses.dataclass
@@ -139,7 +149,9 @@ def rerun_state(path: str | Path, cfg: Any, *, overwrite: bool = False, stage: s
     if overwrite:
         return RunState.FRESH
     saved = _read_saved_config(run)
-    changes = config_changes(saved, _plain(cfg), defaults=_defaults(cfg))
+    plain, defaults = _plain(cfg), _defaults(cfg)
+    changes = config_changes(saved, plain, defaults=defaults)
+    changes = _same_global_batch(run, changes, {**flatten(defaults), **flatten(saved)}, flatten(plain))
     if changes:
         how = f"rerun the recipe from this stage (instructkit run ... --from {stage})" if stage else ""
         raise InputError(
@@ -149,6 +161,29 @@ def rerun_state(path: str | Path, cfg: Any, *, overwrite: bool = False, stage: s
             file=str(run.path),
         )
     return RunState.FINISHED if run.is_finished() else RunState.RESUME
+
+
+_PER_PROCESS = ("train.batch_size", "train.grad_accum")
+
+
+def _same_global_batch(
+    run: RunDir, changes: list[tuple[str, Any, Any]], saved: dict[str, Any], new: dict[str, Any]
+) -> list[tuple[str, Any, Any]]:
+    """``changes`` without ``train.batch_size`` and ``train.grad_accum`` when an unfinished run
+    resumes on another number of processes with the same examples per optimizer step
+    (batch_size x grad_accum x processes): its checkpoint was taken at that global batch, so the
+    run goes on exactly (2 processes x batch 4 resume as 1 x batch 8, or 1 x 4 with grad_accum 2).
+    ``saved`` and ``new`` are the flattened configs; the processes now are torchrun's ``WORLD_SIZE``."""
+    checkpoint = run.latest_checkpoint()
+    if not any(key in _PER_PROCESS for key, _, _ in changes) or run.is_finished() or checkpoint is None:
+        return changes
+    try:
+        world_then = int(json.loads((checkpoint / "state.json").read_text()).get("world_size", 1))
+        before = saved["train.batch_size"] * saved.get("train.grad_accum", 1) * world_then
+        after = new["train.batch_size"] * new.get("train.grad_accum", 1) * int(os.environ.get("WORLD_SIZE", "1"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return changes
+    return [c for c in changes if c[0] not in _PER_PROCESS] if before == after else changes
 
 
 def _plain(cfg: Any) -> dict[str, Any]:

@@ -242,7 +242,7 @@ def dpo(
             # Held-out pairs go to the loop only for periodic evaluation: the final pass is step 7's.
             val_examples=val_ex if cfg.train.eval_every else (),
             count_key="pairs" if spec.paired else "examples",
-            extra_metrics=lambda batch: dict(loss_module.last),
+            extra_metrics=lambda batch, ran: dict(ran.last),
             finish_metrics=finish_metrics,
         )
 

@@ -43,6 +43,7 @@ from instructkit.models.passes import no_grad_batches
 
 if TYPE_CHECKING:  # recipes take RunDir from instructkit.runs; the engine only receives one
     from instructkit.runs import RunDir
+    from instructkit.train.fsdp import Sharded
 
 # ----------------------------------------------------------------------------------------------
 # Metrics
@@ -336,14 +337,18 @@ def save_checkpoint(
     rank: int = 0,
     world: int = 1,
     extra_state: Mapping[str, ExtraState] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> None:
     """Trainable weights (safetensors), optimizer, schedule, RNG, loop state and each extra state
-    (``extra-NAME.safetensors`` and state.json's ``extra.NAME``), atomically."""
+    (``extra-NAME.safetensors`` and state.json's ``extra.NAME``), atomically. ``weights`` and
+    ``optimizer_state``, when given, are written instead of the model's and the optimizer's own
+    (FSDP gathers them in full first)."""
     from safetensors.torch import save_file
 
     with atomic_dir(path) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(weights if weights is not None else trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / f"rng-{rank}.pt")
         extra = {}
@@ -365,8 +370,10 @@ def load_checkpoint(
     scheduler,
     rank: int = 0,
     extra_state: Mapping[str, ExtraState] | None = None,
+    sharded: Sharded | None = None,
 ) -> dict[str, Any]:
-    """Restore what :func:`save_checkpoint` wrote; returns the loop state."""
+    """Restore what :func:`save_checkpoint` wrote; returns the loop state. With ``sharded``
+    (FSDP), the full tensors go into the shards."""
     from safetensors.torch import load_file
 
     weights = load_file(str(path / "trainable.safetensors"))
@@ -378,8 +385,13 @@ def load_checkpoint(
     for name in extra_state or {}:
         if name not in saved_extra:
             raise InputError(f"the checkpoint has no '{name}' state to restore", file=str(path))
-    model.load_state_dict(weights, strict=False)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    saved_optimizer = torch.load(path / "optimizer.pt", weights_only=True)
+    if sharded is not None:
+        sharded.load_trainable(weights)
+        sharded.load_optimizer_state(optimizer, saved_optimizer)
+    else:
+        model.load_state_dict(weights, strict=False)
+        optimizer.load_state_dict(saved_optimizer)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng_file = path / f"rng-{rank}.pt"
     if rng_file.exists():
@@ -413,6 +425,7 @@ class Checkpointer:
         scheduler,
         keep: int,
         extra_state: Mapping[str, ExtraState] | None = None,
+        sharded: Sharded | None = None,
     ) -> None:
         for name in extra_state or {}:
             if not re.fullmatch(r"[a-z0-9_]+", name):  # it names a file
@@ -420,6 +433,7 @@ class Checkpointer:
         self.run, self.accelerator, self.keep = run, accelerator, keep
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.extra_state = dict(extra_state or {})
+        self.sharded = sharded
 
     def resume(self) -> tuple[Path, dict[str, Any]] | None:
         """Load the latest checkpoint, if any: its path and loop state."""
@@ -434,6 +448,7 @@ class Checkpointer:
             scheduler=self.scheduler,
             rank=acc.process_index,
             extra_state=self.extra_state,
+            sharded=self.sharded,
         )
         if state.get("world_size", acc.num_processes) != acc.num_processes:
             acc.print(f"note: resuming a {state['world_size']}-process run on {acc.num_processes} processes")
@@ -443,6 +458,12 @@ class Checkpointer:
         acc = self.accelerator
         acc.wait_for_everyone()
         path = self.run.checkpoints / f"step-{step:06d}"
+        full: dict[str, Any] = {}
+        if self.sharded is not None:  # every process takes part in gathering the full tensors
+            full = {
+                "weights": self.sharded.trainable_state(),
+                "optimizer_state": self.sharded.optimizer_state(self.optimizer),
+            }
         if acc.is_main_process:
             save_checkpoint(
                 path,
@@ -453,6 +474,7 @@ class Checkpointer:
                 rank=acc.process_index,
                 world=acc.num_processes,
                 extra_state=self.extra_state,
+                **full,
             )
             prune_checkpoints(self.run.checkpoints, self.keep)
         acc.wait_for_everyone()
@@ -705,9 +727,17 @@ class Validation:
     patience the best weights, kept in ``checkpoints/best`` and restored when it stops training."""
 
     def __init__(
-        self, examples: Sequence[Any], collate, train: TrainConfig, run: RunDir, model: nn.Module, total_steps: int
+        self,
+        examples: Sequence[Any],
+        collate,
+        train: TrainConfig,
+        run: RunDir,
+        model: nn.Module,
+        total_steps: int,
+        sharded: Sharded | None = None,
     ) -> None:
         self.examples, self.collate, self.train, self.run, self.model = examples, collate, train, run, model
+        self.sharded = sharded  # FSDP: the forward passes and the best weights are collectives
         self.total_steps, self.patience = total_steps, train.early_stopping_patience
         self.best: float | None = None
         self.last: float | None = None  # of this call: not restored on resume
@@ -718,11 +748,15 @@ class Validation:
         return bool(self.examples) and (bool(every and step % every == 0) or step == self.total_steps)
 
     def evaluate(self, loss_module: nn.Module, step: int, accelerator) -> float:
-        self.last = evaluate_loss(loss_module, self.examples, self.collate, self.train.batch_size, accelerator)
+        self.last = evaluate_loss(
+            loss_module, self.examples, self.collate, self.train.batch_size, accelerator, self.sharded is not None
+        )
         if self.best is None or self.last < self.best - 1e-6:
             self.best, self.bad_evals = self.last, 0
-            if self.patience and accelerator.is_main_process:
-                self._save_best(step)
+            if self.patience and (accelerator.is_main_process or self.sharded is not None):
+                weights = self.sharded.trainable_state() if self.sharded is not None else trainable_state(self.model)
+                if accelerator.is_main_process:
+                    self._save_best(step, weights)
         else:
             self.bad_evals += 1
             self.stopped = bool(self.patience) and self.bad_evals >= self.patience
@@ -735,11 +769,11 @@ class Validation:
         self.best, self.bad_evals = state.get("best_val_loss"), state.get("bad_evals", 0)
         self.stopped = bool(self.patience) and self.bad_evals >= self.patience  # stopped, then interrupted
 
-    def _save_best(self, step: int) -> None:
+    def _save_best(self, step: int, weights: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
         with atomic_dir(self.run.checkpoints / "best") as tmp:
-            save_file(trainable_state(self.model), str(tmp / "trainable.safetensors"))
+            save_file(weights, str(tmp / "trainable.safetensors"))
             atomic_write_json(tmp / "state.json", {"step": step, "val_loss": self.last})
 
     def restore_best(self, step: int, accelerator) -> None:
@@ -783,7 +817,7 @@ def fit(
     run: RunDir,
     accelerator,
     val_examples: Sequence[Any] = (),
-    extra_metrics: Callable[[dict[str, torch.Tensor]], dict[str, float]] | None = None,
+    extra_metrics: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, float]] | None = None,
     finish_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None,
     on_step: Callable[[int], None] | None = None,
     count_key: str = "tokens",
@@ -802,14 +836,19 @@ def fit(
     lengths, weights = [length(e) for e in examples], [weight(e) for e in examples]
 
     # 2. Optimizer and schedule over the trainable parameters, and what takes one optimizer step.
-    step_fn = _OptimizerStep.build(model, loss_module, optim, total_steps, accelerator)
+    #    With train.fsdp on several processes, a sharded copy trains (train/fsdp.py).
+    if train.fsdp != "off" and accelerator.num_processes > 1 and extra_state:
+        raise InputError(
+            f"train.fsdp: this stage keeps extra state ({', '.join(extra_state)}), not built with FSDP yet"
+        )
+    step_fn = _OptimizerStep.build(model, loss_module, optim, total_steps, accelerator, train.fsdp)
     step_fn.bind_data(examples, weights, collate, train, (extra_metrics, finish_metrics))
 
     # 3. Checkpoints and the loop around the steps, validation; resume from the last checkpoint.
     checkpointer = step_fn.checkpointer(run, model, train.keep_checkpoints, extra_state)
     show = {"loss": ".4f", "lr": ".2e", "tokens_per_s": ".0f"}
     loop = TrainingLoop(run, accelerator, train, checkpointer, total_steps=total_steps, on_step=on_step, show=show)
-    validation = Validation(val_examples, collate, train, run, model, total_steps)
+    validation = Validation(val_examples, collate, train, run, model, total_steps, step_fn.sharded)
     state = loop.resume()
     if state is None:
         set_seed(train.seed + accelerator.process_index)
@@ -838,6 +877,8 @@ def fit(
             if "val_loss" in record:
                 for hook in tuple(_VALIDATION_HOOKS):  # a sweep's pruner may end the run here
                     hook(run.path, step, record["val_loss"])
+    if step_fn.sharded is not None:  # the full weights back into `model`, for the stage to save
+        step_fn.sharded.release()
     if validation.stopped:
         validation.restore_best(step, accelerator)
     return FitResult(
@@ -857,11 +898,25 @@ class _OptimizerStep:
 
     @classmethod
     def build(
-        cls, model: nn.Module, loss_module: nn.Module, optim: OptimConfig, total_steps: int, accelerator
+        cls,
+        model: nn.Module,
+        loss_module: nn.Module,
+        optim: OptimConfig,
+        total_steps: int,
+        accelerator,
+        fsdp: str = "off",
     ) -> _OptimizerStep:
         self = cls()
-        self.params, optimizer, self.scheduler = optimizer_and_schedule(model, optim, total_steps)
-        self.loss_module, self.optimizer = accelerator.prepare(loss_module, optimizer)
+        self.sharded = None
+        if fsdp != "off" and accelerator.num_processes > 1:
+            from instructkit.train.fsdp import Sharded
+
+            self.sharded = Sharded(loss_module, model, fsdp, accelerator)
+            self.params, optimizer, self.scheduler = optimizer_and_schedule(self.sharded.model, optim, total_steps)
+            self.loss_module, self.optimizer = self.sharded.loss_module, accelerator.prepare(optimizer)
+        else:
+            self.params, optimizer, self.scheduler = optimizer_and_schedule(model, optim, total_steps)
+            self.loss_module, self.optimizer = accelerator.prepare(loss_module, optimizer)
         self.max_grad_norm, self.accelerator = optim.max_grad_norm, accelerator
         return self
 
@@ -882,11 +937,12 @@ class _OptimizerStep:
         return Checkpointer(
             run,
             self.accelerator,
-            model=model,
+            model=model if self.sharded is None else self.sharded.model,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             keep=keep,
             extra_state=extra_state,
+            sharded=self.sharded,
         )
 
     def __call__(self, indices: list[int]) -> tuple[int, float, float, dict[str, float]]:
@@ -911,7 +967,7 @@ def accumulate_gradients(
     collate,
     denom: int,
     accelerator,
-    extra_metrics: Callable[[dict[str, torch.Tensor]], dict[str, float]] | None = None,
+    extra_metrics: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, float]] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Forward and backward this process's micro-batches of one optimizer step; returns the
     summed loss (this process) and the summed ``extra_metrics``.
@@ -929,7 +985,8 @@ def accumulate_gradients(
             part, _count = loss_module(**batch)
             accelerator.backward(part * (world / max(denom, 1)))
         loss_sum += part.detach().double()
-        for k, v in (extra_metrics(batch) if extra_metrics is not None else {}).items():
+        ran = accelerator.unwrap_model(loss_module)  # the module that ran: a sharded copy under FSDP
+        for k, v in (extra_metrics(batch, ran) if extra_metrics is not None else {}).items():
             extras[k] = extras.get(k, 0.0) + v
     return loss_sum, extras
 
@@ -955,18 +1012,28 @@ def _grad_and_extras(
     }
 
 
-def evaluate_loss(loss_module: nn.Module, examples: Sequence[Any], collate, batch_size: int, accelerator) -> float:
+def evaluate_loss(
+    loss_module: nn.Module, examples: Sequence[Any], collate, batch_size: int, accelerator, sharded: bool = False
+) -> float:
     """Count-weighted mean loss over ``examples``, sharded across processes.
 
     The forward passes go through the unwrapped module: a DDP forward may broadcast buffers, a
     collective, and processes hold different numbers of batches (one of two processes gets no
-    example of a single held-out record), so the wrapped module would wait forever."""
+    example of a single held-out record), so the wrapped module would wait forever. A ``sharded``
+    (FSDP) module gathers its weights in every forward, so there every process runs as many
+    forwards as the busiest one: the extra ones on the first example, their results dropped."""
     rank, world = accelerator.process_index, accelerator.num_processes
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     mine = [examples[j] for j in range(rank, len(examples), world)]
     loss_module = accelerator.unwrap_model(loss_module)
+    extra = 0
+    if sharded and world > 1 and examples:  # agreed before the first forward's gather
+        n_batches = torch.tensor(math.ceil(len(mine) / batch_size), device=accelerator.device)
+        extra = int(accelerator.reduce(n_batches, reduction="max")) - int(n_batches)
     for _, batch in no_grad_batches(loss_module, mine, collate, batch_size, device=accelerator.device):
         loss, count = loss_module(**batch)
         total += torch.stack([loss.double(), count.double()])
+    for _, batch in no_grad_batches(loss_module, [examples[0]] * extra, collate, 1, device=accelerator.device):
+        loss_module(**batch)
     total = _sum_over_processes(total, accelerator)
     return float(total[0] / total[1].clamp(min=1))

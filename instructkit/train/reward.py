@@ -160,7 +160,7 @@ def rm(
             val_examples=val_ex,
             on_step=on_step,
             count_key="prompts",
-            extra_metrics=lambda batch: dict(loss_module.last),
+            extra_metrics=lambda batch, ran: dict(ran.last),
             finish_metrics=lambda s: {"accuracy": s["correct"] / max(s["pairs"], 1), "pairs": s["pairs"]},
         )
 
