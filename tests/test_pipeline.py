@@ -349,3 +349,30 @@ def test_temporary_folders_of_an_interrupted_stage_are_removed_on_the_next_run(t
     (stale / "base.json").write_text("{}")
     run(recipe, out=out)
     assert not stale.exists() and (out / "eval" / "summary.json").is_file()
+
+
+def test_the_rlvr_recipe_runs_end_to_end_and_scores_its_shipped_held_out_prompts(tmp_path):
+    """The shipped rlvr recipe, shrunk onto a tiny model: GRPO with the IFEval checkers as the
+    reward, then the ifeval suite on ``shipped:rlvr_prompts/test`` (a ``shipped:`` name, which
+    the suite once failed to resolve after the whole PPO stage had run)."""
+    model = tiny_model_dir(tmp_path / "tiny")
+    overrides = [
+        f"model={model}",
+        "ppo.train.max_steps=1",
+        "ppo.train.batch_size=4",
+        "ppo.rollout_batch_size=2",
+        "ppo.group_size=2",
+        "ppo.max_new_tokens=4",
+        "ppo.data.limit=4",
+        "eval.limit=3",
+        "eval.max_new_tokens=4",
+    ]
+    out = tmp_path / "run"
+    summary = run(RECIPES_DIR / "rlvr.yaml", out=out, overrides=overrides)
+    assert set(summary["table"]) == {"base", "ppo"}
+    for row in summary["table"].values():
+        assert row["n"] == 3 and 0.0 <= row["prompt_level_loose"] <= 1.0
+    metrics = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    # the checkers' scores: the share of a prompt's 1 or 2 constraints followed, so each response
+    # scores 0, 0.5 or 1 and the mean of 2 prompts x 2 responses is a multiple of 1/8
+    assert (metrics[0]["score_mean"] * 8) == pytest.approx(round(metrics[0]["score_mean"] * 8))

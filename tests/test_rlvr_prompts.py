@@ -108,3 +108,9 @@ def test_no_ifeval_prompt_or_long_run_of_its_words_is_in_the_set():
         words = re.findall(r"\w+", fixed.sub(" ", r["prompt"]).lower())
         shared = [words[i : i + 8] for i in range(len(words) - 7) if tuple(words[i : i + 8]) in runs]
         assert not shared, (r["prompt"], shared)
+
+
+def test_the_ifeval_reader_takes_the_shipped_name():
+    by_name = read_ifeval_jsonl("shipped:rlvr_prompts/test")
+    by_path = read_ifeval_jsonl(shipped_path("rlvr_prompts", "test"))
+    assert [p.prompt for p in by_name] == [p.prompt for p in by_path] and len(by_name) == 100

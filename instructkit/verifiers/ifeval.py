@@ -612,16 +612,18 @@ class IFEvalPrompt:
 
 
 def read_ifeval_jsonl(path: str | Path) -> list[IFEvalPrompt]:
-    """Read an IFEval-format JSONL file (Google's ``input_data.jsonl``, or your own prompts).
+    """Read an IFEval-format JSONL file (Google's ``input_data.jsonl``, your own prompts, or a
+    shipped split such as ``shipped:rlvr_prompts/test``).
 
     Each line is ``{"key": ..., "prompt": str, "instruction_id_list": [str, ...], "kwargs":
     [{...}, ...]}``; ``key`` may be left out. Any problem is an :class:`InputError` naming the
     file, the line and the field (an unknown instruction id comes with the closest real one).
     """
     from instructkit.data.readers import read_rows
+    from instructkit.datasets import resolve_data_path
 
     prompts = []
-    for row in read_rows(path):
+    for row in read_rows(resolve_data_path(path)):
         data = row.data
         for name in ("prompt", "instruction_id_list", "kwargs"):
             if name not in data:
