@@ -334,7 +334,10 @@ def _image_file(value: str, where: str, f: _Fields) -> str:
         value = value[len("file://") :]
     elif "://" in value:
         raise f.error(f"only local image files and data: URLs are read, not {value!r}", where)
-    path = Path(value).expanduser()
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError as exc:  # "~name" of no such user
+        raise f.error(f"cannot expand the '~' of {value!r} ({exc})", where) from None
     candidates = [path] if path.is_absolute() else [Path(f.row.file).parent / path, Path.cwd() / path]
     for candidate in candidates:
         if candidate.is_file() and os.access(candidate, os.R_OK):

@@ -101,7 +101,10 @@ def resolve(spec: str | os.PathLike) -> ResolvedModel:
     spec = str(spec)
     if spec in EMBEDDED:
         return ResolvedModel(str(embedded_model_dir(spec)))
-    path = Path(spec).expanduser()
+    try:
+        path = Path(spec).expanduser()
+    except RuntimeError as exc:  # "~name" of no such user, or no home directory to put for "~"
+        raise InputError(f"cannot expand the '~' of this path ({exc})", file=spec) from None
     if path.is_file() and path.suffix == ".gguf":
         return ResolvedModel(str(gguf_model_dir(path)))
     if path.is_dir():
